@@ -1,0 +1,160 @@
+"""The functional API of spec §3: validation, then dispatch to a backend."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .chunked import chunk_nstm, recurrent_nstm_step
+from .dispatch import resolve_backend
+from .reference import naive_nstm_step, naive_recurrent_nstm
+from .routing import route_torch
+from .s2s import state_attention_torch
+from .state import NSTMState, S2SParams
+from .utils import (check_dims, check_int, check_s2s, check_same_device, check_tensor,
+                    compute_dtype, validate_operator_inputs)
+
+
+def _attention_impl(name: str):
+    if name == "reference":
+        return naive_recurrent_nstm
+    if name == "triton":
+        from .triton import triton_nstm  # lazy: the core never needs Triton
+        return triton_nstm
+    return chunk_nstm
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def nstm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route_logits: torch.Tensor,
+                   write_gate: torch.Tensor, top_k: int, s2s: Optional[S2SParams] = None,
+                   comm_every: int = 64, initial_state: Optional[NSTMState] = None,
+                   output_final_state: bool = False, scale: Optional[float] = None,
+                   backend: Optional[str] = None):
+    """The NSTM operator over a sequence (spec §2).
+
+    Args:
+        q, k: ``[B, T, H, K]`` read queries and write keys.
+        v: ``[B, T, H, V]`` write values.
+        route_logits: ``[B, T, H, S]`` router logits (importance bias included).
+        write_gate: ``[B, T, H]`` write-strength logits, beta = sigmoid(write_gate).
+        top_k: slots each token writes to, ``1 <= top_k <= S``.
+        s2s: ``S2SParams`` for the state-to-state attention, or None to skip it.
+        comm_every: the slots talk after every ``comm_every``-th token of the stream (absolute).
+        initial_state: ``NSTMState(k [B,H,S,K], v [B,H,S,V], pos)`` or None (zeros at pos 0).
+        output_final_state: also return the state after the last token (fp32; fp64 for fp64 inputs).
+        scale: read temperature, default ``K ** -0.5``.
+        backend: "reference", "chunked", "triton", "cuda" or None (see ``nstm_kernels.dispatch``).
+
+    Returns:
+        ``(o [B, T, H, V] in q's dtype, final NSTMState or None)``.
+
+    Example::
+
+        >>> B, T, H, K, S = 2, 128, 4, 32, 16
+        >>> q, k, v = (torch.randn(B, T, H, K) for _ in range(3))
+        >>> o, st = nstm_attention(q, k, v, torch.randn(B, T, H, S), torch.randn(B, T, H), top_k=4,
+        ...                        output_final_state=True)
+        >>> o.shape, st.k.shape, st.pos
+        (torch.Size([2, 128, 4, 32]), torch.Size([2, 4, 16, 32]), 128)
+    """
+    validate_operator_inputs(q, k, v, route_logits, write_gate, top_k, s2s, comm_every,
+                             initial_state, scale, step=False, state_name="initial_state")
+    _check_flag("output_final_state", output_final_state)
+    name = resolve_backend(backend, q.device, "nstm_attention")
+    return _attention_impl(name)(q, k, v, route_logits, write_gate, top_k, s2s, comm_every,
+                                 initial_state, output_final_state, scale)
+
+
+def nstm_attention_with_maps(q, k, v, route_logits, write_gate, top_k, s2s=None, comm_every=64,
+                             initial_state=None, output_final_state=False, scale=None,
+                             backend=None):
+    """``nstm_attention`` that also returns the maps a person wants to look at.
+
+    Returns ``(o, final_state_or_None, maps)`` where ``maps`` holds ``indices`` and ``weights``
+    (``[B, T, H, top_k]``, the routing), ``read`` (``[B, T, H, S]``, the read distributions p),
+    ``s2s`` (``[E, B, H, S, S]``, one state-to-state map per period end) and ``s2s_pos`` (the
+    absolute position of the token ending each of those periods). Runs on the PyTorch paths
+    ("reference" when asked for, else "chunked").
+    """
+    validate_operator_inputs(q, k, v, route_logits, write_gate, top_k, s2s, comm_every,
+                             initial_state, scale, step=False, state_name="initial_state")
+    _check_flag("output_final_state", output_final_state)
+    fn = naive_recurrent_nstm if backend == "reference" else chunk_nstm
+    return fn(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, initial_state,
+              output_final_state, scale, return_maps=True)
+
+
+def nstm_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route_logits: torch.Tensor,
+              write_gate: torch.Tensor, top_k: int, s2s: Optional[S2SParams], comm_every: int,
+              state: Optional[NSTMState], scale: Optional[float] = None,
+              backend: Optional[str] = None):
+    """One token of the NSTM operator, for generation.
+
+    ``q/k [B, H, K]``, ``v [B, H, V]``, ``route_logits [B, H, S]``, ``write_gate [B, H]``;
+    ``state`` is the ``NSTMState`` before the token (None: zeros at pos 0). Returns
+    ``(o [B, H, V], new_state)`` with ``new_state.pos = state.pos + 1``. Only the ``top_k`` routed
+    slots are written; ``state`` itself is not modified.
+    """
+    validate_operator_inputs(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, state,
+                             scale, step=True, state_name="state")
+    name = resolve_backend(backend, q.device, "nstm_step")
+    if name == "reference":
+        fn = naive_nstm_step
+    elif name == "triton":
+        from .triton import triton_nstm_step
+        fn = triton_nstm_step
+    elif name == "cuda":
+        from .cuda import cuda_nstm_step
+        fn = cuda_nstm_step
+    else:
+        fn = recurrent_nstm_step
+    return fn(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, state, scale)
+
+
+def sparse_route(route_logits: torch.Tensor, write_gate: torch.Tensor, top_k: int,
+                 backend: Optional[str] = None):
+    """Top-k routing with gated softmax weights (spec §2 step 1).
+
+    ``route_logits [B, T, H, S]`` (any leading dims), ``write_gate`` of the leading dims ->
+    ``(indices [..., top_k] int64, weights [..., top_k])``; ``weights`` sum to sigmoid(write_gate)
+    and are fp32 (fp64 for fp64 logits). Indices come in descending order of logit.
+    """
+    if not isinstance(route_logits, torch.Tensor) or route_logits.dim() < 1:
+        raise TypeError("route_logits must be a torch.Tensor of shape [B, T, H, S], got "
+                        f"{type(route_logits).__name__}")
+    check_tensor("route_logits", route_logits, route_logits.dim(), "[B, T, H, S]")
+    check_tensor("write_gate", write_gate, route_logits.dim() - 1, "[B, T, H]")
+    check_dims("write_gate", write_gate, tuple(route_logits.shape[:-1]),
+               "the leading dims of route_logits")
+    check_same_device([("route_logits", route_logits), ("write_gate", write_gate)])
+    S = route_logits.shape[-1]
+    if S < 1:
+        raise ValueError("route_logits must have at least one slot (S >= 1)")
+    check_int("top_k", top_k, 1, S)
+    name = resolve_backend(backend, route_logits.device, "sparse_route")
+    if name == "triton":
+        from .triton import triton_sparse_route
+        return triton_sparse_route(route_logits, write_gate, top_k)
+    return route_torch(route_logits, write_gate, top_k)
+
+
+def state_attention(v_state: torch.Tensor, s2s: S2SParams, backend: Optional[str] = None):
+    """The state-to-state attention on its own: ``v_state [B, H, S, V]`` -> mixed ``v_state``.
+
+    ``V + tanh(gate_h) softmax((V W_q)(V W_k)^T / sqrt(V)) (V W_v)`` per batch row and head, computed
+    in fp32 (fp64 for fp64) and returned in ``v_state``'s dtype.
+    """
+    check_tensor("v_state", v_state, 4, "[B, H, S, V]")
+    B, H, S, V = v_state.shape
+    if s2s is None:
+        raise TypeError("s2s must be an S2SParams(w_q, w_k, w_v, gate), got None")
+    check_s2s(s2s, H, V, v_state.device)
+    name = resolve_backend(backend, v_state.device, "state_attention")
+    if name == "triton":
+        from .triton import triton_state_attention
+        return triton_state_attention(v_state, s2s)
+    return state_attention_torch(v_state.to(compute_dtype(v_state.dtype)), s2s).to(v_state.dtype)

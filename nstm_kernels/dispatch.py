@@ -1,0 +1,76 @@
+"""Backend choice for every op: one place, so that every entry point behaves the same.
+
+Order: the ``backend=`` argument, else the ``NSTM_BACKEND`` environment variable, else the fastest
+path validated for the tensors' device. A fast path that cannot run here (no Triton, no GPU, no
+compiler) falls back to ``"chunked"`` with one log line, never to a silent wrong answer.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("nstm_kernels")
+
+BACKENDS = ("reference", "chunked", "triton", "cuda")
+
+# Issue 3: "triton" becomes the default on CUDA tensors only once the full GPU grid has passed on a
+# real GPU. Until then CUDA tensors default to "chunked" and "triton" is opt-in.
+TRITON_DEFAULT_ON_CUDA = False
+
+_warned = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(msg)
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_reason(device: torch.device) -> Optional[str]:
+    """Why the Triton backend cannot run on ``device`` (None when it can)."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if importlib.util.find_spec("nstm_kernels.triton") is None:
+        return "this build has no Triton kernels"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpret():
+        return None
+    return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
+
+
+def _cuda_reason(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return f"the CUDA step kernel needs CUDA tensors, got {device.type}"
+    if importlib.util.find_spec("nstm_kernels.cuda") is None:
+        return "this build has no CUDA C++ kernels"
+    return None
+
+
+def resolve_backend(backend: Optional[str], device: torch.device, op: str) -> str:
+    """The backend that will run ``op`` for tensors on ``device``."""
+    source = "backend"
+    if backend is None:
+        env = os.environ.get("NSTM_BACKEND", "").strip()
+        if env:
+            backend, source = env, "NSTM_BACKEND"
+    if backend is None:
+        if device.type == "cuda" and TRITON_DEFAULT_ON_CUDA and _triton_reason(device) is None:
+            return "triton"
+        return "chunked"
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
+    reason = {"triton": _triton_reason, "cuda": _cuda_reason}.get(backend, lambda d: None)(device)
+    if reason is not None:
+        _warn_once(f"{backend}:{device.type}:{op}",
+                   f"nstm_kernels: {op}: backend '{backend}' unavailable ({reason}); using 'chunked'")
+        return "chunked"
+    return backend

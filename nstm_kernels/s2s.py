@@ -1,0 +1,36 @@
+"""State-to-state attention in PyTorch (spec §2 step 4)."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .state import S2SParams
+
+
+class PackedS2S(NamedTuple):
+    """S2S weights prepared once per call: ``w_qkv [H, V, 3V]`` and ``mix = tanh(gate) [H, 1, 1]``."""
+
+    w_qkv: torch.Tensor
+    mix: torch.Tensor
+
+
+def pack_s2s(s2s: S2SParams, dtype: torch.dtype) -> PackedS2S:
+    w = torch.cat([s2s.w_q, s2s.w_k, s2s.w_v], dim=-1).to(dtype)
+    return PackedS2S(w, torch.tanh(s2s.gate.to(dtype))[:, None, None])
+
+
+def apply_s2s(v_state: torch.Tensor, packed: PackedS2S, return_map: bool = False):
+    """``V + tanh(gate_h) softmax((V W_q)(V W_k)^T / sqrt(V)) (V W_v)`` for ``v_state [B, H, S, V]``."""
+    qs, ks, vs = (v_state @ packed.w_qkv).chunk(3, dim=-1)
+    if return_map:
+        attn = torch.softmax(qs @ ks.transpose(-1, -2) / math.sqrt(v_state.shape[-1]), dim=-1)
+        return v_state + packed.mix * (attn @ vs), attn
+    return v_state + packed.mix * F.scaled_dot_product_attention(qs, ks, vs)
+
+
+def state_attention_torch(v_state: torch.Tensor, s2s: S2SParams, return_map: bool = False):
+    """The s2s step in ``v_state``'s dtype; with ``return_map`` also the ``[B, H, S, S]`` attention."""
+    return apply_s2s(v_state, pack_s2s(s2s, v_state.dtype), return_map)
