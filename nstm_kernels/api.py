@@ -83,7 +83,8 @@ def nstm_attention_with_maps(q, k, v, route_logits, write_gate, top_k, s2s=None,
     validate_operator_inputs(q, k, v, route_logits, write_gate, top_k, s2s, comm_every,
                              initial_state, scale, step=False, state_name="initial_state")
     _check_flag("output_final_state", output_final_state)
-    fn = naive_recurrent_nstm if backend == "reference" else chunk_nstm
+    name = resolve_backend(backend, q.device, "nstm_attention_with_maps")  # validates the name
+    fn = naive_recurrent_nstm if name == "reference" else chunk_nstm
     return fn(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, initial_state,
               output_final_state, scale, return_maps=True)
 
@@ -123,10 +124,10 @@ def sparse_route(route_logits: torch.Tensor, write_gate: torch.Tensor, top_k: in
     ``(indices [..., top_k] int64, weights [..., top_k])``; ``weights`` sum to sigmoid(write_gate)
     and are fp32 (fp64 for fp64 logits). Indices come in descending order of logit.
     """
-    if not isinstance(route_logits, torch.Tensor) or route_logits.dim() < 1:
-        raise TypeError("route_logits must be a torch.Tensor of shape [B, T, H, S], got "
-                        f"{type(route_logits).__name__}")
-    check_tensor("route_logits", route_logits, route_logits.dim(), "[B, T, H, S]")
+    check_tensor("route_logits", route_logits, getattr(route_logits, "ndim", 0), "[B, T, H, S]")
+    if route_logits.dim() < 1:
+        raise ValueError("route_logits must have shape [B, T, H, S] (at least 1 dim), "
+                         "got a 0-dim tensor")
     check_tensor("write_gate", write_gate, route_logits.dim() - 1, "[B, T, H]")
     check_dims("write_gate", write_gate, tuple(route_logits.shape[:-1]),
                "the leading dims of route_logits")
@@ -152,7 +153,10 @@ def state_attention(v_state: torch.Tensor, s2s: S2SParams, backend: Optional[str
     B, H, S, V = v_state.shape
     if s2s is None:
         raise TypeError("s2s must be an S2SParams(w_q, w_k, w_v, gate), got None")
-    check_s2s(s2s, H, V, v_state.device)
+    for name, n in (("B", B), ("H", H), ("S", S), ("V", V)):
+        if n < 1:
+            raise ValueError(f"v_state: every dimension must be >= 1, got {name} = {n}")
+    check_s2s(s2s, H, V, v_state.device, ref="v_state")
     name = resolve_backend(backend, v_state.device, "state_attention")
     if name == "triton":
         from .triton import triton_state_attention

@@ -66,7 +66,9 @@ def resolve_backend(backend: Optional[str], device: torch.device, op: str) -> st
         if device.type == "cuda" and TRITON_DEFAULT_ON_CUDA and _triton_reason(device) is None:
             return "triton"
         return "chunked"
-    if not isinstance(backend, str) or backend not in BACKENDS:
+    if not isinstance(backend, str):
+        raise TypeError(f"{source} must be a str, one of {BACKENDS}, or None; got {type(backend).__name__}")
+    if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
     reason = {"triton": _triton_reason, "cuda": _cuda_reason}.get(backend, lambda d: None)(device)
     if reason is not None:

@@ -65,7 +65,8 @@ def check_scale(scale) -> None:
         raise ValueError(f"scale must be a finite positive number, got {scale}")
 
 
-def check_s2s(s2s, H: int, V: int, device: torch.device) -> None:
+def check_s2s(s2s, H: int, V: int, device: torch.device, ref: str = "q") -> None:
+    """``ref`` names the tensor whose device the weights must share (in the error message)."""
     if s2s is None:
         return
     if not isinstance(s2s, S2SParams):
@@ -74,10 +75,10 @@ def check_s2s(s2s, H: int, V: int, device: torch.device) -> None:
         t = getattr(s2s, name)
         check_tensor(f"s2s.{name}", t, 3, "[H, V, V]")
         check_dims(f"s2s.{name}", t, (H, V, V), "[H, V, V]")
-        check_same_device([("q", _probe(device)), (f"s2s.{name}", t)])
+        check_same_device([(ref, _probe(device)), (f"s2s.{name}", t)])
     check_tensor("s2s.gate", s2s.gate, 1, "[H]")
     check_dims("s2s.gate", s2s.gate, (H,), "[H]")
-    check_same_device([("q", _probe(device)), ("s2s.gate", s2s.gate)])
+    check_same_device([(ref, _probe(device)), ("s2s.gate", s2s.gate)])
 
 
 def check_state(name: str, state, B: int, H: int, S: int, K: int, V: int, device) -> None:
@@ -134,8 +135,10 @@ def validate_operator_inputs(q, k, v, route_logits, write_gate, top_k, s2s, comm
     for name, n in (("B", B), ("T", T), ("H", H), ("K", K), ("V", V), ("S", S)):
         if n < 1:
             raise ValueError(f"every dimension must be >= 1, got {name} = {n} (q {_shape(q)})")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; "
+                            "q, k and v must share one dtype")
     check_same_device([("q", q), ("k", k), ("v", v), ("route_logits", route_logits),
                        ("write_gate", write_gate)])
     check_int("top_k", top_k, 1, S)

@@ -1,0 +1,268 @@
+"""Models built from NSTM layers: a block, a language model with constant-memory generation, and a
+sequence classifier (spec §5)."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layer import NSTMLayer, NSTMLayerState
+from .modules import RMSNorm
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, d_model: int, ratio: float = 4.0):
+        super().__init__()
+        hidden = int(d_model * ratio * 2 / 3)
+        self.up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x):
+        a, b = self.up(x).chunk(2, dim=-1)
+        return self.down(F.silu(a) * b)
+
+
+class NSTMBlock(nn.Module):
+    """Pre-norm residual block: ``x + NSTMLayer(norm(x))``, then ``x + MLP(norm(x))``."""
+
+    def __init__(self, d_model: int, num_heads: int, mlp_ratio: float = 4.0, **layer_kwargs):
+        super().__init__()
+        self.norm1 = RMSNorm(d_model)
+        self.mixer = NSTMLayer(d_model, num_heads, **layer_kwargs)
+        self.norm2 = RMSNorm(d_model)
+        self.mlp = MLP(d_model, mlp_ratio)
+
+    def forward(self, x, state: Optional[NSTMLayerState] = None, return_state: bool = False,
+                return_maps: bool = False):
+        out = self.mixer(self.norm1(x), state=state, return_state=return_state, return_maps=return_maps)
+        extra = ()
+        if isinstance(out, tuple):
+            out, extra = out[0], out[1:]
+        x = x + out
+        x = x + self.mlp(self.norm2(x))
+        return (x,) + extra if extra else x
+
+    def step(self, x, state: NSTMLayerState):
+        y, state = self.mixer.step(self.norm1(x), state)
+        x = x + y
+        return x + self.mlp(self.norm2(x)), state
+
+
+def _layer_kwargs(num_states, top_k, comm_every, head_dim, conv_size, use_s2s, backend):
+    return dict(num_states=num_states, top_k=top_k, comm_every=comm_every, head_dim=head_dim,
+                conv_size=conv_size, use_s2s=use_s2s, backend=backend)
+
+
+class _NSTMStack(nn.Module):
+    """Blocks and the state plumbing shared by the LM and the classifier."""
+
+    def _make_blocks(self, d_model, n_layers, num_heads, mlp_ratio, kw):
+        self.blocks = nn.ModuleList(NSTMBlock(d_model, num_heads, mlp_ratio, **kw) for _ in range(n_layers))
+        self.norm = RMSNorm(d_model)
+
+    def _run_blocks(self, h, state, return_state, return_maps):
+        if state is not None and len(state) != len(self.blocks):
+            raise ValueError(f"state must hold one NSTMLayerState per layer ({len(self.blocks)}), "
+                             f"got {len(state)}")
+        states, maps = [], []
+        for i, block in enumerate(self.blocks):
+            out = block(h, state=None if state is None else state[i], return_state=return_state,
+                        return_maps=return_maps)
+            if isinstance(out, tuple):
+                h = out[0]
+                rest = list(out[1:])
+                if return_state:
+                    states.append(rest.pop(0))
+                if return_maps:
+                    maps.append(rest.pop(0))
+            else:
+                h = out
+        return self.norm(h), states, maps
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the layers' load-balancing losses from the last training forward."""
+        return sum(b.mixer.aux_loss for b in self.blocks)
+
+    def nstm_layers(self) -> List[NSTMLayer]:
+        return [b.mixer for b in self.blocks]
+
+    def init_state(self, batch: int) -> List[NSTMLayerState]:
+        """Per-layer states before the first token (learned initial memories)."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        return [b.mixer.init_state(batch) for b in self.blocks]
+
+    @torch.no_grad()
+    def prune_states(self, threshold: float):
+        """Prune every layer's slots below ``threshold`` importance; returns the per-layer reports.
+
+        Parameters are replaced: make a new optimizer afterwards."""
+        return [b.mixer.states.prune(threshold) for b in self.blocks]
+
+    def state_bytes(self, state: Sequence[NSTMLayerState]) -> int:
+        """Bytes held by a decode state (slot memories and conv caches of all layers)."""
+        total = 0
+        for s in state:
+            total += s.op.k.numel() * s.op.k.element_size() + s.op.v.numel() * s.op.v.element_size()
+            if s.conv is not None:
+                total += s.conv.numel() * s.conv.element_size()
+        return total
+
+
+class NSTMLM(_NSTMStack):
+    """Language model: token embedding, NSTM blocks, final norm, tied output head.
+
+    ``forward(idx [B, T])`` -> logits ``[B, T, vocab]``. ``generate`` prefills with the chunked
+    operator and then decodes one token at a time from a per-layer state cache whose size does not
+    depend on the context length.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int = 256, n_layers: int = 4, num_heads: int = 4,
+                 num_states: int = 64, top_k: int = 8, comm_every: int = 64,
+                 head_dim: Optional[int] = None, conv_size: int = 4, mlp_ratio: float = 4.0,
+                 use_s2s: bool = True, tie_weights: bool = True, backend: Optional[str] = None):
+        super().__init__()
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
+        self.vocab_size = vocab_size
+        self.embed = nn.Embedding(vocab_size, d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self._make_blocks(d_model, n_layers, num_heads, mlp_ratio,
+                          _layer_kwargs(num_states, top_k, comm_every, head_dim, conv_size, use_s2s, backend))
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_weights:
+            self.head.weight = self.embed.weight
+        for name, p in self.named_parameters():
+            if name.endswith("out_proj.weight") or name.endswith("down.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))
+
+    def _check_tokens(self, idx, ndim):
+        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be an int64 tensor, got "
+                            f"{getattr(idx, 'dtype', type(idx).__name__)}")
+        if idx.dim() != ndim:
+            raise ValueError(f"tokens must have shape {'[B, T]' if ndim == 2 else '[B]'}, got {list(idx.shape)}")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got range "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+
+    def forward(self, idx: torch.Tensor, state: Optional[List[NSTMLayerState]] = None,
+                return_state: bool = False, return_maps: bool = False):
+        """``idx [B, T]`` -> ``logits [B, T, vocab]`` (+ per-layer states, + per-layer maps)."""
+        self._check_tokens(idx, 2)
+        h, states, maps = self._run_blocks(self.embed(idx), state, return_state, return_maps)
+        logits = self.head(h)
+        out = (logits,) + ((states,) if return_state else ()) + ((maps,) if return_maps else ())
+        return out[0] if len(out) == 1 else out
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, state: List[NSTMLayerState]):
+        """One token per sequence: ``tokens [B]`` -> ``(logits [B, vocab], new state)``."""
+        self._check_tokens(tokens, 1)
+        if state is None or len(state) != len(self.blocks):
+            raise ValueError(f"state must hold one NSTMLayerState per layer ({len(self.blocks)}); "
+                             "use model.init_state(batch)")
+        h = self.embed(tokens)
+        new = []
+        for block, s in zip(self.blocks, state):
+            h, s = block.step(h, s)
+            new.append(s)
+        return self.head(self.norm(h)), new
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, greedy: bool = False,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Continue ``idx [B, T]`` by ``max_new_tokens`` tokens; returns ``[B, T + max_new_tokens]``.
+
+        The prompt is prefilled in one chunked pass; each new token then costs one ``step`` whose
+        memory does not grow with the context. ``greedy=True`` (or ``temperature=0``) takes the
+        argmax; otherwise sampling with ``temperature``, optional ``top_k`` and nucleus ``top_p``.
+        """
+        self._check_tokens(idx, 2)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+        if max_new_tokens == 0:
+            return idx
+        was_training = self.training
+        self.eval()
+        try:
+            logits, state = self(idx, return_state=True)
+            logits = logits[:, -1]
+            out = [idx]
+            for i in range(max_new_tokens):
+                nxt = sample_next(logits, temperature, top_k, top_p, greedy, generator)
+                out.append(nxt[:, None])
+                if i + 1 < max_new_tokens:
+                    logits, state = self.step(nxt, state)
+        finally:
+            self.train(was_training)
+        return torch.cat(out, dim=1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, greedy: bool = False,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Pick the next token from ``logits [B, vocab]``: argmax, or sampling with temperature, top-k, top-p."""
+    if greedy or temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p          # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+        logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+class NSTMClassifier(_NSTMStack):
+    """Sequence classifier: inputs ``[B, T, input_dim]`` (e.g. pixels, ``input_dim=1``) or token ids
+    ``[B, T]`` (give ``vocab_size``), NSTM blocks, mean or last-token pooling, a linear head."""
+
+    def __init__(self, num_classes: int, input_dim: Optional[int] = None,
+                 vocab_size: Optional[int] = None, d_model: int = 128, n_layers: int = 2,
+                 num_heads: int = 4, num_states: int = 32, top_k: int = 4, comm_every: int = 64,
+                 head_dim: Optional[int] = None, conv_size: int = 4, mlp_ratio: float = 4.0,
+                 use_s2s: bool = True, pool: str = "mean", backend: Optional[str] = None):
+        super().__init__()
+        if (input_dim is None) == (vocab_size is None):
+            raise ValueError("give exactly one of input_dim (continuous inputs) or vocab_size (token ids)")
+        if pool not in ("mean", "last"):
+            raise ValueError(f"pool must be 'mean' or 'last', got {pool!r}")
+        self.pool, self.input_dim, self.vocab_size = pool, input_dim, vocab_size
+        self.inp = nn.Linear(input_dim, d_model) if input_dim is not None else nn.Embedding(vocab_size, d_model)
+        self._make_blocks(d_model, n_layers, num_heads, mlp_ratio,
+                          _layer_kwargs(num_states, top_k, comm_every, head_dim, conv_size, use_s2s, backend))
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, x: torch.Tensor, return_maps: bool = False):
+        """``x [B, T, input_dim]`` or ``[B, T]`` token ids -> class logits ``[B, num_classes]``."""
+        if self.input_dim is not None:
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 3 \
+                    or x.shape[-1] != self.input_dim:
+                raise ValueError(f"x must be a float tensor [B, T, {self.input_dim}], got "
+                                 f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+        elif not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or x.dim() != 2:
+            raise ValueError(f"x must be int64 token ids [B, T], got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+        h, _, maps = self._run_blocks(self.inp(x), None, False, return_maps)
+        pooled = h.mean(1) if self.pool == "mean" else h[:, -1]
+        logits = self.head(pooled)
+        return (logits, maps) if return_maps else logits

@@ -1,0 +1,206 @@
+"""State-to-state attention in Triton (spec §2 step 4).
+
+``V + tanh(gate_h) softmax((V W_q)(V W_k)^T / sqrt(V)) (V W_v)`` for one ``[S, V]`` slot-value tile
+per (batch, head) program, S and V padded to powers of two >= 16 with masks, fp32 (fp64) compute.
+
+The two ``@triton.jit`` helpers ``s2s_forward_tile`` / ``s2s_backward_tile`` work on a tile held in
+registers; the sequence and step kernels call them at period ends. ``tanh(gate)`` (``mix``) is
+computed in PyTorch (an ``[H]`` vector) and its gradient flows through PyTorch's tanh.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..state import S2SParams
+from ..utils import compute_dtype
+from .device import DOT_PRECISION, compute_tl_dtype, dot_block, tile_warps
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float64 else DOT_PRECISION
+
+
+@triton.jit
+def _load_head_weight(w_ptr, h, V, BLOCK_V: tl.constexpr, DT: tl.constexpr):
+    """``w[h]`` of a ``[H, V, V]`` tensor as a ``[BLOCK_V, BLOCK_V]`` tile (zeros at the padding)."""
+    r = tl.arange(0, BLOCK_V)
+    m = (r[:, None] < V) & (r[None, :] < V)
+    base = w_ptr + h.to(tl.int64) * V * V
+    return tl.load(base + r[:, None] * V + r[None, :], mask=m, other=0.0).to(DT)
+
+
+@triton.jit
+def _s2s_probs(X, Wq, Wk, S, qk_scale, PREC: tl.constexpr):
+    """Queries, keys and the row-softmax ``P [BLOCK_S, BLOCK_S]`` (zero rows/cols at the padding)."""
+    BLOCK_S: tl.constexpr = X.shape[0]
+    Q = tl.dot(X, Wq, input_precision=PREC)
+    Kx = tl.dot(X, Wk, input_precision=PREC)
+    sc = tl.dot(Q, tl.trans(Kx), input_precision=PREC) * qk_scale
+    rs = tl.arange(0, BLOCK_S)
+    valid = (rs[:, None] < S) & (rs[None, :] < S)
+    sc = tl.where(rs[None, :] < S, sc, float("-inf"))
+    e = tl.exp(sc - tl.max(sc, axis=1)[:, None])
+    P = tl.where(valid, e / tl.sum(e, axis=1)[:, None], 0.0)
+    return Q, Kx, P
+
+
+@triton.jit
+def s2s_forward_tile(X, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V, qk_scale,
+                     PREC: tl.constexpr):
+    """The mixed tile ``X + mix * P (X W_v)`` for ``X [BLOCK_S, BLOCK_V]`` (padding rows stay 0)."""
+    BLOCK_S: tl.constexpr = X.shape[0]
+    BLOCK_V: tl.constexpr = X.shape[1]
+    Wq = _load_head_weight(wq_ptr, h, V, BLOCK_V, X.dtype)
+    Wk = _load_head_weight(wk_ptr, h, V, BLOCK_V, X.dtype)
+    Wv = _load_head_weight(wv_ptr, h, V, BLOCK_V, X.dtype)
+    Q, Kx, P = _s2s_probs(X, Wq, Wk, S, qk_scale, PREC)
+    Vx = tl.dot(X, Wv, input_precision=PREC)
+    O = tl.dot(P, Vx, input_precision=PREC)
+    rs = tl.arange(0, BLOCK_S)
+    return tl.where(rs[:, None] < S, X + mix * O, 0.0)
+
+
+@triton.jit
+def _acc_weight_grad(dw_ptr, G, V, BLOCK_V: tl.constexpr):
+    """``dw[0:V, 0:V] += G`` for one program's private ``[V, V]`` partial (no other program writes it)."""
+    r = tl.arange(0, BLOCK_V)
+    m = (r[:, None] < V) & (r[None, :] < V)
+    ptrs = dw_ptr + r[:, None] * V + r[None, :]
+    tl.debug_barrier()  # earlier stores to this partial come from other threads of this program
+    tl.store(ptrs, (tl.load(ptrs, mask=m, other=0.0) + G).to(dw_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def s2s_backward_tile(X, dY, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V, qk_scale,
+                      dwq_ptr, dwk_ptr, dwv_ptr, PREC: tl.constexpr):
+    """Backward of ``Y = X + mix * softmax((X W_q)(X W_k)^T * c) (X W_v)`` for one tile.
+
+    Adds ``X^T dQ``, ``X^T dK``, ``X^T dV`` into this program's weight-gradient partials
+    (``[V, V]`` each, at ``dw*_ptr``) and returns ``(dX, dmix)``.
+    """
+    BLOCK_V: tl.constexpr = X.shape[1]
+    Wq = _load_head_weight(wq_ptr, h, V, BLOCK_V, X.dtype)
+    Wk = _load_head_weight(wk_ptr, h, V, BLOCK_V, X.dtype)
+    Wv = _load_head_weight(wv_ptr, h, V, BLOCK_V, X.dtype)
+    Q, Kx, P = _s2s_probs(X, Wq, Wk, S, qk_scale, PREC)
+    Vx = tl.dot(X, Wv, input_precision=PREC)
+    O = tl.dot(P, Vx, input_precision=PREC)
+    dmix = tl.sum(tl.sum(dY * O, axis=1), axis=0)
+    dO = mix * dY
+    dP = tl.dot(dO, tl.trans(Vx), input_precision=PREC)
+    dVx = tl.dot(tl.trans(P), dO, input_precision=PREC)
+    dS = P * (dP - tl.sum(P * dP, axis=1)[:, None]) * qk_scale
+    dQ = tl.dot(dS, Kx, input_precision=PREC)
+    dKx = tl.dot(tl.trans(dS), Q, input_precision=PREC)
+    dX = dY + tl.dot(dQ, tl.trans(Wq), input_precision=PREC)
+    dX += tl.dot(dKx, tl.trans(Wk), input_precision=PREC)
+    dX += tl.dot(dVx, tl.trans(Wv), input_precision=PREC)
+    Xt = tl.trans(X)
+    _acc_weight_grad(dwq_ptr, tl.dot(Xt, dQ, input_precision=PREC), V, BLOCK_V)
+    _acc_weight_grad(dwk_ptr, tl.dot(Xt, dKx, input_precision=PREC), V, BLOCK_V)
+    _acc_weight_grad(dwv_ptr, tl.dot(Xt, dVx, input_precision=PREC), V, BLOCK_V)
+    return dX, dmix
+
+
+@triton.jit
+def _load_tile(ptr, S, V, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, DT: tl.constexpr):
+    rs = tl.arange(0, BLOCK_S)
+    rv = tl.arange(0, BLOCK_V)
+    m = (rs[:, None] < S) & (rv[None, :] < V)
+    return tl.load(ptr + rs[:, None] * V + rv[None, :], mask=m, other=0.0).to(DT)
+
+
+@triton.jit
+def _store_tile(ptr, X, S, V, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr):
+    rs = tl.arange(0, BLOCK_S)
+    rv = tl.arange(0, BLOCK_V)
+    m = (rs[:, None] < S) & (rv[None, :] < V)
+    tl.store(ptr + rs[:, None] * V + rv[None, :], X.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _s2s_fwd_kernel(x_ptr, wq_ptr, wk_ptr, wv_ptr, mix_ptr, y_ptr, H, S, V, qk_scale,
+                    BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, DT: tl.constexpr,
+                    PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    h = pid % H
+    off = pid.to(tl.int64) * S * V
+    X = _load_tile(x_ptr + off, S, V, BLOCK_S, BLOCK_V, DT)
+    mix = tl.load(mix_ptr + h).to(DT)
+    Y = s2s_forward_tile(X, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V, qk_scale, PREC)
+    _store_tile(y_ptr + off, Y, S, V, BLOCK_S, BLOCK_V)
+
+
+@triton.jit
+def _s2s_bwd_kernel(x_ptr, dy_ptr, wq_ptr, wk_ptr, wv_ptr, mix_ptr, dx_ptr,
+                    dwq_ptr, dwk_ptr, dwv_ptr, dmix_ptr, H, S, V, qk_scale,
+                    BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, DT: tl.constexpr,
+                    PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    h = pid % H
+    off = pid.to(tl.int64) * S * V
+    woff = pid.to(tl.int64) * V * V
+    X = _load_tile(x_ptr + off, S, V, BLOCK_S, BLOCK_V, DT)
+    dY = _load_tile(dy_ptr + off, S, V, BLOCK_S, BLOCK_V, DT)
+    mix = tl.load(mix_ptr + h).to(DT)
+    dX, dmix = s2s_backward_tile(X, dY, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V, qk_scale,
+                                 dwq_ptr + woff, dwk_ptr + woff, dwv_ptr + woff, PREC)
+    _store_tile(dx_ptr + off, dX, S, V, BLOCK_S, BLOCK_V)
+    tl.store(dmix_ptr + pid, dmix.to(dmix_ptr.dtype.element_ty))
+
+
+def pack_weights(s2s: S2SParams, dt: torch.dtype):
+    """``(w_q, w_k, w_v, mix = tanh(gate))`` in the compute dtype, contiguous (differentiable)."""
+    return (s2s.w_q.to(dt).contiguous(), s2s.w_k.to(dt).contiguous(),
+            s2s.w_v.to(dt).contiguous(), torch.tanh(s2s.gate.to(dt)).contiguous())
+
+
+def _launch_meta(S: int, V: int, dtype: torch.dtype, device):
+    BS, BV = dot_block(S), dot_block(V)
+    return dict(BLOCK_S=BS, BLOCK_V=BV, DT=compute_tl_dtype(dtype), PREC=dot_precision(dtype),
+                num_warps=tile_warps(max(BS, BV) * BV, device))
+
+
+class StateAttentionFunction(torch.autograd.Function):
+    """``(v_state [B,H,S,V] in the compute dtype, w_q, w_k, w_v [H,V,V], mix [H]) -> mixed``."""
+
+    @staticmethod
+    def forward(ctx, x, wq, wk, wv, mix):
+        B, H, S, V = x.shape
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        meta = _launch_meta(S, V, x.dtype, x.device)
+        if B * H > 0:
+            _s2s_fwd_kernel[(B * H,)](x, wq, wk, wv, mix, y, H, S, V, 1.0 / math.sqrt(V), **meta)
+        ctx.save_for_backward(x, wq, wk, wv, mix)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, wq, wk, wv, mix = ctx.saved_tensors
+        B, H, S, V = x.shape
+        dy = dy.contiguous().to(x.dtype)
+        dx = torch.empty_like(x)
+        dws = [torch.zeros(B, H, V, V, dtype=x.dtype, device=x.device) for _ in range(3)]
+        dmix = torch.empty(B, H, dtype=x.dtype, device=x.device)
+        meta = _launch_meta(S, V, x.dtype, x.device)
+        if B * H > 0:
+            _s2s_bwd_kernel[(B * H,)](x, dy, wq, wk, wv, mix, dx, *dws, dmix, H, S, V,
+                                      1.0 / math.sqrt(V), **meta)
+        # per-(b, h) partials summed over the batch here: deterministic, no atomics
+        return (dx, dws[0].sum(0).to(wq.dtype), dws[1].sum(0).to(wk.dtype),
+                dws[2].sum(0).to(wv.dtype), dmix.sum(0).to(mix.dtype))
+
+
+def triton_state_attention(v_state: torch.Tensor, s2s: S2SParams) -> torch.Tensor:
+    """The s2s step in Triton: ``v_state [B, H, S, V]`` -> mixed ``v_state`` (its dtype).
+
+    Computes in fp32 (fp64 for fp64); differentiable wrt ``v_state`` and every field of ``s2s``.
+    """
+    dt = compute_dtype(v_state.dtype)
+    wq, wk, wv, mix = pack_weights(s2s, dt)
+    return StateAttentionFunction.apply(v_state.to(dt), wq, wk, wv, mix).to(v_state.dtype)
