@@ -5,7 +5,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from .state import S2SParams
 
@@ -24,11 +23,12 @@ def pack_s2s(s2s: S2SParams, dtype: torch.dtype) -> PackedS2S:
 
 def apply_s2s(v_state: torch.Tensor, packed: PackedS2S, return_map: bool = False):
     """``V + tanh(gate_h) softmax((V W_q)(V W_k)^T / sqrt(V)) (V W_v)`` for ``v_state [B, H, S, V]``."""
+    # an explicit softmax, not F.scaled_dot_product_attention: the CPU SDPA backward returns NaN
+    # for very large states (seen with s2s at every token), the explicit one stays finite
     qs, ks, vs = (v_state @ packed.w_qkv).chunk(3, dim=-1)
-    if return_map:
-        attn = torch.softmax(qs @ ks.transpose(-1, -2) / math.sqrt(v_state.shape[-1]), dim=-1)
-        return v_state + packed.mix * (attn @ vs), attn
-    return v_state + packed.mix * F.scaled_dot_product_attention(qs, ks, vs)
+    attn = torch.softmax(qs @ ks.transpose(-1, -2) / math.sqrt(v_state.shape[-1]), dim=-1)
+    out = v_state + packed.mix * (attn @ vs)
+    return (out, attn) if return_map else out
 
 
 def state_attention_torch(v_state: torch.Tensor, s2s: S2SParams, return_map: bool = False):
