@@ -257,7 +257,7 @@ class NSTMClassifier(_NSTMStack):
         if self.input_dim is not None:
             if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 3 \
                     or x.shape[-1] != self.input_dim:
-                raise ValueError(f"x must be a float tensor [B, T, {self.input_dim}], got "
+                raise ValueError(f"x must be a float tensor [B, T, input_dim={self.input_dim}], got "
                                  f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
         elif not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or x.dim() != 2:
             raise ValueError(f"x must be int64 token ids [B, T], got "
