@@ -60,7 +60,7 @@ def tile_warps(elements: int, device: torch.device) -> int:
 
 
 def row_warps(block: int) -> int:
-    """``num_warps`` for a program that works on one row of ``block`` elements."""
+    """``num_warps`` for a program whose largest tile has ``block`` elements (no ``tl.dot``)."""
     return 1 if block <= 256 else (2 if block <= 1024 else 4)
 
 

@@ -36,24 +36,16 @@ from .s2s import dot_precision, pack_weights, s2s_backward_tile, s2s_forward_til
 
 @triton.jit
 def _token_routing(idx_ptr, w_ptr, tok, rs, TOP_K: tl.constexpr, BLOCK_TK: tl.constexpr):
-    """One token's routing as dense ``[BLOCK_S]`` vectors: weight (0 off-route), routed mask, and
-    for each routed slot its position j in the token's top-k list (``hit [BLOCK_S, BLOCK_TK]``)."""
+    """One token's routing, dense over the slots: ``hit [BLOCK_S, BLOCK_TK]`` (slot i is the
+    token's j-th routed slot), the write weight ``wd [BLOCK_S]`` (0 off-route) and the rows to
+    touch ``routed = wd > 0`` (a row with w = 0 is left as it is either way)."""
     kk = tl.arange(0, BLOCK_TK)
     kmask = kk < TOP_K
     idx = tl.load(idx_ptr + tok * TOP_K + kk, mask=kmask, other=0).to(tl.int32)
     wj = tl.load(w_ptr + tok * TOP_K + kk, mask=kmask, other=0.0)
     hit = (rs[:, None] == idx[None, :]) & kmask[None, :]
     wd = tl.sum(tl.where(hit, wj[None, :], 0.0), axis=1)
-    routed = tl.max(hit.to(tl.int32), axis=1) > 0
-    jpos = tl.sum(tl.where(hit, kk[None, :], 0), axis=1)
-    return wd, routed, jpos, hit
-
-
-@triton.jit
-def _read(Ks, qt, smask, scale):
-    sc = tl.where(smask, tl.sum(Ks * qt[None, :], axis=1) * scale, float("-inf"))
-    e = tl.exp(sc - tl.max(sc, axis=0))
-    return e / tl.sum(e, axis=0)
+    return hit, wd, wd > 0
 
 
 @triton.jit
@@ -86,7 +78,7 @@ def _nstm_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_pt
         mix = tl.load(mix_ptr + h).to(DT)
     # runtime loops are written as while loops: the interpreter (numpy 2) cannot take range() of
     # a runtime scalar; on a GPU both lower to the same scf loops
-    sg = 0
+    sg = tl.zeros([], tl.int32)   # a tensor (not a constexpr) so that it can be loop-carried
     while sg < NS:
         t0 = tl.load(seg_ptr + sg)
         t1 = tl.load(seg_ptr + sg + 1)
@@ -97,14 +89,17 @@ def _nstm_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_pt
         t = t0
         while t < t1:
             tok = (b.to(tl.int64) * T + t) * H + h
-            wd, routed, jpos, hit = _token_routing(idx_ptr, w_ptr, tok, rs, TOP_K, BLOCK_TK)
+            hit, wd, routed = _token_routing(idx_ptr, w_ptr, tok, rs, TOP_K, BLOCK_TK)
             qt = tl.load(q_ptr + tok * K + rk, mask=rk < K, other=0.0).to(DT)
             kt = tl.load(k_ptr + tok * K + rk, mask=rk < K, other=0.0).to(DT)
             vt = tl.load(v_ptr + tok * V + rv, mask=rv < V, other=0.0).to(DT)
             wc = wd[:, None].to(DT)
             Ks = tl.where(routed[:, None], (1.0 - wc) * Ks + wc * kt[None, :], Ks)
             Vs = tl.where(routed[:, None], (1.0 - wc) * Vs + wc * vt[None, :], Vs)
-            p = _read(Ks, qt, smask, scale)
+            # read: p = softmax over the slots of scale * K q
+            sc = tl.where(smask, tl.sum(Ks * qt[None, :], axis=1) * scale, float("-inf"))
+            e = tl.exp(sc - tl.max(sc, axis=0))
+            p = e / tl.sum(e, axis=0)
             o = tl.sum(p[:, None] * Vs, axis=0)
             tl.store(o_ptr + tok * V + rv, o.to(o_ptr.dtype.element_ty), mask=rv < V)
             t += 1
@@ -147,7 +142,7 @@ def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk_pt
     mix = tl.zeros([1], DT)
     if HAS_S2S:
         mix = tl.load(mix_ptr + h).to(DT)
-    sg = NS - 1
+    sg = tl.zeros([], tl.int32) + (NS - 1)
     while sg >= 0:
         t0 = tl.load(seg_ptr + sg)
         t1 = tl.load(seg_ptr + sg + 1)
@@ -159,8 +154,9 @@ def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk_pt
         t = t0
         while t < t1:
             tok = (b.to(tl.int64) * T + t) * H + h
-            wd, routed, jpos, hit = _token_routing(idx_ptr, w_ptr, tok, rs, TOP_K, BLOCK_TK)
-            row = (t - t0) * TOP_K + jpos
+            hit, wd, routed = _token_routing(idx_ptr, w_ptr, tok, rs, TOP_K, BLOCK_TK)
+            # scratch row of (token, j) for each routed slot
+            row = (t - t0) * TOP_K + tl.sum(tl.where(hit, tl.arange(0, BLOCK_TK)[None, :], 0), axis=1)
             tl.store(sck + row[:, None] * K + rk[None, :], Ks, mask=mk & routed[:, None])
             tl.store(scv + row[:, None] * V + rv[None, :], Vs, mask=mv & routed[:, None])
             kt = tl.load(k_ptr + tok * K + rk, mask=rk < K, other=0.0).to(DT)
@@ -180,20 +176,22 @@ def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk_pt
         t = t1 - 1
         while t >= t0:
             tok = (b.to(tl.int64) * T + t) * H + h
-            wd, routed, jpos, hit = _token_routing(idx_ptr, w_ptr, tok, rs, TOP_K, BLOCK_TK)
+            hit, wd, routed = _token_routing(idx_ptr, w_ptr, tok, rs, TOP_K, BLOCK_TK)
             qt = tl.load(q_ptr + tok * K + rk, mask=rk < K, other=0.0).to(DT)
             kt = tl.load(k_ptr + tok * K + rk, mask=rk < K, other=0.0).to(DT)
             vt = tl.load(v_ptr + tok * V + rv, mask=rv < V, other=0.0).to(DT)
             dot_ = tl.load(do_ptr + tok * V + rv, mask=rv < V, other=0.0).to(DT)
             # read: o = sum_i p_i V_i, p = softmax(scale K q)
-            p = _read(Ks, qt, smask, scale)
+            sc = tl.where(smask, tl.sum(Ks * qt[None, :], axis=1) * scale, float("-inf"))
+            e = tl.exp(sc - tl.max(sc, axis=0))
+            p = e / tl.sum(e, axis=0)
             dp = tl.sum(Vs * dot_[None, :], axis=1)
             ds = p * (dp - tl.sum(p * dp, axis=0))
             dq = tl.sum(ds[:, None] * Ks, axis=0) * scale
             dK += (ds * scale)[:, None] * qt[None, :]
             dV += p[:, None] * dot_[None, :]
             # the state before the token: the saved rows put back
-            row = (t - t0) * TOP_K + jpos
+            row = (t - t0) * TOP_K + tl.sum(tl.where(hit, tl.arange(0, BLOCK_TK)[None, :], 0), axis=1)
             Kp = tl.load(sck + row[:, None] * K + rk[None, :], mask=mk & routed[:, None], other=0.0)
             Vp = tl.load(scv + row[:, None] * V + rv[None, :], mask=mv & routed[:, None], other=0.0)
             Kp = tl.where(routed[:, None], Kp.to(DT), Ks)
@@ -224,11 +222,14 @@ def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk_pt
 def segment_starts(T: int, pos: int, comm_every: int, has_s2s: bool, seg_len: int) -> List[int]:
     """Token indices where a segment starts, plus ``T``: every period start (when s2s is on, so
     that every s2s event ends a segment) and at most ``seg_len`` tokens apart."""
-    starts, last = [0], 0
-    for t in range(1, T):
-        if (has_s2s and (pos + t) % comm_every == 0) or t - last >= seg_len:
-            starts.append(t)
-            last = t
+    if has_s2s:
+        first = (-pos) % comm_every or comm_every          # first t >= 1 with (pos + t) % C == 0
+        cuts = [0] + list(range(first, T, comm_every)) + [T]
+    else:
+        cuts = [0, T]
+    starts = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        starts.extend(range(a, b, seg_len))
     return starts + [T]
 
 

@@ -1,6 +1,6 @@
 """Sparse top-k routing in Triton (spec §2 step 1, §4: one fused kernel over all tokens).
 
-One program per row of logits (a (batch, time, head) token): ``top_k`` rounds of argmax over the
+One program per block of rows of logits (each row a (batch, time, head) token): ``top_k`` rounds of argmax over the
 ``S`` logits (ties go to the lowest index), softmax over the selected logits, times
 beta = sigmoid(write_gate). The backward kernel gives the gradient wrt the logits (zero off the
 selected slots, as in mixture-of-experts routing) and wrt the gate.
@@ -16,22 +16,25 @@ from .device import compute_tl_dtype, pow2, row_warps
 
 
 @triton.jit
-def _topk_row(x, offs, S, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``TOP_K`` rounds of argmax over ``x [BLOCK_S]`` (entries ``>= S`` ignored).
+def _topk_rows(x, offs, S, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``TOP_K`` rounds of argmax over each row of ``x [BLOCK_N, BLOCK_S]`` (columns ``>= S``
+    ignored; ``offs`` = ``tl.arange(0, BLOCK_S)``).
 
-    Returns ``(vals [BLOCK_K], idx [BLOCK_K] int32)`` in descending order of value; ties go to the
-    lowest index; entries ``>= TOP_K`` are -inf / 0.
+    Returns ``(vals, idx)``, both ``[BLOCK_N, BLOCK_K]`` (idx int32), in descending order of value;
+    ties go to the lowest index; columns ``>= TOP_K`` are -inf / 0.
     """
-    BLOCK_S: tl.constexpr = x.shape[0]
-    kk = tl.arange(0, BLOCK_K)
-    taken = offs >= S
-    vals = tl.full([BLOCK_K], float("-inf"), x.dtype)
-    idx = tl.zeros([BLOCK_K], tl.int32)
+    BLOCK_S: tl.constexpr = x.shape[1]
+    kk = tl.arange(0, BLOCK_K)[None, :]
+    cols = offs[None, :]
+    taken = tl.broadcast_to(cols >= S, [x.shape[0], BLOCK_S])   # loop-carried: full shape
+    vals = tl.full([x.shape[0], BLOCK_K], float("-inf"), x.dtype)
+    idx = tl.zeros([x.shape[0], BLOCK_K], tl.int32)
     for j in range(TOP_K):
         xm = tl.where(taken, float("-inf"), x)
-        m = tl.max(xm, axis=0)
-        i = tl.min(tl.where((~taken) & (xm == m), offs, BLOCK_S), axis=0)
-        taken = taken | (offs == i)
+        m = tl.max(xm, axis=1)[:, None]
+        i = tl.min(tl.where((~taken) & (xm == m), cols, BLOCK_S), axis=1)[:, None]
+        i = tl.minimum(i, S - 1)   # only NaN logits leave no candidate; stay in bounds
+        taken = taken | (cols == i)
         vals = tl.where(kk == j, m, vals)
         idx = tl.where(kk == j, i, idx)
     return vals, idx
@@ -39,60 +42,68 @@ def _topk_row(x, offs, S, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _route_weights(vals, gate, TOP_K: tl.constexpr):
-    """Softmax over the selected logits ``vals [BLOCK_K]`` and beta = sigmoid(gate).
-
-    Returns ``(alpha [BLOCK_K], beta)``; alpha is 0 at the padding entries.
-    """
-    kk = tl.arange(0, vals.shape[0])
+    """Softmax over the selected logits ``vals [BLOCK_N, BLOCK_K]`` and beta = sigmoid(gate)
+    (``gate [BLOCK_N]``). Returns ``(alpha [BLOCK_N, BLOCK_K], beta [BLOCK_N, 1])``; alpha is 0 at
+    the padding columns."""
+    kk = tl.arange(0, vals.shape[1])[None, :]
     valid = kk < TOP_K
     vm = tl.where(valid, vals, float("-inf"))
-    e = tl.where(valid, tl.exp(vm - tl.max(vm, axis=0)), 0.0)
-    alpha = e / tl.sum(e, axis=0)
-    beta = 1.0 / (1.0 + tl.exp(-gate))
+    e = tl.where(valid, tl.exp(vm - tl.max(vm, axis=1)[:, None]), 0.0)
+    alpha = e / tl.sum(e, axis=1)[:, None]
+    beta = 1.0 / (1.0 + tl.exp(-gate[:, None]))
     return alpha, beta
 
 
 @triton.jit
-def _route_fwd_kernel(logits_ptr, gate_ptr, idx_ptr, w_ptr, S,
-                      TOP_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
-                      DT: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _route_fwd_kernel(logits_ptr, gate_ptr, idx_ptr, w_ptr, N, S,
+                      TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                      BLOCK_K: tl.constexpr, DT: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
     offs = tl.arange(0, BLOCK_S)
-    x = tl.load(logits_ptr + row * S + offs, mask=offs < S, other=0.0).to(DT)
-    g = tl.load(gate_ptr + row).to(DT)
-    vals, idx = _topk_row(x, offs, S, TOP_K, BLOCK_K)
+    x = tl.load(logits_ptr + rows[:, None] * S + offs[None, :],
+                mask=rmask[:, None] & (offs[None, :] < S), other=0.0).to(DT)
+    g = tl.load(gate_ptr + rows, mask=rmask, other=0.0).to(DT)
+    vals, idx = _topk_rows(x, offs, S, TOP_K, BLOCK_K)
     alpha, beta = _route_weights(vals, g, TOP_K)
-    kk = tl.arange(0, BLOCK_K)
-    kmask = kk < TOP_K
-    tl.store(idx_ptr + row * TOP_K + kk, idx.to(tl.int64), mask=kmask)
-    tl.store(w_ptr + row * TOP_K + kk, (alpha * beta).to(w_ptr.dtype.element_ty), mask=kmask)
+    kk = tl.arange(0, BLOCK_K)[None, :]
+    m = rmask[:, None] & (kk < TOP_K)
+    o = rows[:, None] * TOP_K + kk
+    tl.store(idx_ptr + o, idx.to(tl.int64), mask=m)
+    tl.store(w_ptr + o, (alpha * beta).to(w_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _route_bwd_kernel(logits_ptr, gate_ptr, idx_ptr, dw_ptr, dlogits_ptr, dgate_ptr, S,
-                      TOP_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
-                      DT: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    kk = tl.arange(0, BLOCK_K)
-    kmask = kk < TOP_K
-    idx = tl.load(idx_ptr + row * TOP_K + kk, mask=kmask, other=0)
-    vals = tl.load(logits_ptr + row * S + idx, mask=kmask, other=0.0).to(DT)
-    g = tl.load(gate_ptr + row).to(DT)
-    dw = tl.load(dw_ptr + row * TOP_K + kk, mask=kmask, other=0.0).to(DT)
+def _route_bwd_kernel(logits_ptr, gate_ptr, idx_ptr, dw_ptr, dlogits_ptr, dgate_ptr, N, S,
+                      TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                      BLOCK_K: tl.constexpr, DT: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    kk = tl.arange(0, BLOCK_K)[None, :]
+    m = rmask[:, None] & (kk < TOP_K)
+    o = rows[:, None] * TOP_K + kk
+    idx = tl.load(idx_ptr + o, mask=m, other=0)
+    vals = tl.load(logits_ptr + rows[:, None] * S + idx, mask=m, other=0.0).to(DT)
+    g = tl.load(gate_ptr + rows, mask=rmask, other=0.0).to(DT)
+    dw = tl.load(dw_ptr + o, mask=m, other=0.0).to(DT)
     alpha, beta = _route_weights(vals, g, TOP_K)
     # w_j = alpha_j * beta: d alpha_j = dw_j beta, d logit_j = alpha_j (d alpha_j - sum_l alpha_l d alpha_l)
     dalpha = dw * beta
-    dsel = alpha * (dalpha - tl.sum(alpha * dalpha, axis=0))
-    dgate = tl.sum(dw * alpha, axis=0) * beta * (1.0 - beta)
+    dsel = alpha * (dalpha - tl.sum(alpha * dalpha, axis=1)[:, None])
+    dgate = tl.sum(dw * alpha, axis=1) * tl.reshape(beta * (1.0 - beta), [BLOCK_N])
     offs = tl.arange(0, BLOCK_S)
-    hit = (offs[:, None] == idx[None, :].to(tl.int32)) & kmask[None, :]
-    drow = tl.sum(tl.where(hit, dsel[None, :], 0.0), axis=1)
-    tl.store(dlogits_ptr + row * S + offs, drow.to(dlogits_ptr.dtype.element_ty), mask=offs < S)
-    tl.store(dgate_ptr + row, dgate.to(dgate_ptr.dtype.element_ty))
+    # scatter the TOP_K selected gradients into the row: [BLOCK_N, BLOCK_S, BLOCK_K] one-hot
+    hit = (offs[None, :, None] == idx.to(tl.int32)[:, None, :]) & m[:, None, :]
+    drow = tl.sum(tl.where(hit, dsel[:, None, :], 0.0), axis=2)
+    tl.store(dlogits_ptr + rows[:, None] * S + offs[None, :],
+             drow.to(dlogits_ptr.dtype.element_ty), mask=rmask[:, None] & (offs[None, :] < S))
+    tl.store(dgate_ptr + rows, dgate.to(dgate_ptr.dtype.element_ty), mask=rmask)
 
 
 def _blocks(S: int, top_k: int):
-    return pow2(S, 16), pow2(top_k, 2)
+    BS = pow2(S, 16)
+    BN = max(1, min(16, 2048 // BS))      # rows per program: about 2K logits on chip
+    return BN, BS, pow2(top_k, 2)
 
 
 def route_forward(logits2d: torch.Tensor, gate1d: torch.Tensor, top_k: int):
@@ -103,9 +114,10 @@ def route_forward(logits2d: torch.Tensor, gate1d: torch.Tensor, top_k: int):
     w = torch.empty(N, top_k, dtype=dt, device=logits2d.device)
     if N == 0:
         return idx, w
-    BS, BK = _blocks(S, top_k)
-    _route_fwd_kernel[(N,)](logits2d, gate1d, idx, w, S, TOP_K=top_k, BLOCK_S=BS, BLOCK_K=BK,
-                            DT=compute_tl_dtype(logits2d.dtype), num_warps=row_warps(BS))
+    BN, BS, BK = _blocks(S, top_k)
+    _route_fwd_kernel[(triton.cdiv(N, BN),)](
+        logits2d, gate1d, idx, w, N, S, TOP_K=top_k, BLOCK_N=BN, BLOCK_S=BS, BLOCK_K=BK,
+        DT=compute_tl_dtype(logits2d.dtype), num_warps=row_warps(BN * BS))
     return idx, w
 
 
@@ -116,10 +128,11 @@ def route_backward(logits2d, gate1d, idx, dw, top_k: int):
     dgate = torch.empty_like(gate1d)
     if N == 0:
         return dlogits, dgate
-    BS, BK = _blocks(S, top_k)
-    _route_bwd_kernel[(N,)](logits2d, gate1d, idx, dw.contiguous(), dlogits, dgate, S,
-                            TOP_K=top_k, BLOCK_S=BS, BLOCK_K=BK,
-                            DT=compute_tl_dtype(logits2d.dtype), num_warps=row_warps(BS))
+    BN, BS, BK = _blocks(S, top_k)
+    _route_bwd_kernel[(triton.cdiv(N, BN),)](
+        logits2d, gate1d, idx, dw.contiguous(), dlogits, dgate, N, S, TOP_K=top_k, BLOCK_N=BN,
+        BLOCK_S=BS, BLOCK_K=BK, DT=compute_tl_dtype(logits2d.dtype),
+        num_warps=row_warps(BN * BS * BK // 4))
     return dlogits, dgate
 
 

@@ -25,6 +25,16 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    """``a @ b`` with fp32 (fp64) accumulation. fp64 tiles go through a broadcast multiply-sum:
+    Triton's fp64 MMA path does not take K > 16 tiles (fp64 is for gradcheck, not for speed)."""
+    if a.dtype == tl.float64:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _load_head_weight(w_ptr, h, V, BLOCK_V: tl.constexpr, DT: tl.constexpr):
     """``w[h]`` of a ``[H, V, V]`` tensor as a ``[BLOCK_V, BLOCK_V]`` tile (zeros at the padding)."""
     r = tl.arange(0, BLOCK_V)
@@ -37,9 +47,9 @@ def _load_head_weight(w_ptr, h, V, BLOCK_V: tl.constexpr, DT: tl.constexpr):
 def _s2s_probs(X, Wq, Wk, S, qk_scale, PREC: tl.constexpr):
     """Queries, keys and the row-softmax ``P [BLOCK_S, BLOCK_S]`` (zero rows/cols at the padding)."""
     BLOCK_S: tl.constexpr = X.shape[0]
-    Q = tl.dot(X, Wq, input_precision=PREC)
-    Kx = tl.dot(X, Wk, input_precision=PREC)
-    sc = tl.dot(Q, tl.trans(Kx), input_precision=PREC) * qk_scale
+    Q = _mm(X, Wq, PREC)
+    Kx = _mm(X, Wk, PREC)
+    sc = _mm(Q, tl.trans(Kx), PREC) * qk_scale
     rs = tl.arange(0, BLOCK_S)
     valid = (rs[:, None] < S) & (rs[None, :] < S)
     sc = tl.where(rs[None, :] < S, sc, float("-inf"))
@@ -58,8 +68,8 @@ def s2s_forward_tile(X, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V, qk_scale,
     Wk = _load_head_weight(wk_ptr, h, V, BLOCK_V, X.dtype)
     Wv = _load_head_weight(wv_ptr, h, V, BLOCK_V, X.dtype)
     Q, Kx, P = _s2s_probs(X, Wq, Wk, S, qk_scale, PREC)
-    Vx = tl.dot(X, Wv, input_precision=PREC)
-    O = tl.dot(P, Vx, input_precision=PREC)
+    Vx = _mm(X, Wv, PREC)
+    O = _mm(P, Vx, PREC)
     rs = tl.arange(0, BLOCK_S)
     return tl.where(rs[:, None] < S, X + mix * O, 0.0)
 
@@ -87,22 +97,22 @@ def s2s_backward_tile(X, dY, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V, qk_scale,
     Wk = _load_head_weight(wk_ptr, h, V, BLOCK_V, X.dtype)
     Wv = _load_head_weight(wv_ptr, h, V, BLOCK_V, X.dtype)
     Q, Kx, P = _s2s_probs(X, Wq, Wk, S, qk_scale, PREC)
-    Vx = tl.dot(X, Wv, input_precision=PREC)
-    O = tl.dot(P, Vx, input_precision=PREC)
+    Vx = _mm(X, Wv, PREC)
+    O = _mm(P, Vx, PREC)
     dmix = tl.sum(tl.sum(dY * O, axis=1), axis=0)
     dO = mix * dY
-    dP = tl.dot(dO, tl.trans(Vx), input_precision=PREC)
-    dVx = tl.dot(tl.trans(P), dO, input_precision=PREC)
+    dP = _mm(dO, tl.trans(Vx), PREC)
+    dVx = _mm(tl.trans(P), dO, PREC)
     dS = P * (dP - tl.sum(P * dP, axis=1)[:, None]) * qk_scale
-    dQ = tl.dot(dS, Kx, input_precision=PREC)
-    dKx = tl.dot(tl.trans(dS), Q, input_precision=PREC)
-    dX = dY + tl.dot(dQ, tl.trans(Wq), input_precision=PREC)
-    dX += tl.dot(dKx, tl.trans(Wk), input_precision=PREC)
-    dX += tl.dot(dVx, tl.trans(Wv), input_precision=PREC)
+    dQ = _mm(dS, Kx, PREC)
+    dKx = _mm(tl.trans(dS), Q, PREC)
+    dX = dY + _mm(dQ, tl.trans(Wq), PREC)
+    dX += _mm(dKx, tl.trans(Wk), PREC)
+    dX += _mm(dVx, tl.trans(Wv), PREC)
     Xt = tl.trans(X)
-    _acc_weight_grad(dwq_ptr, tl.dot(Xt, dQ, input_precision=PREC), V, BLOCK_V)
-    _acc_weight_grad(dwk_ptr, tl.dot(Xt, dKx, input_precision=PREC), V, BLOCK_V)
-    _acc_weight_grad(dwv_ptr, tl.dot(Xt, dVx, input_precision=PREC), V, BLOCK_V)
+    _acc_weight_grad(dwq_ptr, _mm(Xt, dQ, PREC), V, BLOCK_V)
+    _acc_weight_grad(dwk_ptr, _mm(Xt, dKx, PREC), V, BLOCK_V)
+    _acc_weight_grad(dwv_ptr, _mm(Xt, dVx, PREC), V, BLOCK_V)
     return dX, dmix
 
 

@@ -17,7 +17,7 @@ import triton.language as tl
 from ..state import NSTMState, S2SParams
 from ..utils import compute_dtype
 from .device import compute_tl_dtype, dot_block, pow2, tile_warps
-from .routing import _route_weights, _topk_row
+from .routing import _route_weights, _topk_rows
 from .s2s import dot_precision, pack_weights, s2s_forward_tile
 
 
@@ -36,13 +36,13 @@ def _nstm_step_kernel(q_ptr, k_ptr, v_ptr, logits_ptr, gate_ptr, sk_ptr, sv_ptr,
     rv = tl.arange(0, BLOCK_V)
     smask = rs < S
     # routing: top-k of this token's logits, softmax over them, times beta
-    x = tl.load(logits_ptr + pid64 * S + rs, mask=smask, other=0.0).to(DT)
-    g = tl.load(gate_ptr + pid64).to(DT)
-    vals, idx = _topk_row(x, rs, S, TOP_K, BLOCK_TK)
+    x = tl.load(logits_ptr + pid64 * S + rs[None, :], mask=smask[None, :], other=0.0).to(DT)
+    g = tl.load(gate_ptr + pid64 + tl.arange(0, 1)).to(DT)
+    vals, idx = _topk_rows(x, rs, S, TOP_K, BLOCK_TK)                     # [1, BLOCK_TK]
     alpha, beta = _route_weights(vals, g, TOP_K)
     kk = tl.arange(0, BLOCK_TK)
-    hit = (rs[:, None] == idx[None, :]) & (kk[None, :] < TOP_K)
-    w = tl.sum(tl.where(hit, (alpha * beta)[None, :], 0.0), axis=1)      # [BLOCK_S], 0 off-route
+    hit = (rs[:, None] == idx) & (kk[None, :] < TOP_K)                   # [BLOCK_S, BLOCK_TK]
+    w = tl.sum(tl.where(hit, alpha * beta, 0.0), axis=1)                 # [BLOCK_S], 0 off-route
     routed = tl.max(hit.to(tl.int32), axis=1) > 0
     # the slot memory before the token
     mk = smask[:, None] & (rk[None, :] < K)
