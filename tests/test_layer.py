@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nstm import NSTMBlock, NSTMClassifier, NSTMLayer, NSTMLayerState, NSTMLM, StateManager
+from nstm import NSTMBlock, NSTMClassifier, NSTMLayer, NSTMLM
 from nstm.tasks import IGNORE, copy_batch, masked_accuracy, mqar_batch
 
 from helpers import rel_err
