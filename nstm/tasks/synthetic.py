@@ -59,6 +59,83 @@ def copy_batch(batch: int, length: int, vocab_size: int,
     return inputs, targets
 
 
+
+# --- passkey retrieval -------------------------------------------------------------------------
+# A fixed, tiny vocabulary: pad, the ten digits, two markers and three filler "words".
+PASSKEY_PAD = 0
+PASSKEY_DIGIT0 = 1                    # digit d is token PASSKEY_DIGIT0 + d (tokens 1..10)
+PASSKEY_KEY = 11                      # "the pass key is" (precedes the hidden digits)
+PASSKEY_QUERY = 12                    # "what is the pass key?" (precedes the answer digits)
+PASSKEY_FILLER = (13, 14, 15)         # filler words; the haystack cycles through them
+PASSKEY_VOCAB = 16
+
+
+def passkey_batch(batch: int, context_len: int, generator: Optional[torch.Generator] = None,
+                  depth=None, num_digits: int = 5,
+                  filler: str = "repeat") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Passkey retrieval: find a number hidden in a long haystack of filler tokens.
+
+    Each row is ``filler.. KEY d1..dn filler.. QUERY d1..dn`` with exactly ``context_len`` tokens
+    (vocabulary ``PASSKEY_VOCAB``; digit ``d`` is token ``PASSKEY_DIGIT0 + d``; the number has
+    ``num_digits`` digits, the first one non-zero). The answer at the end is teacher-forced: the
+    model is scored only on predicting each answer digit from the token before it (the QUERY
+    marker predicts ``d1``, ``d1`` predicts ``d2``, ...), so ``targets`` holds ``num_digits``
+    digit tokens and IGNORE elsewhere.
+
+    ``depth`` places the hidden number: ``None`` draws a uniform depth per row; a float in
+    ``[0, 1]`` (or a length-``batch`` sequence / tensor of them) puts the KEY marker after
+    ``round(depth * F)`` of the ``F = context_len - 2 * (num_digits + 1)`` filler tokens
+    (0: at the very start, 1: just before the query). ``filler="repeat"`` cycles the filler
+    words (like the repeated sentences of the usual passkey test), ``"random"`` draws them.
+    """
+    _check("batch", batch, 1)
+    _check("num_digits", num_digits, 1)
+    _check("context_len", context_len, 1)
+    need = 2 * (num_digits + 1)
+    if context_len < need:
+        raise ValueError(
+            f"context_len ({context_len}) is too short for a {num_digits}-digit passkey: it needs at "
+            f"least 2 * (num_digits + 1) = {need} tokens (KEY + digits, then QUERY + digits)")
+    if filler not in ("repeat", "random"):
+        raise ValueError(f"filler must be 'repeat' or 'random', got {filler!r}")
+    n, T = num_digits, context_len
+    F = T - need                                                                 # filler tokens
+    if depth is None:
+        frac = torch.rand(batch, generator=generator, dtype=torch.float64)
+    else:
+        frac = torch.as_tensor(depth, dtype=torch.float64).flatten()
+        if frac.numel() == 1:
+            frac = frac.expand(batch)
+        if frac.numel() != batch:
+            raise ValueError(f"depth must be a float or have one value per row ({batch}), "
+                             f"got {frac.numel()} values")
+        if not bool(((frac >= 0) & (frac <= 1)).all()):
+            raise ValueError(f"depth must lie in [0, 1], got {depth!r}")
+    pos = torch.round(frac * F).long().clamp_(0, F)                              # [B] KEY index
+
+    first = torch.randint(1, 10, (batch, 1), generator=generator)
+    rest = torch.randint(0, 10, (batch, n - 1), generator=generator)
+    digits = torch.cat([first, rest], dim=1) + PASSKEY_DIGIT0                   # [B, n] tokens
+
+    fill = torch.tensor(PASSKEY_FILLER, dtype=torch.long)
+    if filler == "repeat":
+        inputs = fill[torch.arange(T) % len(fill)].repeat(batch, 1)
+    else:
+        inputs = fill[torch.randint(0, len(fill), (batch, T), generator=generator)]
+    needle = torch.cat([torch.full((batch, 1), PASSKEY_KEY, dtype=torch.long), digits], dim=1)
+    inputs.scatter_(1, pos[:, None] + torch.arange(n + 1), needle)
+    inputs[:, T - n - 1] = PASSKEY_QUERY
+    inputs[:, T - n:] = digits
+    targets = torch.full_like(inputs, IGNORE)
+    targets[:, T - n - 1:T - 1] = digits
+    return inputs, targets
+
+
+def passkey_digits(tokens: torch.Tensor) -> torch.Tensor:
+    """Digit tokens -> digit values (``tokens - PASSKEY_DIGIT0``), e.g. for printing answers."""
+    return tokens - PASSKEY_DIGIT0
+
+
 def masked_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Accuracy of ``logits.argmax(-1)`` over the positions where ``targets != IGNORE``."""
     mask = targets != IGNORE
