@@ -2,7 +2,9 @@
 
 Files: ``routing.py`` (fused top-k routing, fwd + bwd), ``s2s.py`` (state-to-state attention, fwd +
 bwd, and the tile helpers the other kernels fuse), ``step.py`` (the one-token decode step),
-``recurrent.py`` (the sequence operator: fused recurrent forward, reverse-time backward),
+``recurrent.py`` (the sequence operator: fused recurrent forward, reverse-time backward, and
+``triton_nstm``), ``chunk.py`` (the chunk-parallel forward of spec §4, the default forward of
+``triton_nstm``; ``NSTM_TRITON_FWD=recurrent`` or ``forward="recurrent"`` picks the other),
 ``device.py`` (device facts: block sizes, num_warps, dot precision).
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
 """

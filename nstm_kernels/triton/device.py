@@ -78,3 +78,29 @@ DOT_PRECISION = "tf32" if os.environ.get("NSTM_TRITON_TF32", "0") == "1" else "i
 def segment_length() -> int:
     """Tokens between the states the sequence kernel stores for its backward (a power of two)."""
     return 64
+
+
+def chunk_length() -> int:
+    """The longest chunk of the chunk-parallel forward (``chunk.py``): one closed-form state step
+    of its sequential pass, and the spacing of the chunk-entry states it stores (a power of two)."""
+    return 64
+
+
+def sub_chunk_length() -> int:
+    """Tokens per step of the chunk forward's output pass (its ``[L, L, S]`` pairwise tile);
+    a power of two >= 16 so that every ``tl.dot`` it feeds has dims >= 16."""
+    return 16
+
+
+FORWARDS = ("chunk", "recurrent")
+
+
+def forward_kind(kind=None) -> str:
+    """Which sequence forward ``triton_nstm`` runs: the argument, else ``NSTM_TRITON_FWD``, else
+    ``"chunk"`` (the chunk-parallel forward; ``"recurrent"`` is one program per (batch, head)
+    walking the tokens). Both feed the same reverse-segment backward."""
+    kind = kind or os.environ.get("NSTM_TRITON_FWD") or "chunk"
+    if kind not in FORWARDS:
+        raise ValueError(f"the Triton sequence forward must be one of {FORWARDS} "
+                         f"(argument or NSTM_TRITON_FWD), got {kind!r}")
+    return kind

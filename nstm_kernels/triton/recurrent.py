@@ -29,7 +29,8 @@ import triton.language as tl
 
 from ..state import NSTMState, S2SParams
 from ..utils import compute_dtype
-from .device import compute_tl_dtype, dot_block, pow2, segment_length, tile_warps
+from .device import (compute_tl_dtype, dot_block, forward_kind, pow2, segment_length,
+                     tile_warps)
 from .routing import SparseRouteFunction
 from .s2s import dot_precision, pack_weights, s2s_backward_tile, s2s_forward_tile
 
@@ -328,11 +329,17 @@ class NSTMRecurrentFunction(torch.autograd.Function):
 
 def triton_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2SParams] = None,
                 comm_every: int = 64, initial_state: Optional[NSTMState] = None,
-                output_final_state: bool = False, scale: Optional[float] = None):
+                output_final_state: bool = False, scale: Optional[float] = None,
+                forward: Optional[str] = None):
     """The NSTM operator in Triton; same signature and results as ``naive_recurrent_nstm``
     (without ``return_maps``). Differentiable wrt q, k, v, route_logits, write_gate, the initial
     state and every field of ``s2s``.
+
+    ``forward``: ``"chunk"`` (default: the chunk-parallel forward of ``chunk.py``) or
+    ``"recurrent"`` (this file's fused recurrent forward); None reads ``NSTM_TRITON_FWD``. Both
+    store the segment-entry states for the same reverse-segment backward.
     """
+    kind = forward_kind(forward)
     B, T, H, K = q.shape
     V, S = v.shape[-1], route_logits.shape[-1]
     dt = compute_dtype(q.dtype)
@@ -351,7 +358,12 @@ def triton_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2S
         wq = wk = wv = mix = None
     tensors = [q, k, v, w, k0, v0] + ([wq, wk, wv, mix] if s2s is not None else [])
     store = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    o, fk, fv = NSTMRecurrentFunction.apply(
+    if kind == "chunk":
+        from .chunk import NSTMChunkFunction   # chunk.py imports this module
+        fn = NSTMChunkFunction
+    else:
+        fn = NSTMRecurrentFunction
+    o, fk, fv = fn.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), w, k0, v0, wq, wk, wv, mix, idx,
         top_k, pos, comm_every, scale, store)
     final = NSTMState(fk, fv, pos + T) if output_final_state else None

@@ -59,10 +59,9 @@ def _s2s_probs(X, Wq, Wk, S, qk_scale, PREC: tl.constexpr):
 
 
 @triton.jit
-def s2s_forward_tile(X, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V, qk_scale,
-                     PREC: tl.constexpr):
-    """The mixed tile ``X + mix * P (X W_v)`` for ``X [BLOCK_S, BLOCK_V]`` (padding rows stay 0)."""
-    BLOCK_S: tl.constexpr = X.shape[0]
+def _s2s_parts(X, wq_ptr, wk_ptr, wv_ptr, h, S, V, qk_scale, PREC: tl.constexpr):
+    """Everything the forward and the backward of one tile share: the head's weights, queries,
+    keys, the softmax ``P``, the values ``X W_v`` and the mixed-in update ``O = P (X W_v)``."""
     BLOCK_V: tl.constexpr = X.shape[1]
     Wq = _load_head_weight(wq_ptr, h, V, BLOCK_V, X.dtype)
     Wk = _load_head_weight(wk_ptr, h, V, BLOCK_V, X.dtype)
@@ -70,6 +69,15 @@ def s2s_forward_tile(X, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V, qk_scale,
     Q, Kx, P = _s2s_probs(X, Wq, Wk, S, qk_scale, PREC)
     Vx = _mm(X, Wv, PREC)
     O = _mm(P, Vx, PREC)
+    return Wq, Wk, Wv, Q, Kx, P, Vx, O
+
+
+@triton.jit
+def s2s_forward_tile(X, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V, qk_scale,
+                     PREC: tl.constexpr):
+    """The mixed tile ``X + mix * P (X W_v)`` for ``X [BLOCK_S, BLOCK_V]`` (padding rows stay 0)."""
+    BLOCK_S: tl.constexpr = X.shape[0]
+    Wq, Wk, Wv, Q, Kx, P, Vx, O = _s2s_parts(X, wq_ptr, wk_ptr, wv_ptr, h, S, V, qk_scale, PREC)
     rs = tl.arange(0, BLOCK_S)
     return tl.where(rs[:, None] < S, X + mix * O, 0.0)
 
@@ -93,12 +101,7 @@ def s2s_backward_tile(X, dY, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V, qk_scale,
     (``[V, V]`` each, at ``dw*_ptr``) and returns ``(dX, dmix)``.
     """
     BLOCK_V: tl.constexpr = X.shape[1]
-    Wq = _load_head_weight(wq_ptr, h, V, BLOCK_V, X.dtype)
-    Wk = _load_head_weight(wk_ptr, h, V, BLOCK_V, X.dtype)
-    Wv = _load_head_weight(wv_ptr, h, V, BLOCK_V, X.dtype)
-    Q, Kx, P = _s2s_probs(X, Wq, Wk, S, qk_scale, PREC)
-    Vx = _mm(X, Wv, PREC)
-    O = _mm(P, Vx, PREC)
+    Wq, Wk, Wv, Q, Kx, P, Vx, O = _s2s_parts(X, wq_ptr, wk_ptr, wv_ptr, h, S, V, qk_scale, PREC)
     dmix = tl.sum(tl.sum(dY * O, axis=1), axis=0)
     dO = mix * dY
     dP = _mm(dO, tl.trans(Vx), PREC)
