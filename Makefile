@@ -5,12 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench bench-cpu clean help
+.PHONY: test test-fast demo bench bench-gpu bench-wheels data clean help
 
 help:
 	@echo "make test   - set up .venv and run the whole test suite (CPU; Triton kernels via the interpreter)"
 	@echo "make demo   - train a small NSTM language model on associative recall on the CPU (<= 3 min)"
-	@echo "make bench  - operator benchmarks (GPU sweep when a GPU is present, else the CPU paths)"
+	@echo "make bench  - operator sweep and model throughput (GPU when present, else small CPU runs)"
+	@echo "make data   - download MNIST and Shakespeare into data/ (idempotent, checksummed)"
+	@echo "make bench-gpu - the benchmarks with the system python (a GPU machine with torch installed, no venv)"
 
 $(STAMP): requirements-dev.txt setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,8 +30,27 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m nstm.demo --out out/demo
 
+# fla-core (for the chunk_gsa / chunk_gla rows) installs from .whl/ when it is there (make
+# bench-wheels fills it; carry it to an offline GPU machine), else from PyPI, else the sweep skips it.
+FLA_WHEELS = fla-core==0.6.0 einops
+
 bench: $(STAMP)
+	-$(BIN)/python -m pip install -q --no-deps --no-index --find-links .whl $(FLA_WHEELS) 2>/dev/null || \
+	  $(BIN)/python -m pip install -q --no-deps $(FLA_WHEELS) 2>/dev/null || true
+	$(BIN)/python bench/sweep.py
+	$(BIN)/python bench/models.py
 	$(BIN)/python bench/cpu_paths.py --json bench/results/cpu-paths.json
+
+bench-gpu:
+	-$(PY) -m pip install -q --no-deps --no-index --find-links .whl --target /tmp/nstm-site $(FLA_WHEELS) 2>/dev/null
+	PYTHONPATH=$(CURDIR):/tmp/nstm-site $(PY) bench/sweep.py
+	PYTHONPATH=$(CURDIR):/tmp/nstm-site $(PY) bench/models.py
+
+bench-wheels:
+	$(PY) -m pip download -q --no-deps -d .whl $(FLA_WHEELS)
+
+data: $(STAMP)
+	$(BIN)/python -m nstm.data fetch --root data
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache out

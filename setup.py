@@ -7,8 +7,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    packages=find_packages(include=["nstm_kernels", "nstm_kernels.*", "nstm", "nstm.*"]),
-    package_data={"nstm_kernels": ["../csrc/*.cu", "../csrc/*.cpp"]},
+    packages=find_packages(include=["nstm_kernels", "nstm_kernels.*", "nstm", "nstm.*"])
+    + ["nstm_kernels.csrc"],
+    # the CUDA step's sources travel inside the package (nstm_kernels/csrc in a wheel); the
+    # extension is built from them on first use (nstm_kernels/cuda.py)
+    package_dir={"nstm_kernels.csrc": "csrc"},
+    package_data={"nstm_kernels.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp", "*.md"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
@@ -18,5 +22,5 @@ setup(
         "tools": ["tqdm>=4.60", "matplotlib>=3.5"],
         "dev": ["pytest", "pytest-benchmark", "ninja", "tqdm>=4.60", "matplotlib>=3.5"],
     },
-    entry_points={"console_scripts": ["nstm-demo=nstm.demo:main"]},
+    entry_points={"console_scripts": ["nstm-demo=nstm.demo:main", "nstm-train=nstm.train:cli"]},
 )

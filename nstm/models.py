@@ -148,7 +148,9 @@ class NSTMLM(_NSTMStack):
                             f"{getattr(idx, 'dtype', type(idx).__name__)}")
         if idx.dim() != ndim:
             raise ValueError(f"tokens must have shape {'[B, T]' if ndim == 2 else '[B]'}, got {list(idx.shape)}")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.vocab_size):
+        # the range check reads values: skipped while torch.compile traces (it would break the graph)
+        if idx.numel() and not torch.compiler.is_compiling() and \
+                (idx.min() < 0 or idx.max() >= self.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got range "
                              f"[{int(idx.min())}, {int(idx.max())}]")
 
@@ -176,14 +178,50 @@ class NSTMLM(_NSTMStack):
         return self.head(self.norm(h)), new
 
     @torch.no_grad()
+    def prefill(self, idx: torch.Tensor, state: Optional[List[NSTMLayerState]] = None,
+                chunk_size: Optional[int] = None):
+        """Run a prompt ``idx [B, T]`` through the sequence operator (chunked / Triton path) and return
+        ``(logits of its last position [B, vocab], per-layer states)``.
+
+        ``state`` continues an earlier stream; ``chunk_size`` feeds the prompt in pieces of that many
+        tokens, passing the state on (the same result, activations bounded by the piece; how a very
+        long context is reached). Only the last position goes through the output head.
+        """
+        self._check_tokens(idx, 2)
+        T = idx.shape[1]
+        if T < 1:
+            raise ValueError("the prompt must hold at least one token")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        piece = T if chunk_size is None else chunk_size
+        h = None
+        for s in range(0, T, piece):
+            h, state, _ = self._run_blocks(self.embed(idx[:, s:s + piece]), state, True, False)
+        return self.head(h[:, -1]), state
+
+    def static_decoder(self, state: List[NSTMLayerState], cuda_graph: bool = False):
+        """A ``nstm.decode.StaticDecoder`` starting from ``state``: the state in static buffers
+        updated in place each token, optionally one CUDA graph per decode step."""
+        from .decode import StaticDecoder
+        return StaticDecoder(self, state, cuda_graph=cuda_graph)
+
+    @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, greedy: bool = False,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, cuda_graph: bool = False,
+                 prefill_chunk: Optional[int] = None) -> torch.Tensor:
         """Continue ``idx [B, T]`` by ``max_new_tokens`` tokens; returns ``[B, T + max_new_tokens]``.
 
-        The prompt is prefilled in one chunked pass; each new token then costs one ``step`` whose
-        memory does not grow with the context. ``greedy=True`` (or ``temperature=0``) takes the
-        argmax; otherwise sampling with ``temperature``, optional ``top_k`` and nucleus ``top_p``.
+        The prompt is prefilled with the sequence operator (``prefill``, in pieces of
+        ``prefill_chunk`` tokens when given); each new token then costs one step whose memory does
+        not grow with the context. ``greedy=True`` (or ``temperature=0``) takes the argmax; otherwise
+        sampling with ``temperature``, optional ``top_k`` and nucleus ``top_p``.
+
+        ``cuda_graph=True`` decodes with the state in static buffers updated in place and, on CUDA
+        tensors, one captured CUDA graph per step (``nstm.decode.StaticDecoder``); the tokens are
+        the same as without it. On the CPU it runs the same in-place step without a graph (one
+        warning).
         """
         self._check_tokens(idx, 2)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -194,19 +232,24 @@ class NSTMLM(_NSTMStack):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
         if max_new_tokens == 0:
             return idx
         was_training = self.training
         self.eval()
         try:
-            logits, state = self(idx, return_state=True)
-            logits = logits[:, -1]
+            logits, state = self.prefill(idx, chunk_size=prefill_chunk)
+            decoder = self.static_decoder(state, cuda_graph=True) if cuda_graph else None
             out = [idx]
             for i in range(max_new_tokens):
                 nxt = sample_next(logits, temperature, top_k, top_p, greedy, generator)
                 out.append(nxt[:, None])
                 if i + 1 < max_new_tokens:
-                    logits, state = self.step(nxt, state)
+                    if decoder is not None:
+                        logits = decoder.step(nxt)
+                    else:
+                        logits, state = self.step(nxt, state)
         finally:
             self.train(was_training)
         return torch.cat(out, dim=1)
@@ -234,7 +277,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
 
 class NSTMClassifier(_NSTMStack):
     """Sequence classifier: inputs ``[B, T, input_dim]`` (e.g. pixels, ``input_dim=1``) or token ids
-    ``[B, T]`` (give ``vocab_size``), NSTM blocks, mean or last-token pooling, a linear head."""
+    ``[B, T]`` (give ``vocab_size``), NSTM blocks, mean or last-token pooling, a linear head.
+
+    The blocks are causal, so right padding does not change the valid positions; pass ``lengths``
+    to ``forward`` and the pooling ignores the padding too."""
 
     def __init__(self, num_classes: int, input_dim: Optional[int] = None,
                  vocab_size: Optional[int] = None, d_model: int = 128, n_layers: int = 2,
@@ -252,8 +298,32 @@ class NSTMClassifier(_NSTMStack):
                           _layer_kwargs(num_states, top_k, comm_every, head_dim, conv_size, use_s2s, backend))
         self.head = nn.Linear(d_model, num_classes)
 
-    def forward(self, x: torch.Tensor, return_maps: bool = False):
-        """``x [B, T, input_dim]`` or ``[B, T]`` token ids -> class logits ``[B, num_classes]``."""
+    @staticmethod
+    def pool_hidden(h: torch.Tensor, pool: str, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean or last-position pooling of ``h [B, T, D]``; with ``lengths [B]`` only the first
+        ``lengths[b]`` positions of sequence ``b`` count (right padding is ignored)."""
+        if lengths is None:
+            return h.mean(1) if pool == "mean" else h[:, -1]
+        B, T, _ = h.shape
+        if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int64, torch.int32) \
+                or tuple(lengths.shape) != (B,):
+            raise ValueError(f"lengths must be an int tensor of shape [B={B}], got "
+                             f"{getattr(lengths, 'dtype', type(lengths).__name__)} "
+                             f"{list(getattr(lengths, 'shape', []))}")
+        lengths = lengths.to(h.device)
+        if lengths.min() < 1 or lengths.max() > T:
+            raise ValueError(f"lengths must be in [1, T={T}], got range "
+                             f"[{int(lengths.min())}, {int(lengths.max())}]")
+        if pool == "last":
+            return h[torch.arange(B, device=h.device), lengths.long() - 1]
+        mask = torch.arange(T, device=h.device)[None, :] < lengths[:, None]
+        return (h * mask[..., None].to(h.dtype)).sum(1) / lengths[:, None].to(h.dtype)
+
+    def forward(self, x: torch.Tensor, return_maps: bool = False, *,
+                lengths: Optional[torch.Tensor] = None):
+        """``x [B, T, input_dim]`` or ``[B, T]`` token ids -> class logits ``[B, num_classes]``.
+
+        ``lengths [B]`` (optional): valid positions per right-padded sequence, for the pooling."""
         if self.input_dim is not None:
             if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 3 \
                     or x.shape[-1] != self.input_dim:
@@ -263,6 +333,6 @@ class NSTMClassifier(_NSTMStack):
             raise ValueError(f"x must be int64 token ids [B, T], got "
                              f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
         h, _, maps = self._run_blocks(self.inp(x), None, False, return_maps)
-        pooled = h.mean(1) if self.pool == "mean" else h[:, -1]
+        pooled = self.pool_hidden(h, self.pool, lengths)
         logits = self.head(pooled)
         return (logits, maps) if return_maps else logits

@@ -65,6 +65,11 @@ def nstm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route_logi
                              initial_state, scale, step=False, state_name="initial_state")
     _check_flag("output_final_state", output_final_state)
     name = resolve_backend(backend, q.device, "nstm_attention")
+    if torch.compiler.is_compiling():
+        # one opaque custom op for torch.compile (nstm_kernels/compile.py)
+        from .compile import compiled_attention
+        return compiled_attention(q, k, v, route_logits, write_gate, top_k, s2s, comm_every,
+                                  initial_state, output_final_state, scale, name)
     return _attention_impl(name)(q, k, v, route_logits, write_gate, top_k, s2s, comm_every,
                                  initial_state, output_final_state, scale)
 
@@ -98,7 +103,8 @@ def nstm_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route_logits: t
     ``q/k [B, H, K]``, ``v [B, H, V]``, ``route_logits [B, H, S]``, ``write_gate [B, H]``;
     ``state`` is the ``NSTMState`` before the token (None: zeros at pos 0). Returns
     ``(o [B, H, V], new_state)`` with ``new_state.pos = state.pos + 1``. Only the ``top_k`` routed
-    slots are written; ``state`` itself is not modified.
+    slots are written; ``state`` itself is not modified (also with ``backend="cuda"``, whose kernel
+    updates a copy; the in-place form for decoding is ``nstm_kernels.cuda.cuda_nstm_step_``).
     """
     validate_operator_inputs(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, state,
                              scale, step=True, state_name="state")

@@ -2,7 +2,9 @@
 
 Order: the ``backend=`` argument, else the ``NSTM_BACKEND`` environment variable, else the fastest
 path validated for the tensors' device. A fast path that cannot run here (no Triton, no GPU, no
-compiler) falls back to ``"chunked"`` with one log line, never to a silent wrong answer.
+compiler) falls back with one log line, never to a silent wrong answer: ``"cuda"`` to ``"triton"``
+when Triton runs on the (CUDA) tensors, else to ``"chunked"``; ``"triton"`` to ``"chunked"``. The
+CUDA C++ extension exists for ``nstm_step`` only (built on first use, see ``nstm_kernels.cuda``).
 """
 from __future__ import annotations
 
@@ -47,11 +49,14 @@ def _triton_reason(device: torch.device) -> Optional[str]:
     return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
 
 
-def _cuda_reason(device: torch.device) -> Optional[str]:
+def _cuda_reason(device: torch.device, op: str = "nstm_step") -> Optional[str]:
     if device.type != "cuda":
         return f"the CUDA step kernel needs CUDA tensors, got {device.type}"
     if importlib.util.find_spec("nstm_kernels.cuda") is None:
         return "this build has no CUDA C++ kernels"
+    if op == "nstm_step":  # the one op with a CUDA C++ kernel: build it now (cached) or say why not
+        from .cuda import unavailable_reason
+        return unavailable_reason(device)
     return None
 
 
@@ -70,9 +75,15 @@ def resolve_backend(backend: Optional[str], device: torch.device, op: str) -> st
         raise TypeError(f"{source} must be a str, one of {BACKENDS}, or None; got {type(backend).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
-    reason = {"triton": _triton_reason, "cuda": _cuda_reason}.get(backend, lambda d: None)(device)
+    if backend == "cuda":
+        reason = _cuda_reason(device, op)
+    else:
+        reason = {"triton": _triton_reason}.get(backend, lambda d: None)(device)
     if reason is not None:
+        # a CUDA build that failed falls back to Triton where Triton runs on these (CUDA) tensors
+        fallback = ("triton" if backend == "cuda" and device.type == "cuda"
+                    and _triton_reason(device) is None else "chunked")
         _warn_once(f"{backend}:{device.type}:{op}",
-                   f"nstm_kernels: {op}: backend '{backend}' unavailable ({reason}); using 'chunked'")
-        return "chunked"
+                   f"nstm_kernels: {op}: backend '{backend}' unavailable ({reason}); using '{fallback}'")
+        return fallback
     return backend

@@ -51,3 +51,41 @@ def test_cpu_bench_checks_then_times(tmp_path):
                            "--reps", "1", "--json", str(out)])
     assert len(rows) == 2 and all(r["rel_err"] < 1e-4 and r["chunked_ms"] > 0 for r in rows)
     assert len(json.loads(out.read_text())) == 2
+
+
+def test_operator_sweep_on_cpu_writes_table_json_and_plot(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import sweep
+    rows = sweep.main(["--device", "cpu", "--T", "32", "600", "--reps", "1", "--no-progress",
+                       "--out", str(tmp_path)])
+    by = {(r["method"], r["T"]): r for r in rows}
+    assert set(by) == {(m, t) for m in ("nstm-chunked", "nstm-reference", "sdpa") for t in (32, 600)}
+    for (m, t), r in by.items():
+        if m == "nstm-reference" and t > sweep.REFERENCE_MAX_T:
+            assert "not timed" in r["error"] and "fwd_ms" not in r
+        else:
+            assert "error" not in r, r
+            assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["B"] == max(1, 2048 // t)
+        assert r["device"] and r["commit"]
+    md = next(tmp_path.glob("cpu-*-sweep.md")).read_text()
+    assert "CPU sweep at small sizes" in md and "| nstm-chunked | 600 |" in md
+    data = json.loads(next(tmp_path.glob("cpu-*-sweep.json")).read_text())
+    assert len(data["rows"]) == 6 and data["meta"]["cfg"]["T"] == [32, 600]
+    assert _is_png(next(tmp_path.glob("cpu-*-sweep.png")))
+
+
+def test_sweep_flags_a_disagreeing_path(monkeypatch):
+    """A fast path that disagrees with the chunked path is reported, not timed."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import sweep
+    real = sweep.nstm_fn
+
+    def broken(backend, top_k, C):
+        fn = real(backend if backend != "reference" else "chunked", top_k, C)
+        return (lambda t, s: fn(t, s) * 1.01) if backend == "reference" else fn
+    monkeypatch.setattr(sweep, "nstm_fn", broken)
+    cfg = dict(sweep.CPU_CFG, T=[16], tokens=32, H=2, D=8, top_k=2, C=8)
+    rows = sweep.run_sweep(torch.device("cpu"), cfg, ["nstm-chunked", "nstm-reference"], 1,
+                           progress=False)
+    bad = [r for r in rows if r["method"] == "nstm-reference"][0]
+    assert "disagrees" in bad["error"] and "fwd_ms" not in bad

@@ -1,0 +1,532 @@
+"""Model-level benchmark (issue 4): NSTMLM against a Transformer, decode and training.
+
+    python bench/models.py               # GPU when there is one (the issue's sizes), else CPU
+    python bench/models.py --device cpu  # small models on this CPU (labelled CPU in every row)
+    python bench/models.py --quick       # CPU smoke run, < 20 s
+
+GPU (bf16): NSTMLM 12 layers, d_model 768, 12 heads, S = 64, top_k = 8, C = 64, vocab 32,000,
+against ``nstm.baseline.TransformerLM`` of the same width and depth (parameter-matched MLP when
+``matched_transformer_config`` is there).
+
+* Decode: tokens/s and per-token latency at batch 1 and 64, contexts 1K, 8K, 128K, 1M, and the
+  memory each sequence holds. NSTM's state does not grow with the context, so the latency at
+  context c is the latency of a step at position c: the state is filled by prefilling
+  min(c, budget / B) tokens (in chunks), then its position is set to c; every row says how its
+  context was reached. The Transformer's KV cache is allocated for the full context (until OOM,
+  recorded as "OOM"); it is prefilled with min(c, budget / B) tokens and its length then set to c
+  (a step's cost depends on the cache length, not on what it holds). NSTM modes: ``step`` (the
+  functional ``model.step``), ``static`` (in-place buffers), ``graph`` (in-place + one CUDA graph
+  per step), ``cuda-graph`` (the same with the CUDA C++ step kernel, when it builds).
+* Training: tokens/s of forward + backward + fused AdamW under bf16 autocast at T = 2K (B = 16),
+  8K (B = 4), 32K (B = 1).
+
+Timing: ``time.perf_counter`` around ``torch.cuda.synchronize`` / CUDA events on the GPU, medians
+over steps. Writes ``bench/results/<device>-<commit>-models.{json,md,png}`` (device and commit in
+every row; the PNG is latency against context).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from nstm import NSTMLM  # noqa: E402
+from nstm.layer import NSTMLayerState  # noqa: E402
+from nstm_kernels import NSTMState, resolve_backend  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+GPU_CFG = dict(
+    model=dict(vocab_size=32000, d_model=768, n_layers=12, num_heads=12, num_states=64, top_k=8,
+               comm_every=64),
+    dtype="bfloat16", batches=[1, 64], contexts=[1024, 8192, 131072, 1048576],
+    steps=50, warmup=5, prefill_budget=131072, prefill_chunk=8192,
+    train=[(2048, 16), (8192, 4), (32768, 1)], train_iters=5, train_warmup=2,
+)
+CPU_CFG = dict(
+    model=dict(vocab_size=512, d_model=64, n_layers=2, num_heads=2, num_states=16, top_k=4,
+               comm_every=16),
+    dtype="float32", batches=[1, 8], contexts=[1024, 8192, 131072, 1048576],
+    steps=30, warmup=3, prefill_budget=8192, prefill_chunk=4096,
+    train=[(256, 8), (1024, 2)], train_iters=3, train_warmup=1,
+    cpu_cache_limit=2 << 30,      # bytes: a larger KV cache is not attempted on the CPU
+)
+QUICK_CFG = dict(CPU_CFG, batches=[1, 4], contexts=[256, 4096, 1048576], steps=8, warmup=2,
+                 prefill_budget=512, prefill_chunk=256, train=[(128, 2)], train_iters=2,
+                 train_warmup=1, cpu_cache_limit=256 << 20)
+
+
+# ----------------------------------------------------------------------------------------- misc
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return "CPU " + line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} thread(s))"
+    except OSError:
+        pass
+    return f"CPU {platform.processor() or 'unknown'} ({torch.get_num_threads()} thread(s))"
+
+
+def slug(name: str) -> str:
+    keep = "".join(c.lower() if c.isalnum() else "-" for c in name)
+    return "-".join(p for p in keep.split("-") if p)[:40]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def free(device: torch.device) -> None:
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def progress(items, desc, enabled=True):
+    try:
+        from tqdm import tqdm
+        return tqdm(items, desc=desc, disable=not enabled, leave=False)
+    except ImportError:
+        return items
+
+
+def step_times_ms(step: Callable[[], None], n: int, warmup: int, device: torch.device) -> List[float]:
+    """Per-call wall times (ms) of ``n`` consecutive calls after ``warmup`` calls (CUDA events on
+    the GPU, perf_counter on the CPU)."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+        ev[0].record()
+        for i in range(n):
+            step()
+            ev[i + 1].record()
+        torch.cuda.synchronize(device)
+        return [ev[i].elapsed_time(ev[i + 1]) for i in range(n)]
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        step()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def quantile(xs: List[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+# ------------------------------------------------------------------------------------- models
+def build_models(cfg: dict, device: torch.device, dtype: torch.dtype, nstm_backend=None,
+                 which=("nstm", "transformer")):
+    """``(nstm, transformer, transformer kwargs)`` in eval mode; a model not in ``which`` is None."""
+    torch.manual_seed(0)
+    nstm = NSTMLM(**cfg["model"], backend=nstm_backend)
+    from nstm.baseline import TransformerLM  # lazy: written alongside this bench
+    m = cfg["model"]
+    try:
+        from nstm.baseline import matched_transformer_config
+        tcfg = matched_transformer_config(nstm)
+    except Exception:  # noqa: BLE001 - fall back to the plain same-size baseline
+        tcfg = dict(vocab_size=m["vocab_size"], d_model=m["d_model"], n_layers=m["n_layers"],
+                    num_heads=m["num_heads"], mlp_ratio=4.0)
+    tf = TransformerLM(**tcfg) if "transformer" in which else None
+    nstm = nstm.to(device=device, dtype=dtype).eval() if "nstm" in which else None
+    tf = tf.to(device=device, dtype=dtype).eval() if tf is not None else None
+    return nstm, tf, tcfg
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------- decode
+def nstm_reach(model: NSTMLM, B: int, ctx: int, cfg: dict, device):
+    """A state at position ``ctx``: prefill min(ctx, budget / B) tokens in chunks, set pos to ctx."""
+    L = max(1, min(ctx, cfg["prefill_budget"] // B))
+    chunk = cfg["prefill_chunk"]
+    idx = torch.randint(0, model.vocab_size, (B, L), device=device)
+    logits, state = model.prefill(idx, chunk_size=chunk)
+    how = f"prefill {L} tokens" + (f" in chunks of {chunk}" if L > chunk else "")
+    if L < ctx:
+        state = [NSTMLayerState(NSTMState(s.op.k, s.op.v, ctx), s.conv) for s in state]
+        how += f", then pos set to {ctx}"
+    return logits, state, how
+
+
+def bench_nstm_decode(model, reached, B, mode, cfg, device) -> dict:
+    """Time decode steps from ``reached = (logits, state, how)`` (the state is not modified)."""
+    logits, state, how = reached
+    tok = [logits.argmax(-1)]
+    if mode == "step":
+        st = [state]
+
+        def step():
+            out, st[0] = model.step(tok[0], st[0])
+            tok[0] = out.argmax(-1)
+        nbytes = model.state_bytes(state)
+    else:
+        dec = model.static_decoder(state, cuda_graph=mode.endswith("graph"))
+
+        def step():
+            tok[0] = dec.step(tok[0]).argmax(-1)
+        nbytes = dec.state_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = step_times_ms(step, cfg["steps"], cfg["warmup"], device)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    return dict(how=how, times=times, state_bytes_per_seq=nbytes / B, peak_mib=peak)
+
+
+def bench_tf_decode(model, B, ctx, cfg, device, dtype) -> dict:
+    n = cfg["steps"] + cfg["warmup"] + 1
+    probe = model.init_cache(1, 1, device=device, dtype=dtype)
+    want = model.cache_bytes(probe) * B * (ctx + n)          # bytes the cache will allocate
+    del probe
+    limit = cfg.get("cpu_cache_limit")
+    if device.type == "cpu" and limit is not None and want > limit:
+        return dict(status=f"skipped: KV cache would need {want / 2 ** 30:.1f} GiB "
+                           f"(> {limit / 2 ** 30:.2f} GiB CPU limit)", kv_bytes_per_seq=want / B)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        cache = model.init_cache(B, ctx + n, device=device, dtype=dtype)
+        L = max(1, min(ctx, cfg["prefill_budget"] // B))
+        chunk = cfg["prefill_chunk"]
+        idx = torch.randint(0, model.vocab_size, (B, L), device=device)
+        for s in range(0, L, chunk):
+            logits = model.prefill(idx[:, s:s + chunk], cache)
+        how = f"prefill {L} tokens" + (f" in chunks of {chunk}" if L > chunk else "")
+        if L < ctx:
+            cache.length = ctx
+            how += f", then cache length set to {ctx}"
+        tok = [logits[:, -1].argmax(-1)]
+
+        def step():
+            out, _ = model.step(tok[0], cache)
+            tok[0] = out.argmax(-1)
+        times = step_times_ms(step, cfg["steps"], cfg["warmup"], device)
+        nbytes = model.cache_bytes(cache)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+        del cache
+        return dict(how=how, times=times, kv_bytes_per_seq=nbytes / B, peak_mib=peak)
+    except Exception as e:  # noqa: BLE001
+        if is_oom(e):
+            free(device)
+            return dict(status="OOM", kv_bytes_per_seq=want / B)
+        raise
+
+
+def run_decode(nstm, tf, cfg, device, dtype, meta, show) -> List[dict]:
+    modes = ["step", "static"]
+    if device.type == "cuda":
+        modes.append("graph")
+        from nstm_kernels.cuda import unavailable_reason
+        reason = unavailable_reason(device)
+        if reason is None:
+            modes.append("cuda-graph")
+        else:
+            meta["cuda_kernel"] = f"not timed: {reason}"
+    jobs = [(B, c) for B in cfg["batches"] for c in cfg["contexts"]]
+    rows = []
+    for B, ctx in progress(jobs, "decode", show):
+        reached = None
+        for model_mode in ["transformer"] + modes:
+            row = dict(section="decode", device=meta["device"], commit=meta["commit"], batch=B,
+                       context=ctx, dtype=meta["dtype"])
+            try:
+                if model_mode == "transformer":
+                    row.update(model="transformer", mode="kv-cache")
+                    r = bench_tf_decode(tf, B, ctx, cfg, device, dtype)
+                else:
+                    row.update(model="nstm", mode=model_mode)
+                    if reached is None:          # one prefill per (batch, context), shared by the modes
+                        for b in nstm.blocks:
+                            b.mixer.backend = meta.get("nstm_backend")
+                        reached = nstm_reach(nstm, B, ctx, cfg, device)
+                    for b in nstm.blocks:
+                        b.mixer.backend = "cuda" if model_mode == "cuda-graph" else meta.get("nstm_backend")
+                    r = bench_nstm_decode(nstm, reached, B, model_mode, cfg, device)
+            except Exception as e:  # noqa: BLE001
+                if not is_oom(e):
+                    raise
+                free(device)
+                r = dict(status="OOM")
+            times = r.pop("times", None)
+            row.update(r)
+            if times:
+                med = statistics.median(times)
+                row.update(status=row.get("status", "ok"), latency_ms=med,
+                           p90_ms=quantile(times, 0.9), tokens_per_s=B * 1e3 / med)
+            rows.append(row)
+            free(device)
+    for b in nstm.blocks:
+        b.mixer.backend = meta.get("nstm_backend")
+    return rows
+
+
+# ------------------------------------------------------------------------------------- training
+def run_train(cfg, device, dtype_name, meta, show) -> List[dict]:
+    amp = device.type == "cuda"
+    rows = []
+    jobs = [(name, T, B) for T, B in cfg["train"] for name in ("nstm", "transformer")]
+    for name, T, B in progress(jobs, "train", show):
+        row = dict(section="train", device=meta["device"], commit=meta["commit"], model=name, T=T,
+                   batch=B, dtype="bf16 autocast" if amp else "float32",
+                   backend=(meta.get("nstm_backend") or "default: "
+                            + resolve_backend(None, device, "nstm_attention")) if name == "nstm" else "sdpa")
+        try:
+            nstm, tf, _ = build_models(cfg, device, torch.float32, meta.get("nstm_backend"), (name,))
+            model = (nstm if name == "nstm" else tf).train()
+            nstm = tf = None
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+            x = torch.randint(0, cfg["model"]["vocab_size"], (B, T + 1), device=device)
+            V = cfg["model"]["vocab_size"]
+
+            def it():
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = model(x[:, :-1])
+                    loss = F.cross_entropy(logits.float().view(-1, V), x[:, 1:].reshape(-1))
+                    if name == "nstm":
+                        loss = loss + 0.01 * model.aux_loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = step_times_ms(it, cfg["train_iters"], cfg["train_warmup"], device)
+            med = statistics.median(times)
+            row.update(status="ok", step_ms=med, tokens_per_s=B * T * 1e3 / med,
+                       peak_mib=torch.cuda.max_memory_allocated(device) / 2 ** 20
+                       if device.type == "cuda" else None)
+        except Exception as e:  # noqa: BLE001
+            if not is_oom(e):
+                raise
+            row.update(status="OOM")
+        rows.append(row)
+        model = opt = None
+        free(device)
+    return rows
+
+
+# ------------------------------------------------------------------------------------- output
+def _fmt(x, digits=3):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 100 else f"{x:,.0f}"
+    return str(x)
+
+
+def _bytes(n):
+    if n is None:
+        return "-"
+    for unit, s in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= s:
+            return f"{n / s:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def markdown(rows: List[dict], meta: dict) -> str:
+    cpu = meta["device_type"] == "cpu"
+    lab = " (CPU)" if cpu else ""
+    out = [f"# Model benchmark{lab}: NSTMLM vs Transformer", "",
+           f"- device: {meta['device']}", f"- commit: {meta['commit']}", f"- torch {meta['torch']}",
+           f"- NSTMLM: {meta['nstm_cfg']} ({meta['nstm_params']:,} parameters)",
+           f"- Transformer: {meta['tf_cfg']} ({meta['tf_params']:,} parameters)",
+           f"- decode dtype: {meta['dtype']}; steps timed per row: {meta['steps']} (median, p90)"]
+    if meta.get("cuda_kernel"):
+        out.append(f"- CUDA C++ step kernel: {meta['cuda_kernel']}")
+    out += ["", "Context: NSTM's state has the same size at every position, so a row at context c "
+            "times steps at position c, reached as its 'how' column says. The Transformer's KV "
+            "cache is allocated for c + the timed steps and prefilled as the row says.", ""]
+    dec = [r for r in rows if r["section"] == "decode"]
+    if dec:
+        out += [f"## Decode{lab}", "",
+                "| model | mode | batch | context | latency ms/token | p90 ms | tokens/s | memory/seq | how the context was reached | device | commit |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
+        for r in dec:
+            mem = r.get("state_bytes_per_seq", r.get("kv_bytes_per_seq"))
+            lat = _fmt(r.get("latency_ms")) if r.get("status") == "ok" else r.get("status", "-")
+            out.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['context']:,} | {lat} | "
+                       f"{_fmt(r.get('p90_ms'))} | {_fmt(r.get('tokens_per_s'))} | {_bytes(mem)} | "
+                       f"{r.get('how', '-')} | {r['device']} | {r['commit']} |")
+        out += ["", f"## Memory per sequence{lab}", "",
+                "| model | context | bytes per sequence | device | commit |", "|---|---:|---:|---|---|"]
+        seen = set()
+        for r in dec:
+            key = (r["model"], r["context"])
+            mem = r.get("state_bytes_per_seq", r.get("kv_bytes_per_seq"))
+            if key in seen or mem is None:
+                continue
+            seen.add(key)
+            out.append(f"| {r['model']} | {r['context']:,} | {_bytes(mem)} | {r['device']} | {r['commit']} |")
+    tr = [r for r in rows if r["section"] == "train"]
+    if tr:
+        out += ["", f"## Training{lab}: forward + backward + AdamW", "",
+                "| model | backend | T | batch | dtype | step ms | tokens/s | peak MiB | device | commit |",
+                "|---|---|---:|---:|---|---:|---:|---:|---|---|"]
+        for r in tr:
+            st = _fmt(r.get("step_ms")) if r["status"] == "ok" else r["status"]
+            out.append(f"| {r['model']} | {r['backend']} | {r['T']:,} | {r['batch']} | {r['dtype']} | "
+                       f"{st} | {_fmt(r.get('tokens_per_s'))} | {_fmt(r.get('peak_mib'))} | "
+                       f"{r['device']} | {r['commit']} |")
+    if cpu:
+        best_dec = max((r["tokens_per_s"] for r in dec if r.get("model") == "nstm"
+                        and r.get("status") == "ok"), default=None)
+        best_tr = max((r["tokens_per_s"] for r in tr if r.get("model") == "nstm"
+                       and r.get("status") == "ok"), default=None)
+        out += ["", "## This CPU, small NSTMLM", "",
+                f"- decode: up to {_fmt(best_dec)} tokens/s; training: up to {_fmt(best_tr)} tokens/s "
+                f"({meta['device']}, commit {meta['commit']})"]
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: List[dict], meta: dict, path: str) -> Optional[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    dec = [r for r in rows if r["section"] == "decode"]
+    batches = sorted({r["batch"] for r in dec})
+    if not batches:
+        return None
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2), squeeze=False)
+    for ax, B in zip(axes[0], batches):
+        series = sorted({(r["model"], r["mode"]) for r in dec if r["batch"] == B})
+        for model, mode in series:
+            pts = [r for r in dec if r["batch"] == B and r["model"] == model and r["mode"] == mode]
+            ok = [(r["context"], r["latency_ms"]) for r in pts if r.get("status") == "ok"]
+            bad = [r["context"] for r in pts if r.get("status") != "ok"]
+            label = f"{model} ({mode})"
+            line = None
+            if ok:
+                line, = ax.plot(*zip(*ok), marker="o", label=label)
+            if bad:
+                y = ok[-1][1] if ok else 1.0
+                ax.scatter(bad, [y] * len(bad), marker="x", color=line.get_color() if line else "k",
+                           label=None if line else label)
+                for c in bad:
+                    ax.annotate("OOM/skip", (c, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("ms per decode step")
+        ax.set_title(f"batch {B}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Decode latency vs context - {meta['device']} - {meta['commit']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------- main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run at tiny sizes (< 20 s)")
+    ap.add_argument("--sections", nargs="+", choices=["decode", "train"], default=["decode", "train"])
+    ap.add_argument("--batches", type=int, nargs="+")
+    ap.add_argument("--contexts", type=int, nargs="+")
+    ap.add_argument("--steps", type=int, help="decode steps timed per row")
+    ap.add_argument("--nstm-backend", choices=["chunked", "triton", "reference"],
+                    help="NSTM operator backend for prefill and training (default: the dispatcher's)")
+    ap.add_argument("--threads", type=int,
+                    help="CPU threads (default on the CPU: 1; the small models' matrices are tiny and "
+                         "more threads only add synchronisation, badly so on a shared machine)")
+    ap.add_argument("--out", default=RESULTS, help="output directory")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    if args.device == "auto":
+        dev = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
+    else:
+        dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is available")
+    device = torch.device(dev)
+    if args.threads is not None or dev == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    cfg = dict(QUICK_CFG if args.quick else (GPU_CFG if dev == "cuda" else CPU_CFG))
+    for key in ("batches", "contexts", "steps"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    dtype = getattr(torch, cfg["dtype"])
+    name, commit = device_name(device), git_commit()
+    meta = dict(device=name, device_type=dev, commit=commit, torch=torch.__version__,
+                dtype=cfg["dtype"], steps=cfg["steps"], nstm_backend=args.nstm_backend,
+                nstm_cfg=cfg["model"], quick=args.quick)
+    t0 = time.perf_counter()
+    nstm, tf, tcfg = build_models(cfg, device, dtype, args.nstm_backend)
+    meta.update(tf_cfg=tcfg, nstm_params=n_params(nstm), tf_params=n_params(tf))
+    show = not args.no_progress
+    print(f"# {name}, commit {commit}, torch {torch.__version__}"
+          + (" (CPU: small models)" if dev == "cpu" else ""), flush=True)
+    rows = []
+    if "decode" in args.sections:
+        with torch.no_grad():
+            rows += run_decode(nstm, tf, cfg, device, dtype, meta, show)
+    del nstm, tf
+    free(device)
+    if "train" in args.sections:
+        rows += run_train(cfg, device, cfg["dtype"], meta, show)
+    meta["elapsed_s"] = time.perf_counter() - t0
+
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"{slug(name) if dev == 'cuda' else 'cpu'}-{commit}-models"
+                        + ("-quick" if args.quick else ""))
+    md = markdown(rows, meta)
+    _atomic_write(stem + ".json", json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
+    _atomic_write(stem + ".md", md)
+    png = None if args.no_plot else plot(rows, meta, stem + ".png")
+    print(md)
+    print(f"# wrote {stem}.json, {stem}.md" + (f", {png}" if png else "")
+          + f" in {meta['elapsed_s']:.1f} s")
+    return rows, meta, stem
+
+
+if __name__ == "__main__":
+    main()
