@@ -1,0 +1,353 @@
+"""Training CLI, task registry and checkpoints: smoke runs of every task on tiny models, resume
+equality, atomic saves, argument errors, results files, and one learning sanity check."""
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from nstm import checkpoint as ckpt_mod
+from nstm.checkpoint import (CheckpointError, check_resume_config, load_checkpoint,
+                             save_checkpoint)
+from nstm.tasks import registry
+from nstm.tasks.registry import build_task
+from nstm.train import lr_factor, main
+
+TINY = ["--d-model", "16", "--layers", "1", "--heads", "2", "--num-states", "4", "--top-k", "2",
+        "--comm-every", "8", "--batch-size", "4", "--eval-batches", "1", "--log-every", "1",
+        "--no-progress", "--lr", "3e-3"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)           # tiny models: threads only add overhead and noise
+    yield
+    torch.set_num_threads(n)
+
+
+def run(tmp_path, *args, steps=2):
+    return main(["--out", str(tmp_path), "--steps", str(steps), *TINY, *map(str, args)])
+
+
+def results(tmp_path, task, run_name):
+    with open(tmp_path / task / f"{run_name}.json") as f:
+        return json.load(f)
+
+
+# ---- fake data modules (the CLI is tested, not the data layer) ---------------------------------
+def _install(monkeypatch, name, **attrs):
+    mod = types.ModuleType(name)
+    for k, v in attrs.items():
+        setattr(mod, k, v)
+    monkeypatch.setitem(sys.modules, name, mod)
+    return mod
+
+
+def fake_mnist(monkeypatch, n=24):
+    g = torch.Generator().manual_seed(0)
+    imgs = {s: torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8) for s in ("train", "test")}
+    labels = {s: torch.arange(n) % 10 for s in ("train", "test")}
+    _install(monkeypatch, "nstm.data.mnist", fetch_mnist=lambda root: root,
+             load_mnist=lambda root, split: (imgs[split], labels[split]))
+    return imgs
+
+
+class FakeCharVocab:
+    def __init__(self, chars):
+        self.chars = list(chars)
+
+    @classmethod
+    def from_text(cls, text, *more):
+        return cls(sorted(set(text).union(*more)))
+
+    def encode(self, text):
+        return torch.tensor([self.chars.index(c) for c in text], dtype=torch.long)
+
+    def __len__(self):
+        return len(self.chars)
+
+    def to_dict(self):
+        return {"chars": self.chars}
+
+
+def fake_shakespeare(monkeypatch):
+    text = "to be or not to be, that is the question. " * 12
+    _install(monkeypatch, "nstm.data.shakespeare", fetch_shakespeare=lambda root: root,
+             load_shakespeare=lambda root, val_fraction=0.1, seed=0: (text, text[:200]),
+             CharVocab=FakeCharVocab)
+
+
+# ---- the task registry -------------------------------------------------------------------------
+def test_registry_tasks_and_eval_sets():
+    assert set(registry.available_tasks()) >= {"copy", "mqar", "passkey", "listops", "smnist", "psmnist",
+                                               "shakespeare", "lra-listops", "cifar10", "wikitext2"}
+    copy = build_task("copy", seq_len=4, vocab_size=8)
+    assert copy.kind == "lm" and copy.metric == "accuracy" and copy.vocab_size == 8
+    sets = copy.eval_batches(3, 2)
+    assert list(sets) == ["L4", "L16"]
+    b1, b2 = list(sets["L4"]), list(sets["L4"])                     # re-iterable, fixed seed
+    assert len(b1) == 2 and torch.equal(b1[0].inputs, b2[0].inputs)
+    assert list(sets["L16"])[0].inputs.shape == (3, 33)
+    with pytest.raises(ValueError, match="unknown task"):
+        build_task("nope")
+    with pytest.raises(ValueError, match="num_pairs"):
+        build_task("mqar", num_pairs=20, vocab_size=16)
+    with pytest.raises(ValueError, match="passkey training context"):
+        build_task("passkey", seq_len=4096)
+    with pytest.raises(ValueError, match="data-path"):
+        build_task("cifar10")
+    with pytest.raises(ValueError, match="num_batches"):
+        copy.eval_batches(3, 0)
+
+
+def test_registry_evaluate_keys():
+    from nstm import NSTMLM
+    task = build_task("copy", seq_len=3, vocab_size=8)
+    model = NSTMLM(8, d_model=16, n_layers=1, num_heads=2, num_states=4, top_k=2, comm_every=4)
+    m = task.evaluate(model, 2, 1)
+    assert {"loss", "accuracy", "exact", "L3/accuracy", "L12/accuracy", "L12/loss"} <= set(m)
+    assert 0 <= m["accuracy"] <= 1 and model.training
+
+
+def test_psmnist_is_a_fixed_permutation_of_smnist(monkeypatch):
+    fake_mnist(monkeypatch)
+    s, p = build_task("smnist"), build_task("psmnist")
+    assert s.kind == p.kind == "cls" and s.input_dim == 1 and s.num_classes == 10 and s.seq_len == 784
+    bs = s.train_batch(3, torch.Generator().manual_seed(5))
+    bp = p.train_batch(3, torch.Generator().manual_seed(5))
+    assert bs.inputs.shape == (3, 784, 1) and 0 <= float(bs.inputs.min()) and float(bs.inputs.max()) <= 1
+    perm = torch.randperm(784, generator=torch.Generator().manual_seed(registry.PSMNIST_SEED))
+    assert torch.equal(bp.inputs, bs.inputs[:, perm]) and torch.equal(bp.targets, bs.targets)
+    assert torch.equal(build_task("psmnist").train_batch(3, torch.Generator().manual_seed(5)).inputs, bp.inputs)
+
+
+def test_data_path_tasks_with_fake_loaders(monkeypatch, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    _install(monkeypatch, "nstm.data.cifar10", load_cifar10=lambda path, split: (
+        torch.randint(0, 256, (6, 32, 32, 3), generator=g, dtype=torch.uint8), torch.arange(6) % 10))
+    words = "the cat sat on the mat .\n the dog sat on the log .\n" * 30
+    _install(monkeypatch, "nstm.data.wikitext", load_wikitext2=lambda path, split: words)
+    rows = [("[MAX 1 2 ]", 2), ("[MIN 3 [MAX 4 5 ] ]", 3), ("7", 7)]
+    _install(monkeypatch, "nstm.data.lra", load_lra_listops=lambda path, split: rows)
+    cf = build_task("cifar10", data_path=str(tmp_path))
+    b = cf.train_batch(2, g)
+    assert b.inputs.shape == (2, 1024, 3) and cf.input_dim == 3
+    assert len(list(cf.eval_batches(4, 0)["test"])) == 2              # 0: the whole split
+    wt = build_task("wikitext2", data_path=str(tmp_path), seq_len=8)
+    assert wt.kind == "lm" and wt.metric == "ppl" and not wt.higher_is_better
+    assert wt.train_batch(2, g).inputs.shape == (2, 8)
+    lra = build_task("lra-listops", data_path=str(tmp_path))
+    lb = lra.train_batch(4, g)
+    assert lb.lengths is not None and lb.inputs.shape[1] == int(lb.lengths.max())
+    assert list(lra.eval_batches(2, 0)) == ["val", "test"]
+
+
+# ---- smoke training of every task ---------------------------------------------------------------
+SYNTHETIC = [
+    ("copy", ["--seq-len", "4", "--vocab", "8"]),
+    ("mqar", ["--num-pairs", "3", "--vocab", "16"]),
+    ("passkey", ["--seq-len", "32", "--eval-contexts", "32,64"]),
+    ("listops", ["--seq-len", "24", "--min-len", "8", "--max-depth", "3"]),
+]
+
+
+@pytest.mark.parametrize("model", ["nstm", "transformer"])
+@pytest.mark.parametrize("task, extra", SYNTHETIC, ids=[t for t, _ in SYNTHETIC])
+def test_smoke_synthetic_tasks(tmp_path, task, extra, model):
+    final = run(tmp_path, "--task", task, "--model", model, *extra)
+    assert final["step"] == 2 and final["status"] == "completed"
+    assert 0 <= final["accuracy"] <= 1 and final["loss"] > 0
+    r = results(tmp_path, task, f"{model}-d16-l1-s0")
+    if task == "copy":
+        assert {"L4/accuracy", "L16/accuracy"} <= set(r["final"])
+    if task == "passkey":
+        assert {"ctx32/accuracy", "ctx64/accuracy"} <= set(r["final"])
+
+
+@pytest.mark.parametrize("task, model", [("smnist", "nstm"), ("psmnist", "transformer")])
+def test_smoke_mnist(tmp_path, monkeypatch, task, model):
+    fake_mnist(monkeypatch)
+    final = run(tmp_path, "--task", task, "--model", model, "--batch-size", "2", steps=1)
+    assert final["step"] == 1 and 0 <= final["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("model", ["nstm", "transformer"])
+def test_smoke_shakespeare(tmp_path, monkeypatch, model):
+    fake_shakespeare(monkeypatch)
+    final = run(tmp_path, "--task", "shakespeare", "--model", model, "--seq-len", "16")
+    assert final["bpc"] == pytest.approx(final["loss"] / 0.6931471805599453)
+    ck = load_checkpoint(tmp_path / "shakespeare" / f"{model}-d16-l1-s0" / "ckpt.pt")
+    assert ck["extra"]["task_state"]["vocab"]["chars"][0] == " "      # the vocabulary travels along
+
+
+# ---- results files -------------------------------------------------------------------------------
+def test_results_json_fields_and_png(tmp_path):
+    final = run(tmp_path, "--task", "mqar", "--num-pairs", "2", "--vocab", "8", "--run-name", "r1",
+                "--eval-every", "1", steps=3)
+    r = results(tmp_path, "mqar", "r1")
+    for key in ("config", "history", "final", "device_name", "git_commit", "torch_version",
+                "param_count", "wall_time_s", "train_time_s", "tokens_per_s", "metric", "status", "task_info"):
+        assert key in r, key
+    assert r["torch_version"] == torch.__version__ and r["status"] == "completed"
+    assert isinstance(r["git_commit"], str) and r["git_commit"]
+    assert r["config"]["task"] == "mqar" and r["param_count"] == final["param_count"] > 0
+    assert [h["step"] for h in r["history"]["train"]] == [1, 2, 3]
+    assert [h["step"] for h in r["history"]["eval"]] == [1, 2, 3]
+    assert r["final"]["accuracy"] == final["accuracy"]
+    assert (tmp_path / "mqar" / "r1.png").stat().st_size > 1000
+    assert not [p for p in os.listdir(tmp_path / "mqar") if p.endswith(".tmp")]
+
+
+def test_maps_and_pruning_report(tmp_path):
+    final = run(tmp_path, "--task", "mqar", "--num-pairs", "4", "--vocab", "16", "--run-name", "m",
+                "--maps", "--prune-threshold", "0.99", steps=1)
+    r = results(tmp_path, "mqar", "m")
+    maps_dir = tmp_path / "mqar" / "m" / "maps"
+    names = sorted(os.listdir(maps_dir))
+    assert {"routing_layer0.png", "slot_usage_layer0.png", "importance_layer0.png", "s2s_layer0.png"} <= set(names)
+    p = r["maps"]["prune"]
+    assert p["slots"] == [{"before": 4, "after": 1}]          # importances start at sigmoid(3) < 0.99
+    assert p["params_after"] < p["params_before"] and p["speedup"] > 0
+    assert p["loss_before"] == final["loss"] and p["loss_after"] is not None
+    assert "prune/loss_after" in final
+
+
+def test_time_budget_stops_cleanly(tmp_path):
+    final = run(tmp_path, "--task", "copy", "--seq-len", "3", "--vocab", "8", "--time-budget", "1e-6", steps=50)
+    assert final["status"] == "time_budget" and final["step"] == 1
+    assert (tmp_path / "copy" / "nstm-d16-l1-s0" / "ckpt.pt").exists()
+
+
+# ---- checkpoints and resume -----------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["nstm", "transformer"])
+def test_resume_equals_straight_run(tmp_path, model):
+    args = ["--task", "mqar", "--num-pairs", "3", "--vocab", "16", "--model", model, "--warmup", "2"]
+    a = run(tmp_path / "a", *args, steps=6)
+    run(tmp_path / "b", *args, "--stop-after", "3", steps=6)
+    rb = results(tmp_path / "b", "mqar", f"{model}-d16-l1-s0")
+    assert rb["status"] == "stopped" and rb["steps_done"] == 3
+    b = run(tmp_path / "b", *args, "--resume", "auto", steps=6)
+    assert b["step"] == a["step"] == 6
+    ra, rb = results(tmp_path / "a", "mqar", f"{model}-d16-l1-s0"), results(tmp_path / "b", "mqar", f"{model}-d16-l1-s0")
+    assert [h["loss"] for h in ra["history"]["train"]] == [h["loss"] for h in rb["history"]["train"]]
+    assert rb["resumed_at_step"] == 3
+    pa = load_checkpoint(tmp_path / "a" / "mqar" / f"{model}-d16-l1-s0" / "ckpt.pt")
+    pb = load_checkpoint(tmp_path / "b" / "mqar" / f"{model}-d16-l1-s0" / "ckpt.pt")
+    assert pa["step"] == pb["step"] == 6
+    for k in pa["model"]:
+        assert torch.equal(pa["model"][k], pb["model"][k]), k
+    assert a["loss"] == b["loss"] and a["accuracy"] == b["accuracy"]
+
+
+def test_resume_config_mismatch_and_missing(tmp_path, capsys):
+    args = ["--task", "copy", "--seq-len", "3", "--vocab", "8", "--run-name", "r"]
+    run(tmp_path, *args, steps=1)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, *args, "--resume", "auto", "--d-model", "32", steps=2)
+    assert e.value.code == 2
+    assert "different configuration" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(tmp_path, *args, "--resume", str(tmp_path / "nothing.pt"), steps=2)
+    assert "no checkpoint" in capsys.readouterr().err
+    # a longer schedule may be asked for: that is not a mismatch
+    final = run(tmp_path, *args, "--resume", "auto", steps=2)
+    assert final["step"] == 2
+
+
+def _tiny_model():
+    return torch.nn.Linear(3, 2)
+
+
+def test_checkpoint_roundtrip_and_errors(tmp_path):
+    m = _tiny_model()
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, m, opt, None, 5, {"a": 1}, {"rng": torch.get_rng_state(), "hist": [{"x": 1.0}]})
+    ck = load_checkpoint(path)
+    assert ck["step"] == 5 and ck["config"] == {"a": 1} and ck["extra"]["hist"] == [{"x": 1.0}]
+    assert torch.equal(ck["model"]["weight"], m.weight)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(bad)
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not an nstm"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    check_resume_config({"a": 1, "steps": 3}, {"a": 1, "steps": 9}, ignore=["steps"])
+    with pytest.raises(CheckpointError, match="a: checkpoint 1 vs now 2"):
+        check_resume_config({"a": 1}, {"a": 2})
+
+
+def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    m = _tiny_model()
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, m, None, None, 1, {"v": 1})
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, m, None, None, 2, {"v": 2})
+    monkeypatch.undo()
+    assert path.read_bytes() == before and load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["c.pt"]                      # no temporary file left behind
+
+
+# ---- arguments ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--task", "bogus"], "invalid choice"),
+    (["--task", "copy", "--steps", "0"], "--steps must be >= 1"),
+    (["--task", "copy", "--d-model", "30", "--heads", "4"], "divisible"),
+    (["--task", "copy", "--top-k", "9", "--num-states", "8"], "--top-k"),
+    (["--task", "copy", "--lr", "-1"], "--lr"),
+    (["--task", "copy", "--min-lr", "1", "--lr", "0.1"], "--min-lr"),
+    (["--task", "copy", "--amp", "fp16", "--device", "cpu"], "fp16 needs a CUDA"),
+    (["--task", "copy", "--maps", "--model", "transformer"], "needs --model nstm"),
+    (["--task", "cifar10"], "--data-path"),
+    (["--task", "copy", "--eval-batches", "0"], "data-backed"),
+    (["--task", "copy", "--warmup", "5", "--steps", "5"], "--warmup"),
+    (["--task", "copy", "--eval-contexts", "a,b"], "comma-separated"),
+    (["--task", "passkey", "--seq-len", "4096"], "passkey training context"),
+    (["--task", "copy", "--time-budget", "0"], "--time-budget"),
+])
+def test_bad_args_rejected(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path), "--no-progress", *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, 0.1) == pytest.approx(0.55)
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(0, 100, 0, 0.0) == pytest.approx(1.0)
+
+
+def test_module_help_runs():
+    r = subprocess.run([sys.executable, "-m", "nstm.train", "--help"], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert r.returncode == 0 and "--task" in r.stdout and "shakespeare" in r.stdout
+
+
+# ---- learning sanity -------------------------------------------------------------------------------
+def test_mqar_loss_decreases(tmp_path):
+    final = run(tmp_path, "--task", "mqar", "--num-pairs", "2", "--vocab", "8", "--batch-size", "16",
+                "--lr", "1e-2", "--warmup", "3", "--weight-decay", "0", "--run-name", "learn", steps=60)
+    hist = [h["loss"] for h in results(tmp_path, "mqar", "learn")["history"]["train"]]
+    first, last = sum(hist[:5]) / 5, sum(hist[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    assert final["loss"] < 1.15           # chance over the 4 values is ln 4 = 1.39, over all 8 tokens 2.08
