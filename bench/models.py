@@ -28,14 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +42,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from nstm import NSTMLM  # noqa: E402
 from nstm.layer import NSTMLayerState  # noqa: E402
 from nstm_kernels import NSTMState, resolve_backend  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import atomic_write, device_name, git_commit, slug  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -69,32 +69,6 @@ QUICK_CFG = dict(CPU_CFG, batches=[1, 4], contexts=[256, 4096, 1048576], steps=8
 
 
 # ----------------------------------------------------------------------------------------- misc
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return "CPU " + line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} thread(s))"
-    except OSError:
-        pass
-    return f"CPU {platform.processor() or 'unknown'} ({torch.get_num_threads()} thread(s))"
-
-
-def slug(name: str) -> str:
-    keep = "".join(c.lower() if c.isalnum() else "-" for c in name)
-    return "-".join(p for p in keep.split("-") if p)[:40]
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -239,7 +213,6 @@ def bench_tf_decode(model, B, ctx, cfg, device, dtype) -> dict:
         times = step_times_ms(step, cfg["steps"], cfg["warmup"], device)
         nbytes = model.cache_bytes(cache)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-        del cache
         return dict(how=how, times=times, kv_bytes_per_seq=nbytes / B, peak_mib=peak)
     except Exception as e:  # noqa: BLE001
         if is_oom(e):
@@ -455,13 +428,6 @@ def plot(rows: List[dict], meta: dict, path: str) -> Optional[str]:
     return path
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -519,8 +485,8 @@ def main(argv=None):
     stem = os.path.join(args.out, f"{slug(name) if dev == 'cuda' else 'cpu'}-{commit}-models"
                         + ("-quick" if args.quick else ""))
     md = markdown(rows, meta)
-    _atomic_write(stem + ".json", json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
-    _atomic_write(stem + ".md", md)
+    atomic_write(stem + ".json", json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
+    atomic_write(stem + ".md", md)
     png = None if args.no_plot else plot(rows, meta, stem + ".png")
     print(md)
     print(f"# wrote {stem}.json, {stem}.md" + (f", {png}" if png else "")

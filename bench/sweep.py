@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -40,6 +37,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from nstm_kernels import S2SParams, nstm_attention  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import atomic_write, device_name, git_commit, slug  # noqa: E402
 
 HBM_BYTES_PER_S = 3.0e12      # H100 copy bandwidth measured in ANCHORS.md (read + written)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -51,33 +51,6 @@ CPU_CFG = dict(tokens=2048, H=4, D=32, top_k=4, C=64, dtype="float32",
 QUICK_T = {"cuda": [2048, 8192], "cpu": [128, 512]}
 # the token-by-token reference is only worth timing on the CPU at short lengths
 REFERENCE_MAX_T = 512
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def slug(name: str) -> str:
-    keep = "".join(c.lower() if c.isalnum() else "-" for c in name)
-    return "-".join(p for p in keep.split("-") if p)[:40]
 
 
 # ----------------------------------------------------------------------------- inputs per method
@@ -143,7 +116,7 @@ def fla_available() -> Optional[str]:
     """None when fla imports, else the reason."""
     try:
         import fla.ops.gla  # noqa: F401
-        import fla.ops.gsa  # noqa: F401
+        import fla.ops.gsa  # noqa: F401,F811
         return None
     except Exception as e:   # ImportError, or fla failing on this torch/triton
         return f"{type(e).__name__}: {e}".splitlines()[0][:160]
@@ -332,13 +305,6 @@ def plot(rows, meta, path) -> Optional[str]:
     return path
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -398,8 +364,8 @@ def main(argv=None):
     stem = os.path.join(args.out, f"{slug(name) if device.type == 'cuda' else 'cpu'}-{commit}"
                         + ("" if device.type == "cuda" else "-sweep"))
     md = markdown(rows, meta)
-    _atomic_write(stem + ".md", md)
-    _atomic_write(stem + ".json", json.dumps(dict(meta=meta, rows=rows), indent=1))
+    atomic_write(stem + ".md", md)
+    atomic_write(stem + ".json", json.dumps(dict(meta=meta, rows=rows), indent=1))
     png = plot(rows, meta, stem + ".png")
     print(md)
     print(f"wrote {stem}.md, {stem}.json" + (f", {png}" if png else ""))

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import MLP, NSTMClassifier, sample_next
+from .models import MLP, NSTMClassifier, check_generate_args, sample_next
 from .modules import RMSNorm
 
 __all__ = ["TransformerLM", "TransformerClassifier", "KVCache", "matched_transformer_config",
@@ -293,14 +293,7 @@ class TransformerLM(_TransformerStack):
         Same sampling options as ``NSTMLM.generate``; the prompt is prefilled into a KV cache sized
         for the whole output, then one ``step`` per token."""
         self._check_tokens(idx, 2)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+        check_generate_args(max_new_tokens, temperature, top_k, top_p)
         if max_new_tokens == 0:
             return idx
         was_training = self.training

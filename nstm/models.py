@@ -224,14 +224,7 @@ class NSTMLM(_NSTMStack):
         warning).
         """
         self._check_tokens(idx, 2)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+        check_generate_args(max_new_tokens, temperature, top_k, top_p)
         if not isinstance(cuda_graph, bool):
             raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
         if max_new_tokens == 0:
@@ -253,6 +246,18 @@ class NSTMLM(_NSTMStack):
         finally:
             self.train(was_training)
         return torch.cat(out, dim=1)
+
+
+def check_generate_args(max_new_tokens, temperature, top_k, top_p) -> None:
+    """The sampling arguments ``generate`` takes (shared by NSTMLM and the Transformer baseline)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,

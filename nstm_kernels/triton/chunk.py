@@ -43,7 +43,7 @@ import triton.language as tl
 from .device import (chunk_length, compute_tl_dtype, dot_block, pow2, sub_chunk_length,
                      tile_warps)
 from .recurrent import NSTMRecurrentFunction
-from .s2s import _mm, dot_precision, s2s_forward_tile
+from .s2s import _mm, dot_precision, s2s_forward_tile, slot_tiles
 
 
 @triton.jit
@@ -95,15 +95,8 @@ def _chunk_nstm_fwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_p
     b = pid // H
     h = pid % H
     pid64 = pid.to(tl.int64)
-    rs = tl.arange(0, BLOCK_S)
-    rk = tl.arange(0, BLOCK_K)
-    rv = tl.arange(0, BLOCK_V)
+    rs, rk, rv, smask, mk, mv, sk_off, sv_off = slot_tiles(S, K, V, BLOCK_S, BLOCK_K, BLOCK_V)
     rl = tl.arange(0, BLOCK_L)
-    smask = rs < S
-    mk = smask[:, None] & (rk[None, :] < K)
-    mv = smask[:, None] & (rv[None, :] < V)
-    sk_off = rs[:, None] * K + rk[None, :]
-    sv_off = rs[:, None] * V + rv[None, :]
     Ks = tl.load(k0_ptr + pid64 * S * K + sk_off, mask=mk, other=0.0).to(DT)
     Vs = tl.load(v0_ptr + pid64 * S * V + sv_off, mask=mv, other=0.0).to(DT)
     if HAS_S2S:
@@ -144,13 +137,8 @@ def _chunk_nstm_fwd_kernel_o(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, seg_ptr, bk_pt
     b = pid // H
     h = pid % H
     pid64 = pid.to(tl.int64)
-    rs = tl.arange(0, BLOCK_S)
-    rk = tl.arange(0, BLOCK_K)
-    rv = tl.arange(0, BLOCK_V)
+    rs, rk, rv, smask, mk, mv, sk_off, sv_off = slot_tiles(S, K, V, BLOCK_S, BLOCK_K, BLOCK_V)
     rl = tl.arange(0, SUB)
-    smask = rs < S
-    mk = smask[:, None] & (rk[None, :] < K)
-    mv = smask[:, None] & (rv[None, :] < V)
     causal = (rl[:, None] >= rl[None, :])[:, :, None]                  # [SUB(t), SUB(s), 1]
     t0 = tl.load(seg_ptr + c)
     t1 = tl.load(seg_ptr + c + 1)

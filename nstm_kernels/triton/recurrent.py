@@ -32,7 +32,8 @@ from ..utils import compute_dtype
 from .device import (compute_tl_dtype, dot_block, forward_kind, pow2, segment_length,
                      tile_warps)
 from .routing import SparseRouteFunction
-from .s2s import dot_precision, pack_weights, s2s_backward_tile, s2s_forward_tile
+from .s2s import (dot_precision, pack_weights, s2s_backward_tile, s2s_forward_tile,
+                  slot_tiles)
 
 
 @triton.jit
@@ -61,14 +62,7 @@ def _nstm_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_pt
     b = pid // H
     h = pid % H
     pid64 = pid.to(tl.int64)
-    rs = tl.arange(0, BLOCK_S)
-    rk = tl.arange(0, BLOCK_K)
-    rv = tl.arange(0, BLOCK_V)
-    smask = rs < S
-    mk = smask[:, None] & (rk[None, :] < K)
-    mv = smask[:, None] & (rv[None, :] < V)
-    sk_off = rs[:, None] * K + rk[None, :]
-    sv_off = rs[:, None] * V + rv[None, :]
+    rs, rk, rv, smask, mk, mv, sk_off, sv_off = slot_tiles(S, K, V, BLOCK_S, BLOCK_K, BLOCK_V)
     if HAS_INIT:
         Ks = tl.load(k0_ptr + pid64 * S * K + sk_off, mask=mk, other=0.0).to(DT)
         Vs = tl.load(v0_ptr + pid64 * S * V + sv_off, mask=mv, other=0.0).to(DT)
@@ -126,14 +120,7 @@ def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk_pt
     b = pid // H
     h = pid % H
     pid64 = pid.to(tl.int64)
-    rs = tl.arange(0, BLOCK_S)
-    rk = tl.arange(0, BLOCK_K)
-    rv = tl.arange(0, BLOCK_V)
-    smask = rs < S
-    mk = smask[:, None] & (rk[None, :] < K)
-    mv = smask[:, None] & (rv[None, :] < V)
-    sk_off = rs[:, None] * K + rk[None, :]
-    sv_off = rs[:, None] * V + rv[None, :]
+    rs, rk, rv, smask, mk, mv, sk_off, sv_off = slot_tiles(S, K, V, BLOCK_S, BLOCK_K, BLOCK_V)
     # gradients wrt the state after the last token
     dK = tl.load(dkf_ptr + pid64 * S * K + sk_off, mask=mk, other=0.0).to(DT)
     dV = tl.load(dvf_ptr + pid64 * S * V + sv_off, mask=mv, other=0.0).to(DT)

@@ -35,6 +35,19 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def slot_tiles(S, K, V, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Index vectors, masks and row-major offsets of a program's ``[S, K]`` / ``[S, V]`` slot tiles
+    (padded to the blocks): ``(rs, rk, rv, smask, mk, mv, sk_off, sv_off)``."""
+    rs = tl.arange(0, BLOCK_S)
+    rk = tl.arange(0, BLOCK_K)
+    rv = tl.arange(0, BLOCK_V)
+    smask = rs < S
+    mk = smask[:, None] & (rk[None, :] < K)
+    mv = smask[:, None] & (rv[None, :] < V)
+    return rs, rk, rv, smask, mk, mv, rs[:, None] * K + rk[None, :], rs[:, None] * V + rv[None, :]
+
+
+@triton.jit
 def _load_head_weight(w_ptr, h, V, BLOCK_V: tl.constexpr, DT: tl.constexpr):
     """``w[h]`` of a ``[H, V, V]`` tensor as a ``[BLOCK_V, BLOCK_V]`` tile (zeros at the padding)."""
     r = tl.arange(0, BLOCK_V)
