@@ -28,12 +28,14 @@ Three launches:
 Chunks (``chunk_starts``) are laid on absolute stream positions: a new chunk at every period start
 when s2s is on (so every s2s event is a chunk end) and every ``L`` = ``chunk_length()`` tokens from
 there (from absolute multiples of ``L`` without s2s). The chunk-entry states are exactly the
-segment-entry states the reverse-segment backward of ``recurrent.py`` needs, so the backward is
-reused as it is (``NSTMChunkFunction.backward``).
+segment-entry states both backwards need: the chunk-parallel backward of ``chunk_bwd.py`` (the
+default) and the reverse-segment backward of ``recurrent.py`` (``NSTM_TRITON_BWD=recurrent``);
+``NSTMChunkFunction.backward`` picks one.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import List
 
 import torch
@@ -245,9 +247,11 @@ def chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, wv, mix, top_k, pos, comm_eve
 class NSTMChunkFunction(torch.autograd.Function):
     """Same inputs and outputs as ``NSTMRecurrentFunction``; the forward is the chunk-parallel one.
 
-    The chunk-entry states it stores are the segment-entry states of the reverse-segment backward
-    (chunks are its segments: every s2s event ends one, none is longer than ``chunk_length()``),
-    so the backward is ``NSTMRecurrentFunction.backward`` on the same saved tensors.
+    The backward (``backward_kind``: ``NSTM_TRITON_BWD=chunk|recurrent``, default chunk) is the
+    chunk-parallel one of ``chunk_bwd.py`` or ``NSTMRecurrentFunction.backward``; both take the
+    same saved tensors: the chunk-entry states are the segment-entry states of the reverse-segment
+    backward (chunks are its segments: every s2s event ends one, none is longer than
+    ``chunk_length()``).
     """
 
     @staticmethod
@@ -263,4 +267,22 @@ class NSTMChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dkf, dvf):
+        if backward_kind() == "chunk":
+            from .chunk_bwd import chunk_backward   # chunk_bwd.py imports this module
+            return chunk_backward(ctx, do, dkf, dvf)
         return NSTMRecurrentFunction.backward(ctx, do, dkf, dvf)
+
+
+BACKWARDS = ("chunk", "recurrent")
+
+
+def backward_kind(kind=None) -> str:
+    """Which backward ``NSTMChunkFunction`` runs: the argument, else ``NSTM_TRITON_BWD``, else
+    ``"chunk"`` (the chunk-parallel backward of ``chunk_bwd.py``); ``"recurrent"`` is the
+    reverse-segment kernel of ``recurrent.py`` (one program per (batch, head)). The recurrent
+    forward (``NSTM_TRITON_FWD=recurrent``) always takes the recurrent backward."""
+    kind = kind or os.environ.get("NSTM_TRITON_BWD") or "chunk"
+    if kind not in BACKWARDS:
+        raise ValueError(f"the Triton chunk backward must be one of {BACKWARDS} "
+                         f"(argument or NSTM_TRITON_BWD), got {kind!r}")
+    return kind
