@@ -342,14 +342,7 @@ class TransformerClassifier(_TransformerStack):
         """``x [B, T, input_dim]`` or ``[B, T]`` token ids -> class logits ``[B, num_classes]``.
 
         ``lengths [B]``: valid positions per sequence (right padding beyond them is ignored)."""
-        if self.input_dim is not None:
-            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 3 \
-                    or x.shape[-1] != self.input_dim:
-                raise ValueError(f"x must be a float tensor [B, T, input_dim={self.input_dim}], got "
-                                 f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
-        elif not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or x.dim() != 2:
-            raise ValueError(f"x must be int64 token ids [B, T], got "
-                             f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+        NSTMClassifier.check_inputs(x, self.input_dim)
         if self.max_len is not None and x.shape[1] > self.max_len:
             raise ValueError(f"sequence length {x.shape[1]} exceeds max_len {self.max_len}")
         if not self.blocks[0].attn.causal and lengths is not None:

@@ -304,6 +304,19 @@ class NSTMClassifier(_NSTMStack):
         self.head = nn.Linear(d_model, num_classes)
 
     @staticmethod
+    def check_inputs(x, input_dim: Optional[int]) -> None:
+        """``x`` must be floats ``[B, T, input_dim]`` (``input_dim`` given) or int64 ids ``[B, T]``
+        (shared with ``nstm.baseline.TransformerClassifier``)."""
+        if input_dim is not None:
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 3 \
+                    or x.shape[-1] != input_dim:
+                raise ValueError(f"x must be a float tensor [B, T, input_dim={input_dim}], got "
+                                 f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+        elif not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or x.dim() != 2:
+            raise ValueError(f"x must be int64 token ids [B, T], got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+
+    @staticmethod
     def pool_hidden(h: torch.Tensor, pool: str, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean or last-position pooling of ``h [B, T, D]``; with ``lengths [B]`` only the first
         ``lengths[b]`` positions of sequence ``b`` count (right padding is ignored)."""
@@ -329,14 +342,7 @@ class NSTMClassifier(_NSTMStack):
         """``x [B, T, input_dim]`` or ``[B, T]`` token ids -> class logits ``[B, num_classes]``.
 
         ``lengths [B]`` (optional): valid positions per right-padded sequence, for the pooling."""
-        if self.input_dim is not None:
-            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 3 \
-                    or x.shape[-1] != self.input_dim:
-                raise ValueError(f"x must be a float tensor [B, T, input_dim={self.input_dim}], got "
-                                 f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
-        elif not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or x.dim() != 2:
-            raise ValueError(f"x must be int64 token ids [B, T], got "
-                             f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+        NSTMClassifier.check_inputs(x, self.input_dim)
         h, _, maps = self._run_blocks(self.inp(x), None, False, return_maps)
         pooled = self.pool_hidden(h, self.pool, lengths)
         logits = self.head(pooled)

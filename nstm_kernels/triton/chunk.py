@@ -35,14 +35,13 @@ default) and the reverse-segment backward of ``recurrent.py`` (``NSTM_TRITON_BWD
 from __future__ import annotations
 
 import math
-import os
 from typing import List
 
 import torch
 import triton
 import triton.language as tl
 
-from .device import (chunk_length, compute_tl_dtype, dot_block, pow2, sub_chunk_length,
+from .device import (choose, chunk_length, compute_tl_dtype, dot_block, pow2, sub_chunk_length,
                      tile_warps)
 from .recurrent import NSTMRecurrentFunction
 from .s2s import _mm, dot_precision, s2s_forward_tile, slot_tiles
@@ -281,8 +280,4 @@ def backward_kind(kind=None) -> str:
     ``"chunk"`` (the chunk-parallel backward of ``chunk_bwd.py``); ``"recurrent"`` is the
     reverse-segment kernel of ``recurrent.py`` (one program per (batch, head)). The recurrent
     forward (``NSTM_TRITON_FWD=recurrent``) always takes the recurrent backward."""
-    kind = kind or os.environ.get("NSTM_TRITON_BWD") or "chunk"
-    if kind not in BACKWARDS:
-        raise ValueError(f"the Triton chunk backward must be one of {BACKWARDS} "
-                         f"(argument or NSTM_TRITON_BWD), got {kind!r}")
-    return kind
+    return choose("the Triton chunk backward", kind, "NSTM_TRITON_BWD", BACKWARDS)

@@ -45,6 +45,7 @@ import triton.language as tl
 
 from .chunk import _advance, _dense_weights, _log_retain, _meta, state_warps
 from .device import sub_chunk_length, tile_warps
+from .recurrent import backward_result, backward_setup
 from .s2s import _mm, s2s_backward_tile, slot_tiles
 
 
@@ -278,55 +279,28 @@ def _chunk_bwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, seg_ptr, bk_ptr, bv_ptr, d
 def chunk_backward(ctx, do, dkf, dvf):
     """``NSTMChunkFunction.backward`` on the chunk-parallel kernels: same saved tensors and the
     same return tuple as ``NSTMRecurrentFunction.backward``."""
-    if not ctx.stored:
-        raise RuntimeError("triton_nstm: the forward ran without grad; no states were stored")
-    q, k, v, w, idx, seg, bk, bv, wq, wk, wv, mix = ctx.saved_tensors
-    top_k, pos, C, scale, S, lmax = ctx.cfg
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    dt, dev = w.dtype, q.device
-    NC = seg.numel() - 1
-    has_s2s = wq is not None
-    do = do.contiguous()
-    dkf = torch.zeros(B, H, S, K, dtype=dt, device=dev) if dkf is None else dkf.contiguous().to(dt)
-    dvf = torch.zeros(B, H, S, V, dtype=dt, device=dev) if dvf is None else dvf.contiguous().to(dt)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dw = torch.empty_like(w)
-    dk0 = torch.empty(B, H, S, K, dtype=dt, device=dev)
-    dv0 = torch.empty(B, H, S, V, dtype=dt, device=dev)
+    g = backward_setup(ctx, do, dkf, dvf)
+    B, H, S, K, V, dt, dev = g.B, g.H, g.S, g.K, g.V, g.dt, g.dev
+    NC = g.seg.numel() - 1
     ak = torch.empty(B, H, NC, S, K, dtype=dt, device=dev)   # local entry, then exit adjoints
     av = torch.empty(B, H, NC, S, V, dtype=dt, device=dev)
-    if has_s2s:
-        dws = [torch.zeros(B, H, V, V, dtype=dt, device=dev) for _ in range(3)]
-        dmix = torch.zeros(B, H, dtype=dt, device=dev)
-    else:
-        dws, dmix = [dk0, dk0, dk0], dk0   # not touched (HAS_S2S=False)
-    meta = _meta(S, K, V, top_k, dt)
+    meta = _meta(S, K, V, g.top_k, dt)
     BS, BK, BV = meta["BLOCK_S"], meta["BLOCK_K"], meta["BLOCK_V"]
     SUB = sub_chunk_length()
     lcs = torch.empty(NC * B * H * SUB * BS, dtype=dt, device=dev)   # pass C's row scratch
     warps_c = tile_warps(max(SUB * SUB * BS, BS * max(BK, BV)), dev)
-    for local in (True, False):
-        if local:
-            _chunk_bwd_kernel_c[(NC * B * H,)](
-                q, k, v, idx, w, do, seg, bk, bv, ak, av, dq, dk, dv, dw, lcs,
-                T, H, S, K, V, NC, scale, LOCAL=True, SUB=SUB,
-                num_warps=warps_c, **meta)
-            dummy = dk0
-            _chunk_bwd_kernel_h[(B * H,)](
-                k, v, idx, w, seg, bk, bv, dkf, dvf, ak, av, dk0, dv0,
-                wq if has_s2s else dummy, wk if has_s2s else dummy, wv if has_s2s else dummy,
-                mix if has_s2s else dummy, *dws, dmix,
-                T, H, S, K, V, NC, pos % C, C, 1.0 / math.sqrt(V),
-                HAS_S2S=has_s2s, SUB=SUB, num_warps=state_warps(BS, max(BK, BV)), **meta)
-        else:
-            _chunk_bwd_kernel_c[(NC * B * H,)](
-                q, k, v, idx, w, do, seg, bk, bv, ak, av, dq, dk, dv, dw, lcs,
-                T, H, S, K, V, NC, scale, LOCAL=False, SUB=SUB,
-                num_warps=warps_c, **meta)
-    g_init = (dk0, dv0)
-    if has_s2s:
-        g_s2s = (dws[0].sum(0), dws[1].sum(0), dws[2].sum(0), dmix.sum(0))
-    else:
-        g_s2s = (None, None, None, None)
-    return (dq, dk, dv, dw, *g_init, *g_s2s) + (None,) * 6
+    pass_c_args = (g.q, g.k, g.v, g.idx, g.w, g.do, g.seg, g.bk, g.bv, ak, av, g.dq, g.dk, g.dv,
+                   g.dw, lcs, g.T, H, S, K, V, NC, g.scale)
+    # A: each chunk's own pull on its entry state
+    _chunk_bwd_kernel_c[(NC * B * H,)](*pass_c_args, LOCAL=True, SUB=SUB, num_warps=warps_c,
+                                       **meta)
+    # B: carry the state adjoint through the chunks in reverse (s2s backward at period ends)
+    _chunk_bwd_kernel_h[(B * H,)](
+        g.k, g.v, g.idx, g.w, g.seg, g.bk, g.bv, g.dkf, g.dvf, ak, av, g.dk0, g.dv0,
+        *g.s2s_args, *g.dws, g.dmix, g.T, H, S, K, V, NC, g.pos % g.C, g.C,
+        1.0 / math.sqrt(V), HAS_S2S=g.has_s2s, SUB=SUB,
+        num_warps=state_warps(BS, max(BK, BV)), **meta)
+    # C: dq, dk, dv, dw from the exit adjoints
+    _chunk_bwd_kernel_c[(NC * B * H,)](*pass_c_args, LOCAL=False, SUB=SUB, num_warps=warps_c,
+                                       **meta)
+    return backward_result(g)

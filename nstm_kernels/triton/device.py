@@ -99,8 +99,12 @@ def forward_kind(kind=None) -> str:
     """Which sequence forward ``triton_nstm`` runs: the argument, else ``NSTM_TRITON_FWD``, else
     ``"chunk"`` (the chunk-parallel forward; ``"recurrent"`` is one program per (batch, head)
     walking the tokens). Both feed the same reverse-segment backward."""
-    kind = kind or os.environ.get("NSTM_TRITON_FWD") or "chunk"
-    if kind not in FORWARDS:
-        raise ValueError(f"the Triton sequence forward must be one of {FORWARDS} "
-                         f"(argument or NSTM_TRITON_FWD), got {kind!r}")
+    return choose("the Triton sequence forward", kind, "NSTM_TRITON_FWD", FORWARDS)
+
+
+def choose(what: str, kind, env: str, choices) -> str:
+    """``kind``, else the environment variable ``env``, else ``choices[0]``; checked."""
+    kind = kind or os.environ.get(env) or choices[0]
+    if kind not in choices:
+        raise ValueError(f"{what} must be one of {choices} (argument or {env}), got {kind!r}")
     return kind

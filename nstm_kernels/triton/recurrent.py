@@ -21,6 +21,7 @@ back (exact: no division by 1 - w, so w -> 1 stays finite), then the write gradi
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import List, Optional
 
 import torch
@@ -32,8 +33,8 @@ from ..utils import compute_dtype
 from .device import (compute_tl_dtype, dot_block, forward_kind, pow2, segment_length,
                      tile_warps)
 from .routing import SparseRouteFunction
-from .s2s import (dot_precision, pack_weights, s2s_backward_tile, s2s_forward_tile,
-                  slot_tiles)
+from .s2s import (convex_write, dot_precision, pack_weights, read_probs, s2s_backward_tile,
+                  s2s_forward_tile, slot_tiles)
 
 
 @triton.jit
@@ -89,12 +90,9 @@ def _nstm_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_pt
             kt = tl.load(k_ptr + tok * K + rk, mask=rk < K, other=0.0).to(DT)
             vt = tl.load(v_ptr + tok * V + rv, mask=rv < V, other=0.0).to(DT)
             wc = wd[:, None].to(DT)
-            Ks = tl.where(routed[:, None], (1.0 - wc) * Ks + wc * kt[None, :], Ks)
-            Vs = tl.where(routed[:, None], (1.0 - wc) * Vs + wc * vt[None, :], Vs)
+            Ks, Vs = convex_write(Ks, Vs, routed, wc, kt, vt)
             # read: p = softmax over the slots of scale * K q
-            sc = tl.where(smask, tl.sum(Ks * qt[None, :], axis=1) * scale, float("-inf"))
-            e = tl.exp(sc - tl.max(sc, axis=0))
-            p = e / tl.sum(e, axis=0)
+            p = read_probs(Ks, qt, smask, scale)
             o = tl.sum(p[:, None] * Vs, axis=0)
             tl.store(o_ptr + tok * V + rv, o.to(o_ptr.dtype.element_ty), mask=rv < V)
             t += 1
@@ -150,8 +148,7 @@ def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk_pt
             kt = tl.load(k_ptr + tok * K + rk, mask=rk < K, other=0.0).to(DT)
             vt = tl.load(v_ptr + tok * V + rv, mask=rv < V, other=0.0).to(DT)
             wc = wd[:, None].to(DT)
-            Ks = tl.where(routed[:, None], (1.0 - wc) * Ks + wc * kt[None, :], Ks)
-            Vs = tl.where(routed[:, None], (1.0 - wc) * Vs + wc * vt[None, :], Vs)
+            Ks, Vs = convex_write(Ks, Vs, routed, wc, kt, vt)
             t += 1
         if HAS_S2S:
             if (pos_mod + t1) % C == 0:
@@ -170,9 +167,7 @@ def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk_pt
             vt = tl.load(v_ptr + tok * V + rv, mask=rv < V, other=0.0).to(DT)
             dot_ = tl.load(do_ptr + tok * V + rv, mask=rv < V, other=0.0).to(DT)
             # read: o = sum_i p_i V_i, p = softmax(scale K q)
-            sc = tl.where(smask, tl.sum(Ks * qt[None, :], axis=1) * scale, float("-inf"))
-            e = tl.exp(sc - tl.max(sc, axis=0))
-            p = e / tl.sum(e, axis=0)
+            p = read_probs(Ks, qt, smask, scale)
             dp = tl.sum(Vs * dot_[None, :], axis=1)
             ds = p * (dp - tl.sum(p * dp, axis=0))
             dq = tl.sum(ds[:, None] * Ks, axis=0) * scale
@@ -275,43 +270,55 @@ class NSTMRecurrentFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dkf, dvf):
-        if not ctx.stored:
-            raise RuntimeError("triton_nstm: the forward ran without grad; no states were stored")
-        q, k, v, w, idx, seg, bk, bv, wq, wk, wv, mix = ctx.saved_tensors
-        top_k, pos, C, scale, S, lmax = ctx.cfg
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        dt, dev = w.dtype, q.device
-        NS = seg.numel() - 1
-        has_s2s = wq is not None
-        do = do.contiguous()
-        dkf = torch.zeros(B, H, S, K, dtype=dt, device=dev) if dkf is None else dkf.contiguous()
-        dvf = torch.zeros(B, H, S, V, dtype=dt, device=dev) if dvf is None else dvf.contiguous()
-        sck = torch.empty(B * H, lmax * top_k, K, dtype=dt, device=dev)
-        scv = torch.empty(B * H, lmax * top_k, V, dtype=dt, device=dev)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dw = torch.empty_like(w)
-        dk0 = torch.empty(B, H, S, K, dtype=dt, device=dev)
-        dv0 = torch.empty(B, H, S, V, dtype=dt, device=dev)
-        if has_s2s:
-            dws = [torch.zeros(B, H, V, V, dtype=dt, device=dev) for _ in range(3)]
-            dmix = torch.zeros(B, H, dtype=dt, device=dev)
-        else:
-            dws, dmix = [dk0, dk0, dk0], dk0   # not touched (HAS_S2S=False)
-        dummy = dk0
-        _nstm_bwd_kernel[(B * H,)](
-            q, k, v, idx, w, do, seg, bk, bv, dkf, dvf, sck, scv,
-            wq if has_s2s else dummy, wk if has_s2s else dummy, wv if has_s2s else dummy,
-            mix if has_s2s else dummy,
-            dq, dk, dv, dw, dk0, dv0, *dws, dmix,
-            T, H, S, K, V, NS, lmax, pos % C, C, scale, 1.0 / math.sqrt(V),
-            HAS_S2S=has_s2s, **_meta(S, K, V, top_k, dt, dev))
-        g_init = (dk0, dv0)
-        if has_s2s:
-            g_s2s = (dws[0].sum(0), dws[1].sum(0), dws[2].sum(0), dmix.sum(0))
-        else:
-            g_s2s = (None, None, None, None)
-        return (dq, dk, dv, dw, *g_init, *g_s2s) + (None,) * 6
+        g = backward_setup(ctx, do, dkf, dvf)
+        sck = torch.empty(g.B * g.H, g.lmax * g.top_k, g.K, dtype=g.dt, device=g.dev)
+        scv = torch.empty(g.B * g.H, g.lmax * g.top_k, g.V, dtype=g.dt, device=g.dev)
+        _nstm_bwd_kernel[(g.B * g.H,)](
+            g.q, g.k, g.v, g.idx, g.w, g.do, g.seg, g.bk, g.bv, g.dkf, g.dvf, sck, scv,
+            *g.s2s_args, g.dq, g.dk, g.dv, g.dw, g.dk0, g.dv0, *g.dws, g.dmix,
+            g.T, g.H, g.S, g.K, g.V, g.seg.numel() - 1, g.lmax, g.pos % g.C, g.C, g.scale,
+            1.0 / math.sqrt(g.V), HAS_S2S=g.has_s2s,
+            **_meta(g.S, g.K, g.V, g.top_k, g.dt, g.dev))
+        return backward_result(g)
+
+
+def backward_setup(ctx, do, dkf, dvf) -> SimpleNamespace:
+    """What both Triton backwards (this file's and ``chunk_bwd.py``'s) start from: the saved
+    tensors and constants of the forward, contiguous output gradients in the state dtype (zeros for
+    an unused final state), and the gradient buffers they fill."""
+    if not ctx.stored:
+        raise RuntimeError("triton_nstm: the forward ran without grad; no states were stored")
+    q, k, v, w, idx, seg, bk, bv, wq, wk, wv, mix = ctx.saved_tensors
+    top_k, pos, C, scale, S, lmax = ctx.cfg
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dt, dev = w.dtype, q.device
+    has_s2s = wq is not None
+    dkf = torch.zeros(B, H, S, K, dtype=dt, device=dev) if dkf is None else dkf.contiguous().to(dt)
+    dvf = torch.zeros(B, H, S, V, dtype=dt, device=dev) if dvf is None else dvf.contiguous().to(dt)
+    dk0 = torch.empty(B, H, S, K, dtype=dt, device=dev)
+    if has_s2s:
+        dws = [torch.zeros(B, H, V, V, dtype=dt, device=dev) for _ in range(3)]
+        dmix = torch.zeros(B, H, dtype=dt, device=dev)
+        s2s_args = (wq, wk, wv, mix)
+    else:   # placeholders the kernels never touch (HAS_S2S=False)
+        dws, dmix, s2s_args = [dk0, dk0, dk0], dk0, (dk0,) * 4
+    return SimpleNamespace(
+        q=q, k=k, v=v, w=w, idx=idx, seg=seg, bk=bk, bv=bv, s2s_args=s2s_args, has_s2s=has_s2s,
+        top_k=top_k, pos=pos, C=C, scale=scale, lmax=lmax, B=B, T=T, H=H, S=S, K=K, V=V, dt=dt,
+        dev=dev, do=do.contiguous(), dkf=dkf, dvf=dvf,
+        dq=torch.empty_like(q), dk=torch.empty_like(k), dv=torch.empty_like(v),
+        dw=torch.empty_like(w), dk0=dk0, dv0=torch.empty(B, H, S, V, dtype=dt, device=dev),
+        dws=dws, dmix=dmix)
+
+
+def backward_result(g: SimpleNamespace) -> tuple:
+    """The gradient tuple of the sequence Functions' ``forward`` arguments."""
+    if g.has_s2s:
+        g_s2s = (g.dws[0].sum(0), g.dws[1].sum(0), g.dws[2].sum(0), g.dmix.sum(0))
+    else:
+        g_s2s = (None, None, None, None)
+    return (g.dq, g.dk, g.dv, g.dw, g.dk0, g.dv0, *g_s2s) + (None,) * 6
 
 
 def triton_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2SParams] = None,

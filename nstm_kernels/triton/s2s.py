@@ -48,6 +48,22 @@ def slot_tiles(S, K, V, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: t
 
 
 @triton.jit
+def convex_write(Ks, Vs, routed, wc, kt, vt):
+    """Spec §2 step 2 on the routed rows only: ``X_i <- (1 - w_i) X_i + w_i x`` (``wc [S, 1]``)."""
+    Ks = tl.where(routed[:, None], (1.0 - wc) * Ks + wc * kt[None, :], Ks)
+    Vs = tl.where(routed[:, None], (1.0 - wc) * Vs + wc * vt[None, :], Vs)
+    return Ks, Vs
+
+
+@triton.jit
+def read_probs(Ks, qt, smask, scale):
+    """Spec §2 step 3: ``p = softmax_i(scale * K_i . q)`` over the real slots."""
+    sc = tl.where(smask, tl.sum(Ks * qt[None, :], axis=1) * scale, float("-inf"))
+    e = tl.exp(sc - tl.max(sc, axis=0))
+    return e / tl.sum(e, axis=0)
+
+
+@triton.jit
 def _load_head_weight(w_ptr, h, V, BLOCK_V: tl.constexpr, DT: tl.constexpr):
     """``w[h]`` of a ``[H, V, V]`` tensor as a ``[BLOCK_V, BLOCK_V]`` tile (zeros at the padding)."""
     r = tl.arange(0, BLOCK_V)

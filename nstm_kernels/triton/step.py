@@ -18,7 +18,7 @@ from ..state import NSTMState, S2SParams
 from ..utils import compute_dtype
 from .device import compute_tl_dtype, dot_block, pow2, tile_warps
 from .routing import _route_weights, _topk_rows
-from .s2s import dot_precision, pack_weights, s2s_forward_tile
+from .s2s import convex_write, dot_precision, pack_weights, read_probs, s2s_forward_tile
 
 
 @triton.jit
@@ -60,12 +60,9 @@ def _nstm_step_kernel(q_ptr, k_ptr, v_ptr, logits_ptr, gate_ptr, sk_ptr, sv_ptr,
     vt = tl.load(v_ptr + pid64 * V + rv, mask=rv < V, other=0.0).to(DT)
     # gated convex write, routed rows only
     wc = w[:, None]
-    Ks = tl.where(routed[:, None], (1.0 - wc) * Ks + wc * kt[None, :], Ks)
-    Vs = tl.where(routed[:, None], (1.0 - wc) * Vs + wc * vt[None, :], Vs)
+    Ks, Vs = convex_write(Ks, Vs, routed, wc, kt, vt)
     # read: softmax over all slots
-    sc = tl.where(smask, tl.sum(Ks * qt[None, :], axis=1) * scale, float("-inf"))
-    e = tl.exp(sc - tl.max(sc, axis=0))
-    p = e / tl.sum(e, axis=0)
+    p = read_probs(Ks, qt, smask, scale)
     o = tl.sum(p[:, None] * Vs, axis=0)
     tl.store(o_ptr + pid64 * V + rv, o.to(o_ptr.dtype.element_ty), mask=rv < V)
     if IS_EVENT:
