@@ -266,3 +266,49 @@ def test_models_bench_quick_smoke(tmp_path):
     assert len({r["state_bytes_per_seq"] for r in nstm if r["mode"] == "step"}) == 1
     assert {r["section"] for r in rows} == {"decode", "train"}
     assert os.path.exists(stem + ".md")
+
+
+def _bench_models_module():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "models.py")
+    spec = importlib.util.spec_from_file_location("bench_models_cfg", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_models_bench_sizes():
+    """--size issue runs the GPU's 12 x 768 models on the CPU (fp32, 2 threads, KV cache up to
+    12 GiB); the CPU default stays small; --quick refuses the issue size."""
+    mod = _bench_models_module()
+    cpu_issue = mod.pick_config("cpu", size="issue")
+    assert cpu_issue["model"] == mod.GPU_CFG["model"] and cpu_issue["model"]["d_model"] == 768
+    assert cpu_issue["model"]["n_layers"] == 12 and cpu_issue["dtype"] == "float32"
+    assert cpu_issue["size"] == "issue" and cpu_issue["threads"] == 2
+    assert mod.pick_config("cpu")["model"]["d_model"] == 64
+    assert mod.pick_config("cuda")["model"]["d_model"] == 768
+    assert mod.pick_config("cuda", size="small")["size"] == "small"
+    with pytest.raises(ValueError, match="cannot be combined"):
+        mod.pick_config("cpu", quick=True, size="issue")
+    with pytest.raises(ValueError, match="size must be"):
+        mod.pick_config("cpu", size="large")
+
+
+def test_models_bench_cpu_summary_against_target():
+    """The CPU summary lists NSTM's best decode tokens/s per batch and each training row, as a
+    share of the 15,000 tokens/s laptop-GPU target; failed rows are left out."""
+    mod = _bench_models_module()
+    dec = [dict(model="nstm", batch=1, status="ok", tokens_per_s=10.0),
+           dict(model="nstm", batch=1, status="ok", tokens_per_s=12.0),
+           dict(model="transformer", batch=1, status="ok", tokens_per_s=99.0),
+           dict(model="nstm", batch=64, status="OOM")]
+    tr = [dict(model="nstm", T=2048, batch=1, status="ok", tokens_per_s=1500.0),
+          dict(model="transformer", T=2048, batch=1, status="ok", tokens_per_s=2000.0)]
+    lines = mod.cpu_summary(dec, tr, dict(size="issue", device="cpu X", threads=2, commit="abc"))
+    text = "\n".join(lines)
+    assert "12 x 768" in text and "15,000" in text
+    assert "| decode | batch 1, best over contexts and modes | 12 | 0.08% |" in text
+    assert "batch 64" not in text
+    assert "| training | T = 2,048, batch 1 | 1,500 | 10.00% |" in text
