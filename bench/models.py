@@ -66,10 +66,11 @@ CPU_CFG = dict(
 )
 # The GPU sizes on the CPU (fp32: this CPU has no bf16 matrix units), for the issue's "tokens/s of
 # the same model on this 2-core CPU". Contexts past the prefill budget set the position as above;
-# the Transformer's KV cache (73.7 KiB per token) is allocated up to 12 GiB.
+# the Transformer's KV cache (73.7 KiB per token) is allocated up to 12 GiB. Training only at
+# T = 2K: that step peaks at 8.9 GB resident on this 24 GB machine, and T = 8K was OOM-killed.
 CPU_ISSUE_CFG = dict(
     GPU_CFG, dtype="float32", batches=[1, 64], steps=10, warmup=2, prefill_budget=4096,
-    prefill_chunk=2048, train=[(2048, 1), (8192, 1)], train_iters=2, train_warmup=1,
+    prefill_chunk=2048, train=[(2048, 1)], train_iters=2, train_warmup=1,
     cpu_cache_limit=12 << 30, threads=2,
 )
 QUICK_CFG = dict(CPU_CFG, batches=[1, 4], contexts=[256, 4096, 1048576], steps=8, warmup=2,
@@ -246,7 +247,7 @@ def bench_tf_decode(model, B, ctx, cfg, device, dtype) -> dict:
         raise
 
 
-def run_decode(nstm, tf, cfg, device, dtype, meta, show) -> List[dict]:
+def run_decode(nstm, tf, cfg, device, dtype, meta, show, on_row=None) -> List[dict]:
     modes = ["step", "static"]
     if device.type == "cuda":
         modes.append("graph")
@@ -288,6 +289,8 @@ def run_decode(nstm, tf, cfg, device, dtype, meta, show) -> List[dict]:
                 row.update(status=row.get("status", "ok"), latency_ms=med,
                            p90_ms=quantile(times, 0.9), tokens_per_s=B * 1e3 / med)
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             free(device)
     for b in nstm.blocks:
         b.mixer.backend = meta.get("nstm_backend")
@@ -295,7 +298,7 @@ def run_decode(nstm, tf, cfg, device, dtype, meta, show) -> List[dict]:
 
 
 # ------------------------------------------------------------------------------------- training
-def run_train(cfg, device, dtype_name, meta, show) -> List[dict]:
+def run_train(cfg, device, dtype_name, meta, show, on_row=None) -> List[dict]:
     amp = device.type == "cuda"
     rows = []
     jobs = [(name, T, B) for T, B in cfg["train"] for name in ("nstm", "transformer")]
@@ -333,6 +336,8 @@ def run_train(cfg, device, dtype_name, meta, show) -> List[dict]:
                 raise
             row.update(status="OOM")
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
         model = opt = None
         free(device)
     return rows
@@ -364,6 +369,8 @@ def markdown(rows: List[dict], meta: dict) -> str:
            f"- NSTMLM: {meta['nstm_cfg']} ({meta['nstm_params']:,} parameters)",
            f"- Transformer: {meta['tf_cfg']} ({meta['tf_params']:,} parameters)",
            f"- decode dtype: {meta['dtype']}; steps timed per row: {meta['steps']} (median, p90)"]
+    if meta.get("partial"):
+        out.append("- **partial**: the run had not finished when this was written")
     if meta.get("cuda_kernel"):
         out.append(f"- CUDA C++ step kernel: {meta['cuda_kernel']}")
     out += ["", "Context: NSTM's state has the same size at every position, so a row at context c "
@@ -524,23 +531,32 @@ def main(argv=None):
     print(f"# {name}, commit {commit}, torch {torch.__version__}"
           + (f" (CPU: {cfg['size']} models, {torch.get_num_threads()} threads)" if dev == "cpu" else ""),
           flush=True)
-    rows = []
-    if "decode" in args.sections:
-        with torch.no_grad():
-            rows += run_decode(nstm, tf, cfg, device, dtype, meta, show)
-    del nstm, tf
-    free(device)
-    if "train" in args.sections:
-        rows += run_train(cfg, device, cfg["dtype"], meta, show)
-    meta["elapsed_s"] = time.perf_counter() - t0
-
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{slug(name) if dev == 'cuda' else 'cpu'}-{commit}-models"
                         + ("-quick" if args.quick else "")
                         + ("-issue-size" if dev == "cpu" and cfg["size"] == "issue" else ""))
-    md = markdown(rows, meta)
-    atomic_write(stem + ".json", json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
-    atomic_write(stem + ".md", md)
+
+    def write(rows, partial=True):
+        """JSON + markdown of the rows so far (after every row: a run killed part-way, by the
+        OOM killer say, keeps what it measured, marked partial)."""
+        meta.update(partial=partial, elapsed_s=time.perf_counter() - t0)
+        md = markdown(rows, meta)
+        atomic_write(stem + ".json", json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
+        atomic_write(stem + ".md", md)
+        return md
+
+    rows = []
+    if "decode" in args.sections:
+        with torch.no_grad():
+            rows += run_decode(nstm, tf, cfg, device, dtype, meta, show,
+                               on_row=lambda dec: write(rows + dec))
+    del nstm, tf
+    free(device)
+    if "train" in args.sections:
+        done = list(rows)
+        rows += run_train(cfg, device, cfg["dtype"], meta, show,
+                          on_row=lambda tr: write(done + tr))
+    md = write(rows, partial=False)
     png = None if args.no_plot else plot(rows, meta, stem + ".png")
     print(md)
     print(f"# wrote {stem}.json, {stem}.md" + (f", {png}" if png else "")

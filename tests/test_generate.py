@@ -261,6 +261,7 @@ def test_models_bench_quick_smoke(tmp_path):
         torch.set_num_threads(threads)
     data = json.loads(open(stem + ".json").read())
     assert data["rows"] and all(r["device"] and r["commit"] for r in data["rows"])
+    assert data["meta"]["partial"] is False and "partial" not in open(stem + ".md").read()
     nstm = [r for r in rows if r["section"] == "decode" and r["model"] == "nstm"]
     assert nstm and all(r["status"] == "ok" for r in nstm)
     assert len({r["state_bytes_per_seq"] for r in nstm if r["mode"] == "step"}) == 1
