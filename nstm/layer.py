@@ -82,12 +82,13 @@ class NSTMLayer(nn.Module):
         return self.states.num_states
 
     def _project(self, x: torch.Tensor):
-        """One fused input projection: q, k, v, z, route logits and write gates."""
+        """The input projections: q, k, v, z (one matmul) and route logits and write gates (one).
+
+        Two matmuls, not one over concatenated weights: the concatenation copied both weight
+        matrices on every call, a fifth of a decode step's time on the CPU (bench/NOTES.md)."""
         H, K = self.num_heads, self.head_dim
-        w = torch.cat([self.in_proj.weight, self.router.weight], dim=0)
-        b = torch.cat([self.router.bias.new_zeros(self.in_proj.out_features), self.router.bias])
-        proj = F.linear(x, w.to(x.dtype), b.to(x.dtype))
-        qkv, z, r = proj.split([self.qkv_dim, H * K, self.router.out_features], dim=-1)
+        qkv, z = F.linear(x, self.in_proj.weight.to(x.dtype)).split([self.qkv_dim, H * K], dim=-1)
+        r = F.linear(x, self.router.weight.to(x.dtype), self.router.bias.to(x.dtype))
         logits, gate = self.router.split(r, self.states.log_importance())
         return qkv, z, logits, gate
 

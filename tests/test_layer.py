@@ -276,3 +276,23 @@ def test_tiny_lm_learns_associative_recall():
     with torch.no_grad():
         acc = masked_accuracy(model(xe), ye)
     assert acc > 0.6, f"MQAR accuracy {acc:.3f} after 300 steps (chance 0.0625)"
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_short_conv_one_token_path_equals_full_pass(width):
+    """ShortConv's one-token path (a weighted sum over the cached window) gives the outputs and
+    caches of one conv1d pass over the whole sequence, token by token."""
+    from nstm.modules import ShortConv
+
+    torch.manual_seed(0)
+    conv = ShortConv(12, width)
+    with torch.no_grad():
+        conv.bias.normal_()
+    x = torch.randn(3, 9, 12)
+    full, full_cache = conv(x)
+    cache, outs = None, []
+    for t in range(x.shape[1]):
+        y, cache = conv(x[:, t:t + 1], cache)
+        outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cache, full_cache)
