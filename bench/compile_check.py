@@ -62,12 +62,14 @@ class Launch(dict):
 
 
 @contextlib.contextmanager
-def recording(arch: int):
+def recording(arch: int, dot: Optional[str] = None):
     """Within: Triton launches are recorded (not run) into the yielded list, and the device facts
-    that pick block sizes and ``num_warps`` are those of an sm_``arch`` GPU."""
+    that pick block sizes and ``num_warps`` are those of an sm_``arch`` GPU; ``dot`` overrides the
+    fp32 ``tl.dot`` precision (``device.DOT_PRECISIONS``)."""
     from triton.runtime.jit import JITFunction
 
     from nstm_kernels.triton import device as dev
+    from nstm_kernels.triton import s2s as s2s_mod
 
     launches: List[Launch] = []
     info = dev.DeviceInfo(True, (arch // 10, arch % 10), SHARED_LIMIT.get(arch, 99 * 1024),
@@ -77,13 +79,15 @@ def recording(arch: int):
         launches.append(describe(self, args, kwargs))
         return None
 
-    saved_run, saved_info = JITFunction.run, dev.device_info
+    saved = JITFunction.run, dev.device_info, s2s_mod.DOT_PRECISION
     JITFunction.run = run
     dev.device_info = lambda device: info
+    if dot is not None:
+        s2s_mod.DOT_PRECISION = dot
     try:
         yield launches
     finally:
-        JITFunction.run, dev.device_info = saved_run, saved_info
+        JITFunction.run, dev.device_info, s2s_mod.DOT_PRECISION = saved
 
 
 def describe(fn, args, kwargs) -> Launch:
@@ -179,11 +183,12 @@ def workloads(S: int, K: int, V: int, top_k: int, dtype: torch.dtype, s2s: bool)
             ("sequence recurrent/recurrent", sequence("recurrent", "recurrent"))]
 
 
-def record(arch: int, S: int, K: int, V: int, top_k: int, dtype: torch.dtype, s2s: bool) -> List[Launch]:
+def record(arch: int, S: int, K: int, V: int, top_k: int, dtype: torch.dtype, s2s: bool,
+           dot: Optional[str] = None) -> List[Launch]:
     """Every distinct launch of the workloads at these sizes, with the entry point that made it."""
     seen: Dict[str, Launch] = {}
     for name, go in workloads(S, K, V, top_k, dtype, s2s):
-        with recording(arch) as launches:
+        with recording(arch, dot) as launches:
             go()
         for launch in launches:
             launch["entry"] = name
@@ -240,24 +245,25 @@ def launch_label(launch: Launch) -> str:
     return "; ".join(x for x in (blocks, flags) if x)
 
 
-def check(archs, dims, dtypes, top_k=8, s2s=True, progress=True) -> List[dict]:
+def check(archs, dims, dtypes, top_k=8, s2s=True, progress=True, dots=(None,)) -> List[dict]:
+    from nstm_kernels.triton.s2s import dot_precision
+
     tool = cuobjdump()
     rows = []
-    for arch in archs:
-        for d in dims:
-            for dname in dtypes:
-                launches = record(arch, d, d, d, min(top_k, d), DTYPES[dname], s2s)
-                for launch in launches:
-                    row = dict(kernel=launch["name"], entry=launch["entry"], arch=f"sm_{arch}",
-                               dims=f"S=K=V={d}", dtype=dname, s2s=s2s,
-                               num_warps=launch["options"]["num_warps"], blocks=launch_label(launch))
-                    row.update(compile_launch(launch, arch, tool))
-                    rows.append(row)
-                    if progress:
-                        print(f"  {row['arch']} {row['dims']} {dname} {row['kernel']:<28} "
-                              f"{row['status']:<6} regs {row.get('registers', '-')} "
-                              f"stack {row.get('stack_bytes', '-')} shared {row.get('shared', '-')} "
-                              f"({row['compile_s']:.1f} s)", flush=True)
+    for arch, d, dname, dot in ((a, d, n, p) for a in archs for d in dims for n in dtypes for p in dots):
+        launches = record(arch, d, d, d, min(top_k, d), DTYPES[dname], s2s, dot)
+        for launch in launches:
+            row = dict(kernel=launch["name"], entry=launch["entry"], arch=f"sm_{arch}",
+                       dims=f"S=K=V={d}", dtype=dname, s2s=s2s,
+                       dot=dot or dot_precision(torch.float32),
+                       num_warps=launch["options"]["num_warps"], blocks=launch_label(launch))
+            row.update(compile_launch(launch, arch, tool))
+            rows.append(row)
+            if progress:
+                print(f"  {row['arch']} {row['dims']} {dname} {row['dot']:<6} {row['kernel']:<28} "
+                      f"{row['status']:<6} regs {row.get('registers', '-')} "
+                      f"stack {row.get('stack_bytes', '-')} shared {row.get('shared', '-')} "
+                      f"({row['compile_s']:.1f} s)", flush=True)
     return rows
 
 
@@ -268,12 +274,12 @@ def markdown(rows: List[dict], meta: dict) -> str:
            "(no GPU: nothing here ran, it only compiled)",
            "- registers / stack from `cuobjdump -res-usage`; stack > 0 means spills to local memory",
            f"- top_k = {meta['top_k']}, s2s = {meta['s2s']}", "",
-           "| kernel | entry | target | dims | dtype | warps | blocks | status | regs | stack B | shared KiB | fits (shared memory) |",
-           "|---|---|---|---|---|---:|---|---|---:|---:|---:|---|"]
+           "| kernel | entry | target | dims | dtype | fp32 dot | warps | blocks | status | regs | stack B | shared KiB | fits (shared memory) |",
+           "|---|---|---|---|---|---|---:|---|---|---:|---:|---:|---|"]
     for r in rows:
         shared = f"{r['shared'] / 1024:.1f}" if "shared" in r else "-"
         status = r["status"] if r["status"] != "error" else f"error: {r['error'][:120]}"
-        out.append(f"| {r['kernel']} | {r['entry']} | {r['arch']} | {r['dims']} | {r['dtype']} | "
+        out.append(f"| {r['kernel']} | {r['entry']} | {r['arch']} | {r['dims']} | {r['dtype']} | {r['dot']} | "
                    f"{r['num_warps']} | {r['blocks']} | {status} | {r.get('registers', '-')} | "
                    f"{r.get('stack_bytes', '-')} | {shared} | {', '.join(r.get('fits', [])) or '-'} |")
     return "\n".join(out) + "\n"
@@ -287,23 +293,33 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16"])
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--no-s2s", action="store_true", help="compile the kernels without s2s")
+    ap.add_argument("--dot", nargs="+", help="fp32 tl.dot precisions to compile (ieee, tf32, tf32x3; "
+                    "default: the package's, NSTM_TRITON_DOT)")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     for a in args.arch:
         if a not in SHARED_LIMIT:
             ap.error(f"--arch {a}: expected one of {sorted(SHARED_LIMIT)}")
+    from nstm_kernels.triton.device import DOT_PRECISIONS
+    for p in args.dot or []:
+        if p not in DOT_PRECISIONS:
+            ap.error(f"--dot {p}: expected one of {list(DOT_PRECISIONS)}")
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
+        ap.error(f"--tag {args.tag!r}: expected letters, digits, '.', '_' or '-'")
     for d in args.dims:
         if d < 1 or d > 256:
             ap.error(f"--dims {d}: expected 1..256")
 
     t0 = time.perf_counter()
-    rows = check(args.arch, args.dims, args.dtype, args.top_k, not args.no_s2s, not args.quiet)
+    rows = check(args.arch, args.dims, args.dtype, args.top_k, not args.no_s2s, not args.quiet,
+                 args.dot or (None,))
     commit = git_commit()
     meta = dict(commit=commit, triton=triton.__version__, host=cpu_name(),
                 top_k=args.top_k, s2s=not args.no_s2s, elapsed_s=time.perf_counter() - t0)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"compile-{commit}")
+    stem = os.path.join(args.out, f"compile-{commit}" + (f"-{args.tag}" if args.tag else ""))
     md = markdown(rows, meta)
     atomic_write(stem + ".json", json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
     atomic_write(stem + ".md", md)

@@ -200,9 +200,9 @@ def state_warps(BS: int, BD: int) -> int:
     return min(16, max(4, BS * BD // 256))
 
 
-def _meta(S, K, V, top_k, dt):
+def _meta(S, K, V, top_k, dt, device):
     return dict(TOP_K=top_k, EPS=torch.finfo(dt).eps, BLOCK_S=dot_block(S), BLOCK_K=dot_block(K),
-                BLOCK_V=dot_block(V), DT=compute_tl_dtype(dt), PREC=dot_precision(dt))
+                BLOCK_V=dot_block(V), DT=compute_tl_dtype(dt), PREC=dot_precision(dt, device))
 
 
 def chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, wv, mix, top_k, pos, comm_every, scale):
@@ -226,7 +226,7 @@ def chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, wv, mix, top_k, pos, comm_eve
     fv = torch.empty(B, H, S, V, dtype=dt, device=dev)
     bk = torch.empty(B, H, NC, S, K, dtype=dt, device=dev)
     bv = torch.empty(B, H, NC, S, V, dtype=dt, device=dev)
-    meta = _meta(S, K, V, top_k, dt)
+    meta = _meta(S, K, V, top_k, dt, dev)
     BS, BK, BV = meta["BLOCK_S"], meta["BLOCK_K"], meta["BLOCK_V"]
     L, SUB = pow2(chunk_length(), 16), sub_chunk_length()
     dummy = fk

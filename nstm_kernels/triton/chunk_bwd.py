@@ -284,7 +284,7 @@ def chunk_backward(ctx, do, dkf, dvf):
     NC = g.seg.numel() - 1
     ak = torch.empty(B, H, NC, S, K, dtype=dt, device=dev)   # local entry, then exit adjoints
     av = torch.empty(B, H, NC, S, V, dtype=dt, device=dev)
-    meta = _meta(S, K, V, g.top_k, dt)
+    meta = _meta(S, K, V, g.top_k, dt, dev)
     BS, BK, BV = meta["BLOCK_S"], meta["BLOCK_K"], meta["BLOCK_V"]
     SUB = sub_chunk_length()
     lcs = torch.empty(NC * B * H * SUB * BS, dtype=dt, device=dev)   # pass C's row scratch

@@ -69,10 +69,24 @@ def compute_tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-# The fp32 tl.dot precision. "ieee" keeps every product exact to fp32, so the kernels match the
-# PyTorch paths to ~1e-6; "tf32" is faster on tensor cores but rounds the inputs to 10 bits of
-# mantissa. NSTM_TRITON_TF32=1 opts in to tf32.
-DOT_PRECISION = "tf32" if os.environ.get("NSTM_TRITON_TF32", "0") == "1" else "ieee"
+DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def dot_precision_from_env() -> str:
+    """The fp32 ``tl.dot`` precision: ``NSTM_TRITON_DOT`` (one of ``DOT_PRECISIONS``), else "tf32"
+    when ``NSTM_TRITON_TF32=1``, else "tf32x3".
+
+    "ieee" keeps every product exact to fp32 but runs on the FMA units, and at S = K = V = 64
+    ptxas then keeps whole [64, 64] tiles in local memory: 14-19 KB of stack per thread in the s2s,
+    step and recurrent kernels (bench/compile_check.py, bench/NOTES.md). "tf32x3" splits each
+    fp32 operand into two tf32 parts and sums three tensor-core products, which recovers about
+    fp32 accuracy, and the same kernels compile with at most 0.7 KB of stack. "tf32" is one pass
+    with the inputs rounded to 10 mantissa bits. GPUs before sm_80 get "ieee" (``s2s.dot_precision``);
+    fp64 always does. Under the interpreter the precision makes no difference."""
+    kind = os.environ.get("NSTM_TRITON_DOT")
+    if kind is None:
+        return "tf32" if os.environ.get("NSTM_TRITON_TF32", "0") == "1" else "tf32x3"
+    return choose("the fp32 dot precision", kind, "NSTM_TRITON_DOT", DOT_PRECISIONS)
 
 
 def segment_length() -> int:
@@ -108,3 +122,6 @@ def choose(what: str, kind, env: str, choices) -> str:
     if kind not in choices:
         raise ValueError(f"{what} must be one of {choices} (argument or {env}), got {kind!r}")
     return kind
+
+
+DOT_PRECISION = dot_precision_from_env()

@@ -219,7 +219,7 @@ def segment_starts(T: int, pos: int, comm_every: int, has_s2s: bool, seg_len: in
 def _meta(S, K, V, top_k, dt, device):
     BS, BK, BV = dot_block(S), pow2(K, 16), dot_block(V)
     return dict(TOP_K=top_k, BLOCK_S=BS, BLOCK_K=BK, BLOCK_V=BV, BLOCK_TK=pow2(top_k, 2),
-                DT=compute_tl_dtype(dt), PREC=dot_precision(dt),
+                DT=compute_tl_dtype(dt), PREC=dot_precision(dt, device),
                 num_warps=tile_warps(BS * max(BK, BV), device))
 
 

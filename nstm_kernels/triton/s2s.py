@@ -17,11 +17,18 @@ import triton.language as tl
 
 from ..state import S2SParams
 from ..utils import compute_dtype
+from . import device as _device
 from .device import DOT_PRECISION, compute_tl_dtype, dot_block, tile_warps
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float64 else DOT_PRECISION
+def dot_precision(dtype: torch.dtype, device=None) -> str:
+    """The ``input_precision`` of the kernels' fp32 ``tl.dot``s: "ieee" for fp64 and on GPUs
+    without tf32 tensor cores (before sm_80), else ``DOT_PRECISION`` (see ``device.py``)."""
+    if dtype == torch.float64:
+        return "ieee"
+    if device is not None and _device.device_info(torch.device(device)).capability < (8, 0):
+        return "ieee"
+    return DOT_PRECISION
 
 
 @triton.jit
@@ -203,7 +210,7 @@ def pack_weights(s2s: S2SParams, dt: torch.dtype):
 
 def _launch_meta(S: int, V: int, dtype: torch.dtype, device):
     BS, BV = dot_block(S), dot_block(V)
-    return dict(BLOCK_S=BS, BLOCK_V=BV, DT=compute_tl_dtype(dtype), PREC=dot_precision(dtype),
+    return dict(BLOCK_S=BS, BLOCK_V=BV, DT=compute_tl_dtype(dtype), PREC=dot_precision(dtype, device),
                 num_warps=tile_warps(max(BS, BV) * BV, device))
 
 

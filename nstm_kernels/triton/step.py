@@ -108,6 +108,6 @@ def triton_nstm_step(q, k, v, route_logits, write_gate, top_k: int, s2s: Optiona
                 H, S, K, V, scale, 1.0 / math.sqrt(V),
                 TOP_K=top_k, HAS_STATE=state is not None, IS_EVENT=is_event,
                 BLOCK_S=BS, BLOCK_K=BK, BLOCK_V=BV, BLOCK_TK=pow2(top_k, 2),
-                DT=compute_tl_dtype(q.dtype), PREC=dot_precision(dt),
+                DT=compute_tl_dtype(q.dtype), PREC=dot_precision(dt, dev),
                 num_warps=tile_warps(BS * max(BK, BV), dev))
     return o, NSTMState(nk, nv, pos + 1)
