@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench bench-gpu bench-wheels data clean help
+.PHONY: test test-fast demo bench bench-gpu bench-wheels compile-check data clean help
 
 help:
 	@echo "make test   - set up .venv and run the whole test suite (CPU; Triton kernels via the interpreter)"
@@ -13,6 +13,7 @@ help:
 	@echo "make bench  - operator sweep and model throughput (GPU when present, else small CPU runs)"
 	@echo "make data   - download MNIST and Shakespeare into data/ (idempotent, checksummed)"
 	@echo "make bench-gpu - the benchmarks with the system python (a GPU machine with torch installed, no venv)"
+	@echo "make compile-check - compile every Triton kernel for sm_80/sm_90 without a GPU: registers, spills, shared memory"
 
 $(STAMP): requirements-dev.txt setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +46,9 @@ bench-gpu:
 	-$(PY) -m pip install -q --no-deps --no-index --find-links .whl --target /tmp/nstm-site $(FLA_WHEELS) 2>/dev/null
 	PYTHONPATH=$(CURDIR):/tmp/nstm-site $(PY) bench/sweep.py
 	PYTHONPATH=$(CURDIR):/tmp/nstm-site $(PY) bench/models.py
+
+compile-check: $(STAMP)
+	$(BIN)/python bench/compile_check.py --arch 90 80 --dims 64 128
 
 bench-wheels:
 	$(PY) -m pip download -q --no-deps -d .whl $(FLA_WHEELS)

@@ -79,15 +79,16 @@ def recording(arch: int, dot: Optional[str] = None):
         launches.append(describe(self, args, kwargs))
         return None
 
-    saved = JITFunction.run, dev.device_info, s2s_mod.DOT_PRECISION
+    saved = JITFunction.run, dev.device_info, s2s_mod.DOT_PRECISION, s2s_mod.CHUNK_DOT_PRECISION
     JITFunction.run = run
     dev.device_info = lambda device: info
     if dot is not None:
-        s2s_mod.DOT_PRECISION = dot
+        s2s_mod.DOT_PRECISION = s2s_mod.CHUNK_DOT_PRECISION = dot
     try:
         yield launches
     finally:
-        JITFunction.run, dev.device_info, s2s_mod.DOT_PRECISION = saved
+        (JITFunction.run, dev.device_info, s2s_mod.DOT_PRECISION,
+         s2s_mod.CHUNK_DOT_PRECISION) = saved
 
 
 def describe(fn, args, kwargs) -> Launch:
@@ -246,8 +247,6 @@ def launch_label(launch: Launch) -> str:
 
 
 def check(archs, dims, dtypes, top_k=8, s2s=True, progress=True, dots=(None,)) -> List[dict]:
-    from nstm_kernels.triton.s2s import dot_precision
-
     tool = cuobjdump()
     rows = []
     for arch, d, dname, dot in ((a, d, n, p) for a in archs for d in dims for n in dtypes for p in dots):
@@ -255,7 +254,7 @@ def check(archs, dims, dtypes, top_k=8, s2s=True, progress=True, dots=(None,)) -
         for launch in launches:
             row = dict(kernel=launch["name"], entry=launch["entry"], arch=f"sm_{arch}",
                        dims=f"S=K=V={d}", dtype=dname, s2s=s2s,
-                       dot=dot or dot_precision(torch.float32),
+                       dot=dot or str(launch["constexprs"].get("PREC", "-")),
                        num_warps=launch["options"]["num_warps"], blocks=launch_label(launch))
             row.update(compile_launch(launch, arch, tool))
             rows.append(row)

@@ -202,7 +202,7 @@ def state_warps(BS: int, BD: int) -> int:
 
 def _meta(S, K, V, top_k, dt, device):
     return dict(TOP_K=top_k, EPS=torch.finfo(dt).eps, BLOCK_S=dot_block(S), BLOCK_K=dot_block(K),
-                BLOCK_V=dot_block(V), DT=compute_tl_dtype(dt), PREC=dot_precision(dt, device))
+                BLOCK_V=dot_block(V), DT=compute_tl_dtype(dt), PREC=dot_precision(dt, device, chunk=True))
 
 
 def chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, wv, mix, top_k, pos, comm_every, scale):

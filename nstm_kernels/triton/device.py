@@ -72,20 +72,23 @@ def compute_tl_dtype(dtype: torch.dtype):
 DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
-def dot_precision_from_env() -> str:
+def dot_precision_from_env(default: str = "tf32x3") -> str:
     """The fp32 ``tl.dot`` precision: ``NSTM_TRITON_DOT`` (one of ``DOT_PRECISIONS``), else "tf32"
-    when ``NSTM_TRITON_TF32=1``, else "tf32x3".
+    when ``NSTM_TRITON_TF32=1``, else ``default``: "tf32x3" for the s2s, step and recurrent
+    kernels, "ieee" for the chunk passes (``CHUNK_DOT_PRECISION``).
 
     "ieee" keeps every product exact to fp32 but runs on the FMA units, and at S = K = V = 64
     ptxas then keeps whole [64, 64] tiles in local memory: 14-19 KB of stack per thread in the s2s,
     step and recurrent kernels (bench/compile_check.py, bench/NOTES.md). "tf32x3" splits each
     fp32 operand into two tf32 parts and sums three tensor-core products, which recovers about
-    fp32 accuracy, and the same kernels compile with at most 0.7 KB of stack. "tf32" is one pass
+    fp32 accuracy, and the same kernels compile with at most 0.7 KB of stack. The chunk passes go
+    the other way (sm_80 boundary pass: 1.9 KB with "ieee", 10.7 KB with "tf32x3"), so they keep
+    "ieee" unless the variable says otherwise. "tf32" is one pass
     with the inputs rounded to 10 mantissa bits. GPUs before sm_80 get "ieee" (``s2s.dot_precision``);
     fp64 always does. Under the interpreter the precision makes no difference."""
     kind = os.environ.get("NSTM_TRITON_DOT")
     if kind is None:
-        return "tf32" if os.environ.get("NSTM_TRITON_TF32", "0") == "1" else "tf32x3"
+        return "tf32" if os.environ.get("NSTM_TRITON_TF32", "0") == "1" else default
     return choose("the fp32 dot precision", kind, "NSTM_TRITON_DOT", DOT_PRECISIONS)
 
 
@@ -124,4 +127,5 @@ def choose(what: str, kind, env: str, choices) -> str:
     return kind
 
 
-DOT_PRECISION = dot_precision_from_env()
+DOT_PRECISION = dot_precision_from_env()                 # s2s, step, recurrent kernels
+CHUNK_DOT_PRECISION = dot_precision_from_env("ieee")     # chunk forward and backward passes

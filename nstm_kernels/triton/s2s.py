@@ -18,17 +18,18 @@ import triton.language as tl
 from ..state import S2SParams
 from ..utils import compute_dtype
 from . import device as _device
-from .device import DOT_PRECISION, compute_tl_dtype, dot_block, tile_warps
+from .device import CHUNK_DOT_PRECISION, DOT_PRECISION, compute_tl_dtype, dot_block, tile_warps
 
 
-def dot_precision(dtype: torch.dtype, device=None) -> str:
+def dot_precision(dtype: torch.dtype, device=None, chunk: bool = False) -> str:
     """The ``input_precision`` of the kernels' fp32 ``tl.dot``s: "ieee" for fp64 and on GPUs
-    without tf32 tensor cores (before sm_80), else ``DOT_PRECISION`` (see ``device.py``)."""
+    without tf32 tensor cores (before sm_80), else ``CHUNK_DOT_PRECISION`` for the chunk passes
+    (``chunk=True``) and ``DOT_PRECISION`` for the others (see ``device.py``)."""
     if dtype == torch.float64:
         return "ieee"
     if device is not None and _device.device_info(torch.device(device)).capability < (8, 0):
         return "ieee"
-    return DOT_PRECISION
+    return CHUNK_DOT_PRECISION if chunk else DOT_PRECISION
 
 
 @triton.jit
