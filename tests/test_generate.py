@@ -246,14 +246,10 @@ def test_static_decoder_graph_state_matches_eager_on_gpu():
 def test_models_bench_quick_smoke(tmp_path):
     """bench/models.py --quick: the CPU smoke run writes its JSON/MD with device and commit in
     every row, NSTM's state the same size at every context."""
-    import importlib.util
     import json
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "models.py")
-    spec = importlib.util.spec_from_file_location("bench_models", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_models_module()
     threads = torch.get_num_threads()
     try:
         rows, meta, stem = mod.main(["--quick", "--no-progress", "--no-plot", "--out", str(tmp_path)])
