@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import NSTMConfig
 from .layer import NSTMLayer, NSTMLayerState
 from .modules import RMSNorm
 
@@ -131,6 +132,10 @@ class NSTMLM(_NSTMStack):
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
         self.vocab_size = vocab_size
+        self.config = NSTMConfig(d_model=d_model, num_heads=num_heads, num_states=num_states, top_k=top_k,
+                                 comm_every=comm_every, head_dim=head_dim, conv_size=conv_size,
+                                 use_s2s=use_s2s, backend=backend, n_layers=n_layers,
+                                 mlp_ratio=mlp_ratio, vocab_size=vocab_size, tie_weights=tie_weights)
         self.embed = nn.Embedding(vocab_size, d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
         self._make_blocks(d_model, n_layers, num_heads, mlp_ratio,
@@ -141,6 +146,15 @@ class NSTMLM(_NSTMStack):
         for name, p in self.named_parameters():
             if name.endswith("out_proj.weight") or name.endswith("down.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))
+
+    @classmethod
+    def from_config(cls, config: NSTMConfig) -> "NSTMLM":
+        """The language model ``config`` describes (``config.vocab_size`` must be set)."""
+        if not isinstance(config, NSTMConfig):
+            raise TypeError(f"config must be an NSTMConfig, got {type(config).__name__}")
+        if config.vocab_size is None:
+            raise ValueError("NSTMLM needs config.vocab_size")
+        return cls(**config.to_dict())
 
     def _check_tokens(self, idx, ndim):
         if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
@@ -298,10 +312,26 @@ class NSTMClassifier(_NSTMStack):
         if pool not in ("mean", "last"):
             raise ValueError(f"pool must be 'mean' or 'last', got {pool!r}")
         self.pool, self.input_dim, self.vocab_size = pool, input_dim, vocab_size
+        self.num_classes = num_classes
+        self.config = NSTMConfig(d_model=d_model, num_heads=num_heads, num_states=num_states, top_k=top_k,
+                                 comm_every=comm_every, head_dim=head_dim, conv_size=conv_size,
+                                 use_s2s=use_s2s, backend=backend, n_layers=n_layers,
+                                 mlp_ratio=mlp_ratio, vocab_size=vocab_size, tie_weights=False)
         self.inp = nn.Linear(input_dim, d_model) if input_dim is not None else nn.Embedding(vocab_size, d_model)
         self._make_blocks(d_model, n_layers, num_heads, mlp_ratio,
                           _layer_kwargs(num_states, top_k, comm_every, head_dim, conv_size, use_s2s, backend))
         self.head = nn.Linear(d_model, num_classes)
+
+    @classmethod
+    def from_config(cls, config: NSTMConfig, num_classes: int, input_dim: Optional[int] = None,
+                    pool: str = "mean") -> "NSTMClassifier":
+        """The classifier ``config`` describes: token ids when ``config.vocab_size`` is set, else
+        continuous inputs of ``input_dim`` features (``tie_weights`` does not apply)."""
+        if not isinstance(config, NSTMConfig):
+            raise TypeError(f"config must be an NSTMConfig, got {type(config).__name__}")
+        kw = config.to_dict()
+        kw.pop("tie_weights")
+        return cls(num_classes, input_dim=input_dim, pool=pool, **kw)
 
     @staticmethod
     def check_inputs(x, input_dim: Optional[int]) -> None:
