@@ -62,14 +62,13 @@ class Launch(dict):
 
 
 @contextlib.contextmanager
-def recording(arch: int, dot: Optional[str] = None):
+def recording(arch: int):
     """Within: Triton launches are recorded (not run) into the yielded list, and the device facts
-    that pick block sizes and ``num_warps`` are those of an sm_``arch`` GPU; ``dot`` overrides the
-    fp32 ``tl.dot`` precision (``device.DOT_PRECISIONS``)."""
+    that pick block sizes, ``num_warps`` and the dot precision are those of an sm_``arch`` GPU."""
     from triton.runtime.jit import JITFunction
 
     from nstm_kernels.triton import device as dev
-    from nstm_kernels.triton import s2s as s2s_mod
+    from nstm_kernels.triton import utils as tutils
 
     launches: List[Launch] = []
     info = dev.DeviceInfo(True, (arch // 10, arch % 10), SHARED_LIMIT.get(arch, 99 * 1024),
@@ -79,16 +78,13 @@ def recording(arch: int, dot: Optional[str] = None):
         launches.append(describe(self, args, kwargs))
         return None
 
-    saved = JITFunction.run, dev.device_info, s2s_mod.DOT_PRECISION, s2s_mod.CHUNK_DOT_PRECISION
+    saved = JITFunction.run, dev.device_info, tutils.device_info
     JITFunction.run = run
-    dev.device_info = lambda device: info
-    if dot is not None:
-        s2s_mod.DOT_PRECISION = s2s_mod.CHUNK_DOT_PRECISION = dot
+    dev.device_info = tutils.device_info = lambda device: info
     try:
         yield launches
     finally:
-        (JITFunction.run, dev.device_info, s2s_mod.DOT_PRECISION,
-         s2s_mod.CHUNK_DOT_PRECISION) = saved
+        JITFunction.run, dev.device_info, tutils.device_info = saved
 
 
 def describe(fn, args, kwargs) -> Launch:
@@ -134,8 +130,10 @@ def launch_key(launch: Launch) -> str:
 
 
 # ------------------------------------------------------------------------------------ workloads
-def workloads(S: int, K: int, V: int, top_k: int, dtype: torch.dtype, s2s: bool):
-    """(name, callable) pairs that drive every Triton kernel once at these sizes."""
+def workloads(S: int, K: int, V: int, top_k: int, dtype: torch.dtype, s2s: bool,
+              dot: Optional[str] = None):
+    """(name, callable) pairs that drive every Triton kernel once at these sizes; ``dot`` is the
+    fp32 ``tl.dot`` precision (None: the package's defaults)."""
     from nstm_kernels.state import NSTMState, S2SParams
     from nstm_kernels.triton import (triton_nstm, triton_nstm_step, triton_sparse_route,
                                      triton_state_attention)
@@ -154,27 +152,21 @@ def workloads(S: int, K: int, V: int, top_k: int, dtype: torch.dtype, s2s: bool)
         w.sum().backward()
 
     def state_attention():
-        triton_state_attention(t(B, H, S, V), params(force=True)).sum().backward()
+        triton_state_attention(t(B, H, S, V), params(force=True), dot_precision=dot).sum().backward()
 
     def step():
         with torch.no_grad():
             st = NSTMState(torch.zeros(B, H, S, K), torch.zeros(B, H, S, V), C - 1)
             triton_nstm_step(t(B, H, K, grad=False), t(B, H, K, grad=False), t(B, H, V, grad=False),
-                             t(B, H, S, grad=False), t(B, H, grad=False), top_k, params(), C, st)
+                             t(B, H, S, grad=False), t(B, H, grad=False), top_k, params(), C, st,
+                             dot_precision=dot)
 
     def sequence(forward: str, backward: str):
         def go():
-            old = os.environ.get("NSTM_TRITON_BWD")
-            os.environ["NSTM_TRITON_BWD"] = backward
-            try:
-                o, _ = triton_nstm(t(B, T, H, K), t(B, T, H, K), t(B, T, H, V), t(B, T, H, S),
-                                   t(B, T, H), top_k, params(), C, forward=forward)
-                o.float().sum().backward()
-            finally:
-                if old is None:
-                    os.environ.pop("NSTM_TRITON_BWD", None)
-                else:
-                    os.environ["NSTM_TRITON_BWD"] = old
+            o, _ = triton_nstm(t(B, T, H, K), t(B, T, H, K), t(B, T, H, V), t(B, T, H, S),
+                               t(B, T, H), top_k, params(), C, forward=forward, backward=backward,
+                               dot_precision=dot)
+            o.float().sum().backward()
         return go
 
     return [("route", route), ("s2s", state_attention), ("step", step),
@@ -186,8 +178,8 @@ def record(arch: int, S: int, K: int, V: int, top_k: int, dtype: torch.dtype, s2
            dot: Optional[str] = None) -> List[Launch]:
     """Every distinct launch of the workloads at these sizes, with the entry point that made it."""
     seen: Dict[str, Launch] = {}
-    for name, go in workloads(S, K, V, top_k, dtype, s2s):
-        with recording(arch, dot) as launches:
+    for name, go in workloads(S, K, V, top_k, dtype, s2s, dot):
+        with recording(arch) as launches:
             go()
         for launch in launches:
             launch["entry"] = name
@@ -299,7 +291,7 @@ def main(argv=None) -> int:
     for a in args.arch:
         if a not in SHARED_LIMIT:
             ap.error(f"--arch {a}: expected one of {sorted(SHARED_LIMIT)}")
-    from nstm_kernels.triton.device import DOT_PRECISIONS
+    from nstm_kernels.settings import DOT_PRECISIONS
     for p in args.dot or []:
         if p not in DOT_PRECISIONS:
             ap.error(f"--dot {p}: expected one of {list(DOT_PRECISIONS)}")

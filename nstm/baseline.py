@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import MLP, NSTMClassifier, check_generate_args, sample_next
-from .modules import RMSNorm
+from .generation import GenerateMixin, check_tokens
+from .models import NSTMLM, NSTMClassifier
+from .modules import MLP, RMSNorm, check_classifier_inputs, pool_hidden
 
 __all__ = ["TransformerLM", "TransformerClassifier", "KVCache", "matched_transformer_config",
            "apply_rotary", "rotary_cos_sin", "count_parameters"]
@@ -195,7 +196,7 @@ class _TransformerStack(nn.Module):
 
 
 # ---- language model ----------------------------------------------------------------------------
-class TransformerLM(_TransformerStack):
+class TransformerLM(GenerateMixin, _TransformerStack):
     """GPT-style language model: token embedding, pre-norm blocks with RoPE attention and SwiGLU
     MLP, final RMSNorm, tied output head.
 
@@ -219,19 +220,9 @@ class TransformerLM(_TransformerStack):
             self.head.weight = self.embed.weight
         self._init_residual_out()
 
-    def _check_tokens(self, idx, ndim):
-        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"tokens must be an int64 tensor, got "
-                            f"{getattr(idx, 'dtype', type(idx).__name__)}")
-        if idx.dim() != ndim:
-            raise ValueError(f"tokens must have shape {'[B, T]' if ndim == 2 else '[B]'}, got {list(idx.shape)}")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got range "
-                             f"[{int(idx.min())}, {int(idx.max())}]")
-
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """``idx [B, T]`` -> ``logits [B, T, vocab]`` (causal)."""
-        self._check_tokens(idx, 2)
+        check_tokens(idx, 2, self.vocab_size)
         if self.max_len is not None and idx.shape[1] > self.max_len:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds max_len {self.max_len}")
         return self.head(self._run(self.embed(idx)))
@@ -267,7 +258,7 @@ class TransformerLM(_TransformerStack):
     def prefill(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run ``idx [B, T]`` after what ``cache`` holds, writing its keys/values into the cache.
         Returns ``logits [B, T, vocab]``."""
-        self._check_tokens(idx, 2)
+        check_tokens(idx, 2, self.vocab_size)
         self._check_cache(cache, idx.shape[0], idx.shape[1])
         start = cache.length
         h = self._run(self.embed(idx), start, cache)
@@ -277,39 +268,19 @@ class TransformerLM(_TransformerStack):
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, cache: KVCache):
         """One token per sequence: ``tokens [B]`` -> ``(logits [B, vocab], cache)`` (updated in place)."""
-        self._check_tokens(tokens, 1)
+        check_tokens(tokens, 1, self.vocab_size)
         return self.prefill(tokens[:, None], cache)[:, 0], cache
 
     def cache_bytes(self, cache: KVCache) -> int:
         """Bytes allocated by ``cache`` (keys and values of every layer, all ``max_len`` positions)."""
         return cache.nbytes()
 
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, greedy: bool = False,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Continue ``idx [B, T]`` by ``max_new_tokens`` tokens; returns ``[B, T + max_new_tokens]``.
-
-        Same sampling options as ``NSTMLM.generate``; the prompt is prefilled into a KV cache sized
-        for the whole output, then one ``step`` per token."""
-        self._check_tokens(idx, 2)
-        check_generate_args(max_new_tokens, temperature, top_k, top_p)
-        if max_new_tokens == 0:
-            return idx
-        was_training = self.training
-        self.eval()
-        try:
-            cache = self.init_cache(idx.shape[0], idx.shape[1] + max_new_tokens - 1, device=idx.device)
-            logits = self.prefill(idx, cache)[:, -1]
-            out = [idx]
-            for i in range(max_new_tokens):
-                nxt = sample_next(logits, temperature, top_k, top_p, greedy, generator)
-                out.append(nxt[:, None])
-                if i + 1 < max_new_tokens:
-                    logits, cache = self.step(nxt, cache)
-        finally:
-            self.train(was_training)
-        return torch.cat(out, dim=1)
+    def _decoder(self, idx, max_new_tokens):
+        """``generate``: the prompt into a KV cache sized for the whole output, then one ``step``
+        per token."""
+        cache = self.init_cache(idx.shape[0], idx.shape[1] + max_new_tokens - 1, device=idx.device)
+        logits = self.prefill(idx, cache)[:, -1]
+        return logits, lambda tokens: self.step(tokens, cache)[0]
 
     def extra_repr(self) -> str:
         return (f"vocab_size={self.vocab_size}, d_model={self.d_model}, n_layers={self.n_layers}, "
@@ -342,14 +313,14 @@ class TransformerClassifier(_TransformerStack):
         """``x [B, T, input_dim]`` or ``[B, T]`` token ids -> class logits ``[B, num_classes]``.
 
         ``lengths [B]``: valid positions per sequence (right padding beyond them is ignored)."""
-        NSTMClassifier.check_inputs(x, self.input_dim)
+        check_classifier_inputs(x, self.input_dim)
         if self.max_len is not None and x.shape[1] > self.max_len:
             raise ValueError(f"sequence length {x.shape[1]} exceeds max_len {self.max_len}")
         if not self.blocks[0].attn.causal and lengths is not None:
             raise ValueError("lengths with a bidirectional classifier would attend to padding; "
                              "use causal=True or unpadded inputs")
         h = self._run(self.inp(x))
-        return self.head(NSTMClassifier.pool_hidden(h, self.pool, lengths))
+        return self.head(pool_hidden(h, self.pool, lengths))
 
 
 # ---- parameter matching ------------------------------------------------------------------------
@@ -379,8 +350,6 @@ def matched_transformer_config(nstm_model_or_param_count: Union[nn.Module, int],
         cfg = matched_transformer_config(nstm_lm)
         baseline = TransformerLM(**cfg)
     """
-    from .models import NSTMLM
-
     src = nstm_model_or_param_count
     classifier = num_classes is not None
     if isinstance(src, nn.Module):

@@ -99,7 +99,7 @@ def main(argv=None):
     model.eval()
     with torch.no_grad():
         x, _ = make_batch(args.task, 1, args.size, args.vocab, torch.Generator().manual_seed(7))
-        _, maps = model(x, return_maps=True)
+        maps = model(x, return_maps=True).maps
     layer0 = model.nstm_layers()[0]
     paths = [
         plots.routing_map(maps[0]["indices"], maps[0]["weights"], layer0.num_states,

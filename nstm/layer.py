@@ -1,16 +1,22 @@
-"""NSTMLayer: the drop-in sequence mixer around the fused NSTM operator (spec §5)."""
+"""NSTMLayer: the drop-in sequence mixer around the fused NSTM operator (spec §5).
+
+Results: ``forward`` returns ``y`` unless ``return_state`` or ``return_maps`` is asked for; then a
+``LayerOutput(y, state, maps)`` with None in the fields not asked for. ``step`` returns
+``(y, new_state)``. The blocks and the models follow the same rule.
+"""
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from nstm_kernels import (NSTMState, nstm_attention, nstm_attention_with_maps, nstm_step,
-                          sparse_route)
+                          nstm_step_, sparse_route)
 
+from .config import NSTMConfig
 from .modules import RMSNorm, ShortConv
 from .router import TokenToStateRouter
 from .s2s import StateToStateAttention
@@ -22,6 +28,21 @@ class NSTMLayerState(NamedTuple):
 
     op: NSTMState
     conv: Optional[torch.Tensor]       # [B, conv_size - 1, channels] or None without a conv
+
+    def detach(self) -> "NSTMLayerState":
+        """The same state cut from the autograd graph, for truncated backpropagation through time:
+        ``y, st = layer(x1, return_state=True)[:2]; layer(x2, state=st.detach())``."""
+        return NSTMLayerState(self.op.detach(), None if self.conv is None else self.conv.detach())
+
+
+class LayerOutput(NamedTuple):
+    """What ``NSTMLayer.forward`` (and ``NSTMBlock.forward``) return when a state or maps are asked
+    for: ``y [B, T, D]``, the ``NSTMLayerState`` after the last token (or None), the maps dict
+    (or None)."""
+
+    y: torch.Tensor
+    state: Optional[NSTMLayerState]
+    maps: Optional[Dict[str, Any]]
 
 
 class NSTMLayer(nn.Module):
@@ -43,6 +64,12 @@ class NSTMLayer(nn.Module):
         >>> layer = NSTMLayer(d_model=64, num_heads=4, num_states=16, top_k=4)
         >>> y = layer(torch.randn(2, 100, 64))          # [2, 100, 64]
         >>> loss = y.pow(2).mean() + 0.01 * layer.aux_loss
+        >>> y, state, _ = layer(torch.randn(2, 100, 64), return_state=True)
+        >>> y1, state = layer.step(torch.randn(2, 1, 64), state)     # [2, 1, 64]
+
+    ``aux_loss`` is the Switch-style load-balancing loss of the last forward: set by every forward
+    (a differentiable tensor in training mode or with ``return_maps``, else a zero tensor, so it
+    is never left over from an earlier call). The models sum it over their layers (``model.aux_loss``).
     """
 
     def __init__(self, d_model: int, num_heads: int, num_states: int = 64, top_k: int = 8,
@@ -77,6 +104,19 @@ class NSTMLayer(nn.Module):
         nn.init.normal_(self.out_proj.weight, std=1.0 / math.sqrt(H * K))
         self.aux_loss = torch.zeros(())
 
+    @classmethod
+    def from_config(cls, config: NSTMConfig) -> "NSTMLayer":
+        """The layer ``config`` describes (its layer fields, ``d_model`` and ``num_heads``)."""
+        return cls(config.d_model, config.num_heads, **config.layer_kwargs())
+
+    @property
+    def config(self) -> NSTMConfig:
+        """This layer's settings (the model fields at their defaults)."""
+        return NSTMConfig(d_model=self.d_model, num_heads=self.num_heads, num_states=self.num_states,
+                          top_k=self.top_k, comm_every=self.comm_every, head_dim=self.head_dim,
+                          conv_size=0 if self.conv is None else self.conv.width,
+                          use_s2s=self.s2s is not None, backend=self.backend)
+
     @property
     def num_states(self) -> int:
         return self.states.num_states
@@ -93,13 +133,18 @@ class NSTMLayer(nn.Module):
         return qkv, z, logits, gate
 
     def _validate(self, x: torch.Tensor, state, step: bool) -> None:
-        want = "[B, D]" if step else "[B, T, D]"
+        want = "[B, D] or [B, 1, D]" if step else "[B, T, D]"
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor of shape {want}, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating tensor, got {x.dtype}")
-        if x.dim() != (2 if step else 3) or x.shape[-1] != self.d_model:
+        ok_dims = (x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1)) if step else x.dim() == 3
+        if not ok_dims or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape {want} with D = {self.d_model}, got {list(x.shape)}")
+        if not step and x.shape[1] < 1:
+            raise ValueError(f"x must hold at least one token (T >= 1), got shape {list(x.shape)}")
+        if x.shape[0] < 1:
+            raise ValueError(f"x must hold at least one sequence (B >= 1), got shape {list(x.shape)}")
         if state is not None:
             if not isinstance(state, NSTMLayerState):
                 raise TypeError(f"state must be an NSTMLayerState (from return_state=True or "
@@ -131,10 +176,14 @@ class NSTMLayer(nn.Module):
         return (S * (frac * probs).sum(-1)).mean()
 
     def forward(self, x: torch.Tensor, state: Optional[NSTMLayerState] = None,
-                return_state: bool = False, return_maps: bool = False):
-        """``x [B, T, D]`` -> ``y [B, T, D]``; with ``return_state`` also the ``NSTMLayerState`` after
-        the last token (pass it back as ``state`` to continue the stream), with ``return_maps`` also a
-        dict of maps (routing indices/weights, read distributions, s2s attention)."""
+                return_state: bool = False, return_maps: bool = False
+                ) -> Union[torch.Tensor, LayerOutput]:
+        """``x [B, T, D]`` -> ``y [B, T, D]``.
+
+        With ``return_state`` or ``return_maps``: ``LayerOutput(y, state, maps)``, where ``state``
+        is the ``NSTMLayerState`` after the last token (pass it back as ``state`` to continue the
+        stream) and ``maps`` a dict (routing ``indices``/``weights``, ``read`` distributions,
+        ``s2s`` attention maps and their positions ``s2s_pos``); None when not asked for."""
         self._validate(x, state, step=False)
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
@@ -147,6 +196,7 @@ class NSTMLayer(nn.Module):
         s2s = self.s2s.params() if self.s2s is not None else None
         top_k = min(self.top_k, self.num_states)
         args = (q, k, v, logits, gate, top_k, s2s, self.comm_every, op_state, return_state)
+        maps = None
         if return_maps:
             o, final, maps = nstm_attention_with_maps(*args, backend=self.backend)
         else:
@@ -157,31 +207,51 @@ class NSTMLayer(nn.Module):
             self.aux_loss = self._aux(logits, indices, top_k)
             if self.training:
                 self.states.record_usage(indices, weights)
+        else:
+            self.aux_loss = logits.new_zeros((), dtype=torch.float32)
         y = self._finish(o, z)
-        out = (y,)
-        if return_state:
-            out += (NSTMLayerState(final, conv_cache),)
-        if return_maps:
-            out += (maps,)
-        return out[0] if len(out) == 1 else out
+        if not (return_state or return_maps):
+            return y
+        return LayerOutput(y, NSTMLayerState(final, conv_cache) if return_state else None, maps)
 
-    @torch.no_grad()
-    def step(self, x: torch.Tensor, state: NSTMLayerState):
-        """One token: ``x [B, D]`` and the state before it -> ``(y [B, D], new state)``."""
+    def step(self, x: torch.Tensor, state: NSTMLayerState, inplace: bool = False):
+        """One token: ``x [B, D]`` or ``[B, 1, D]`` and the state before it -> ``(y, new state)``,
+        ``y`` of ``x``'s shape.
+
+        ``inplace=True`` (static decoding, CUDA graphs; ``nstm.decode.StaticDecoder``) writes the
+        new slot memory and conv cache into ``state``'s own tensors (contiguous, fp32) and returns
+        ``state`` itself; ``state.op.pos`` may then be an int64 tensor of one element, which the
+        caller advances. Not differentiable (decode); ``forward`` is the training path."""
         self._validate(x, state, step=True)
         if state is None:
             raise TypeError("state must be an NSTMLayerState; use layer.init_state(batch)")
-        H, K = self.num_heads, self.head_dim
-        qkv, z, logits, gate = self._project(x)
-        conv_cache = None
-        if self.conv is not None:
-            qkv, conv_cache = self.conv(qkv.unsqueeze(1), state.conv)
-            qkv = qkv[:, 0]
-        q, k, v = qkv.unflatten(-1, (3, H, K)).unbind(1)
-        s2s = self.s2s.params() if self.s2s is not None else None
-        o, op = nstm_step(q, k, v, logits, gate, min(self.top_k, self.num_states), s2s,
-                          self.comm_every, state.op, backend=self.backend)
-        return self._finish(o, z), NSTMLayerState(op, conv_cache)
+        if not isinstance(inplace, bool):
+            raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+        with torch.no_grad():
+            squeeze = x.dim() == 3
+            x2 = x[:, 0] if squeeze else x
+            H, K = self.num_heads, self.head_dim
+            qkv, z, logits, gate = self._project(x2)
+            conv_cache = None
+            if self.conv is not None:
+                qkv, conv_cache = self.conv(qkv.unsqueeze(1), state.conv)
+                qkv = qkv[:, 0]
+                if inplace:
+                    state.conv.copy_(conv_cache)
+                    conv_cache = state.conv
+            q, k, v = qkv.unflatten(-1, (3, H, K)).unbind(1)
+            s2s = self.s2s.params() if self.s2s is not None else None
+            top_k = min(self.top_k, self.num_states)
+            if inplace:
+                o = nstm_step_(q, k, v, logits, gate, top_k, s2s, self.comm_every, state.op.k,
+                               state.op.v, state.op.pos, backend=self.backend)
+                new = state
+            else:
+                o, op = nstm_step(q, k, v, logits, gate, top_k, s2s, self.comm_every, state.op,
+                                  backend=self.backend)
+                new = NSTMLayerState(op, conv_cache)
+            y = self._finish(o, z)
+        return (y.unsqueeze(1) if squeeze else y), new
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, num_states={self.num_states}, "

@@ -1,35 +1,29 @@
 """Models built from NSTM layers: a block, a language model with constant-memory generation, and a
-sequence classifier (spec §5)."""
+sequence classifier (spec §5).
+
+Every model is described by an ``NSTMConfig`` (``model.config``; ``Model.from_config(cfg)``).
+Results follow the layer's rule: the main output (logits, or ``y`` for a block) unless a state or
+maps are asked for, then a NamedTuple (``LayerOutput`` for a block, ``LMOutput`` for the LM).
+"""
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import NSTMConfig
-from .layer import NSTMLayer, NSTMLayerState
-from .modules import RMSNorm
-
-
-class MLP(nn.Module):
-    """SwiGLU feed-forward."""
-
-    def __init__(self, d_model: int, ratio: float = 4.0):
-        super().__init__()
-        hidden = int(d_model * ratio * 2 / 3)
-        self.up = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x):
-        a, b = self.up(x).chunk(2, dim=-1)
-        return self.down(F.silu(a) * b)
+from .generation import GenerateMixin, check_tokens
+from .layer import LayerOutput, NSTMLayer, NSTMLayerState
+from .modules import MLP, RMSNorm, check_classifier_inputs, pool_hidden
 
 
 class NSTMBlock(nn.Module):
-    """Pre-norm residual block: ``x + NSTMLayer(norm(x))``, then ``x + MLP(norm(x))``."""
+    """Pre-norm residual block: ``x + NSTMLayer(norm(x))``, then ``x + MLP(norm(x))``.
+
+    ``forward`` returns ``x`` or, with ``return_state`` / ``return_maps``, a ``LayerOutput`` (the
+    layer's state and maps)."""
 
     def __init__(self, d_model: int, num_heads: int, mlp_ratio: float = 4.0, **layer_kwargs):
         super().__init__()
@@ -40,54 +34,64 @@ class NSTMBlock(nn.Module):
 
     def forward(self, x, state: Optional[NSTMLayerState] = None, return_state: bool = False,
                 return_maps: bool = False):
+        asked = return_state or return_maps
         out = self.mixer(self.norm1(x), state=state, return_state=return_state, return_maps=return_maps)
-        extra = ()
-        if isinstance(out, tuple):
-            out, extra = out[0], out[1:]
-        x = x + out
+        x = x + (out.y if asked else out)
         x = x + self.mlp(self.norm2(x))
-        return (x,) + extra if extra else x
+        return LayerOutput(x, out.state, out.maps) if asked else x
 
-    def step(self, x, state: NSTMLayerState):
-        y, state = self.mixer.step(self.norm1(x), state)
+    def step(self, x, state: NSTMLayerState, inplace: bool = False):
+        """One token (``NSTMLayer.step``): ``x [B, D]`` -> ``(x, new state)``."""
+        y, state = self.mixer.step(self.norm1(x), state, inplace=inplace)
         x = x + y
         return x + self.mlp(self.norm2(x)), state
 
 
-def _layer_kwargs(num_states, top_k, comm_every, head_dim, conv_size, use_s2s, backend):
-    return dict(num_states=num_states, top_k=top_k, comm_every=comm_every, head_dim=head_dim,
-                conv_size=conv_size, use_s2s=use_s2s, backend=backend)
+class LMOutput(NamedTuple):
+    """``NSTMLM.forward`` with ``return_state`` / ``return_maps``: the logits, the per-layer
+    states after the last token (or None), the per-layer maps (or None)."""
+
+    logits: torch.Tensor
+    state: Optional[List[NSTMLayerState]]
+    maps: Optional[List[Dict[str, Any]]]
+
+
+def detach_state(state: Sequence[NSTMLayerState]) -> List[NSTMLayerState]:
+    """A model's per-layer state cut from the autograd graph (truncated backpropagation)."""
+    return [s.detach() for s in state]
 
 
 class _NSTMStack(nn.Module):
     """Blocks and the state plumbing shared by the LM and the classifier."""
 
-    def _make_blocks(self, d_model, n_layers, num_heads, mlp_ratio, kw):
-        self.blocks = nn.ModuleList(NSTMBlock(d_model, num_heads, mlp_ratio, **kw) for _ in range(n_layers))
-        self.norm = RMSNorm(d_model)
+    def _make_blocks(self, config: NSTMConfig):
+        self.blocks = nn.ModuleList(NSTMBlock(config.d_model, config.num_heads, config.mlp_ratio,
+                                              **config.layer_kwargs())
+                                    for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model)
 
     def _run_blocks(self, h, state, return_state, return_maps):
         if state is not None and len(state) != len(self.blocks):
             raise ValueError(f"state must hold one NSTMLayerState per layer ({len(self.blocks)}), "
                              f"got {len(state)}")
         states, maps = [], []
+        asked = return_state or return_maps
         for i, block in enumerate(self.blocks):
             out = block(h, state=None if state is None else state[i], return_state=return_state,
                         return_maps=return_maps)
-            if isinstance(out, tuple):
-                h = out[0]
-                rest = list(out[1:])
-                if return_state:
-                    states.append(rest.pop(0))
-                if return_maps:
-                    maps.append(rest.pop(0))
+            if asked:
+                h = out.y
+                states.append(out.state)
+                maps.append(out.maps)
             else:
                 h = out
-        return self.norm(h), states, maps
+        return self.norm(h), (states if return_state else None), (maps if return_maps else None)
 
     @property
     def aux_loss(self) -> torch.Tensor:
-        """Sum of the layers' load-balancing losses from the last training forward."""
+        """The load-balancing loss of the last forward, summed over the layers: the one way to
+        add it to a training loss (``loss + weight * model.aux_loss``). Zero after an eval
+        forward (``NSTMLayer.aux_loss``)."""
         return sum(b.mixer.aux_loss for b in self.blocks)
 
     def nstm_layers(self) -> List[NSTMLayer]:
@@ -106,6 +110,8 @@ class _NSTMStack(nn.Module):
         Parameters are replaced: make a new optimizer afterwards."""
         return [b.mixer.states.prune(threshold) for b in self.blocks]
 
+    detach_state = staticmethod(detach_state)
+
     def state_bytes(self, state: Sequence[NSTMLayerState]) -> int:
         """Bytes held by a decode state (slot memories and conv caches of all layers)."""
         total = 0
@@ -116,12 +122,17 @@ class _NSTMStack(nn.Module):
         return total
 
 
-class NSTMLM(_NSTMStack):
+class NSTMLM(GenerateMixin, _NSTMStack):
     """Language model: token embedding, NSTM blocks, final norm, tied output head.
 
-    ``forward(idx [B, T])`` -> logits ``[B, T, vocab]``. ``generate`` prefills with the chunked
-    operator and then decodes one token at a time from a per-layer state cache whose size does not
-    depend on the context length.
+    ``forward(idx [B, T])`` -> logits ``[B, T, vocab]`` (with ``return_state`` / ``return_maps``:
+    ``LMOutput(logits, state, maps)``). ``generate`` prefills with the sequence operator and then
+    decodes one token at a time from a per-layer state cache whose size does not depend on the
+    context length.
+
+    The arguments are the fields of ``NSTMConfig`` (``NSTMLM.from_config(cfg)`` is the same model).
+    ``top_k`` is the routing's slots per token; ``generate`` calls its sampling cut-off
+    ``sample_top_k``.
     """
 
     def __init__(self, vocab_size: int, d_model: int = 256, n_layers: int = 4, num_heads: int = 4,
@@ -138,8 +149,7 @@ class NSTMLM(_NSTMStack):
                                  mlp_ratio=mlp_ratio, vocab_size=vocab_size, tie_weights=tie_weights)
         self.embed = nn.Embedding(vocab_size, d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
-        self._make_blocks(d_model, n_layers, num_heads, mlp_ratio,
-                          _layer_kwargs(num_states, top_k, comm_every, head_dim, conv_size, use_s2s, backend))
+        self._make_blocks(self.config)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         if tie_weights:
             self.head.weight = self.embed.weight
@@ -156,38 +166,31 @@ class NSTMLM(_NSTMStack):
             raise ValueError("NSTMLM needs config.vocab_size")
         return cls(**config.to_dict())
 
-    def _check_tokens(self, idx, ndim):
-        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"tokens must be an int64 tensor, got "
-                            f"{getattr(idx, 'dtype', type(idx).__name__)}")
-        if idx.dim() != ndim:
-            raise ValueError(f"tokens must have shape {'[B, T]' if ndim == 2 else '[B]'}, got {list(idx.shape)}")
-        # the range check reads values: skipped while torch.compile traces (it would break the graph)
-        if idx.numel() and not torch.compiler.is_compiling() and \
-                (idx.min() < 0 or idx.max() >= self.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got range "
-                             f"[{int(idx.min())}, {int(idx.max())}]")
-
     def forward(self, idx: torch.Tensor, state: Optional[List[NSTMLayerState]] = None,
                 return_state: bool = False, return_maps: bool = False):
-        """``idx [B, T]`` -> ``logits [B, T, vocab]`` (+ per-layer states, + per-layer maps)."""
-        self._check_tokens(idx, 2)
+        """``idx [B, T]`` -> ``logits [B, T, vocab]``; with ``return_state`` / ``return_maps``
+        ``LMOutput(logits, per-layer states or None, per-layer maps or None)``."""
+        check_tokens(idx, 2, self.vocab_size)
+        if idx.shape[1] < 1:
+            raise ValueError(f"idx must hold at least one token (T >= 1), got shape {list(idx.shape)}")
         h, states, maps = self._run_blocks(self.embed(idx), state, return_state, return_maps)
         logits = self.head(h)
-        out = (logits,) + ((states,) if return_state else ()) + ((maps,) if return_maps else ())
-        return out[0] if len(out) == 1 else out
+        if return_state or return_maps:
+            return LMOutput(logits, states, maps)
+        return logits
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, state: List[NSTMLayerState]):
-        """One token per sequence: ``tokens [B]`` -> ``(logits [B, vocab], new state)``."""
-        self._check_tokens(tokens, 1)
+    def step(self, tokens: torch.Tensor, state: List[NSTMLayerState], inplace: bool = False):
+        """One token per sequence: ``tokens [B]`` -> ``(logits [B, vocab], new state)``
+        (``inplace``: as ``NSTMLayer.step``)."""
+        check_tokens(tokens, 1, self.vocab_size)
         if state is None or len(state) != len(self.blocks):
             raise ValueError(f"state must hold one NSTMLayerState per layer ({len(self.blocks)}); "
                              "use model.init_state(batch)")
         h = self.embed(tokens)
         new = []
         for block, s in zip(self.blocks, state):
-            h, s = block.step(h, s)
+            h, s = block.step(h, s, inplace=inplace)
             new.append(s)
         return self.head(self.norm(h)), new
 
@@ -201,7 +204,7 @@ class NSTMLM(_NSTMStack):
         tokens, passing the state on (the same result, activations bounded by the piece; how a very
         long context is reached). Only the last position goes through the output head.
         """
-        self._check_tokens(idx, 2)
+        check_tokens(idx, 2, self.vocab_size)
         T = idx.shape[1]
         if T < 1:
             raise ValueError("the prompt must hold at least one token")
@@ -217,81 +220,32 @@ class NSTMLM(_NSTMStack):
     def static_decoder(self, state: List[NSTMLayerState], cuda_graph: bool = False):
         """A ``nstm.decode.StaticDecoder`` starting from ``state``: the state in static buffers
         updated in place each token, optionally one CUDA graph per decode step."""
-        from .decode import StaticDecoder
+        from .decode import StaticDecoder   # decode.py builds on this module
         return StaticDecoder(self, state, cuda_graph=cuda_graph)
 
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, greedy: bool = False,
-                 generator: Optional[torch.Generator] = None, cuda_graph: bool = False,
-                 prefill_chunk: Optional[int] = None) -> torch.Tensor:
-        """Continue ``idx [B, T]`` by ``max_new_tokens`` tokens; returns ``[B, T + max_new_tokens]``.
-
-        The prompt is prefilled with the sequence operator (``prefill``, in pieces of
-        ``prefill_chunk`` tokens when given); each new token then costs one step whose memory does
-        not grow with the context. ``greedy=True`` (or ``temperature=0``) takes the argmax; otherwise
-        sampling with ``temperature``, optional ``top_k`` and nucleus ``top_p``.
-
+    def _decoder(self, idx, max_new_tokens, cuda_graph: bool = False,
+                 prefill_chunk: Optional[int] = None):
+        """``generate``'s options: ``prefill_chunk`` feeds the prompt in pieces (``prefill``);
         ``cuda_graph=True`` decodes with the state in static buffers updated in place and, on CUDA
-        tensors, one captured CUDA graph per step (``nstm.decode.StaticDecoder``); the tokens are
-        the same as without it. On the CPU it runs the same in-place step without a graph (one
-        warning).
-        """
-        self._check_tokens(idx, 2)
-        check_generate_args(max_new_tokens, temperature, top_k, top_p)
+        tensors, one captured CUDA graph per step (``nstm.decode.StaticDecoder``): the same tokens
+        as without it; on the CPU the same in-place step runs without a graph (one warning)."""
         if not isinstance(cuda_graph, bool):
             raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
-        if max_new_tokens == 0:
-            return idx
-        was_training = self.training
-        self.eval()
-        try:
-            logits, state = self.prefill(idx, chunk_size=prefill_chunk)
-            decoder = self.static_decoder(state, cuda_graph=True) if cuda_graph else None
-            out = [idx]
-            for i in range(max_new_tokens):
-                nxt = sample_next(logits, temperature, top_k, top_p, greedy, generator)
-                out.append(nxt[:, None])
-                if i + 1 < max_new_tokens:
-                    if decoder is not None:
-                        logits = decoder.step(nxt)
-                    else:
-                        logits, state = self.step(nxt, state)
-        finally:
-            self.train(was_training)
-        return torch.cat(out, dim=1)
+        logits, state = self.prefill(idx, chunk_size=prefill_chunk)
+        if cuda_graph:
+            return logits, self.static_decoder(state, cuda_graph=True).step
+        return logits, _StateStepper(self, state).step
 
 
-def check_generate_args(max_new_tokens, temperature, top_k, top_p) -> None:
-    """The sampling arguments ``generate`` takes (shared by NSTMLM and the Transformer baseline)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+class _StateStepper:
+    """``NSTMLM.step`` with the state kept between calls (``generate`` without static buffers)."""
 
+    def __init__(self, model: NSTMLM, state: List[NSTMLayerState]):
+        self.model, self.state = model, state
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                top_p: Optional[float] = None, greedy: bool = False,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Pick the next token from ``logits [B, vocab]``: argmax, or sampling with temperature, top-k, top-p."""
-    if greedy or temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p          # keep the smallest set reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
-        logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits, self.state = self.model.step(tokens, self.state)
+        return logits
 
 
 class NSTMClassifier(_NSTMStack):
@@ -318,8 +272,7 @@ class NSTMClassifier(_NSTMStack):
                                  use_s2s=use_s2s, backend=backend, n_layers=n_layers,
                                  mlp_ratio=mlp_ratio, vocab_size=vocab_size, tie_weights=False)
         self.inp = nn.Linear(input_dim, d_model) if input_dim is not None else nn.Embedding(vocab_size, d_model)
-        self._make_blocks(d_model, n_layers, num_heads, mlp_ratio,
-                          _layer_kwargs(num_states, top_k, comm_every, head_dim, conv_size, use_s2s, backend))
+        self._make_blocks(self.config)
         self.head = nn.Linear(d_model, num_classes)
 
     @classmethod
@@ -333,47 +286,13 @@ class NSTMClassifier(_NSTMStack):
         kw.pop("tie_weights")
         return cls(num_classes, input_dim=input_dim, pool=pool, **kw)
 
-    @staticmethod
-    def check_inputs(x, input_dim: Optional[int]) -> None:
-        """``x`` must be floats ``[B, T, input_dim]`` (``input_dim`` given) or int64 ids ``[B, T]``
-        (shared with ``nstm.baseline.TransformerClassifier``)."""
-        if input_dim is not None:
-            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 3 \
-                    or x.shape[-1] != input_dim:
-                raise ValueError(f"x must be a float tensor [B, T, input_dim={input_dim}], got "
-                                 f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
-        elif not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or x.dim() != 2:
-            raise ValueError(f"x must be int64 token ids [B, T], got "
-                             f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
-
-    @staticmethod
-    def pool_hidden(h: torch.Tensor, pool: str, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Mean or last-position pooling of ``h [B, T, D]``; with ``lengths [B]`` only the first
-        ``lengths[b]`` positions of sequence ``b`` count (right padding is ignored)."""
-        if lengths is None:
-            return h.mean(1) if pool == "mean" else h[:, -1]
-        B, T, _ = h.shape
-        if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int64, torch.int32) \
-                or tuple(lengths.shape) != (B,):
-            raise ValueError(f"lengths must be an int tensor of shape [B={B}], got "
-                             f"{getattr(lengths, 'dtype', type(lengths).__name__)} "
-                             f"{list(getattr(lengths, 'shape', []))}")
-        lengths = lengths.to(h.device)
-        if lengths.min() < 1 or lengths.max() > T:
-            raise ValueError(f"lengths must be in [1, T={T}], got range "
-                             f"[{int(lengths.min())}, {int(lengths.max())}]")
-        if pool == "last":
-            return h[torch.arange(B, device=h.device), lengths.long() - 1]
-        mask = torch.arange(T, device=h.device)[None, :] < lengths[:, None]
-        return (h * mask[..., None].to(h.dtype)).sum(1) / lengths[:, None].to(h.dtype)
-
     def forward(self, x: torch.Tensor, return_maps: bool = False, *,
                 lengths: Optional[torch.Tensor] = None):
         """``x [B, T, input_dim]`` or ``[B, T]`` token ids -> class logits ``[B, num_classes]``.
 
         ``lengths [B]`` (optional): valid positions per right-padded sequence, for the pooling."""
-        NSTMClassifier.check_inputs(x, self.input_dim)
+        check_classifier_inputs(x, self.input_dim)
         h, _, maps = self._run_blocks(self.inp(x), None, False, return_maps)
-        pooled = self.pool_hidden(h, self.pool, lengths)
+        pooled = pool_hidden(h, self.pool, lengths)
         logits = self.head(pooled)
         return (logits, maps) if return_maps else logits

@@ -1,4 +1,4 @@
-"""Small building blocks shared by the NSTM layer and models."""
+"""Small building blocks shared by the NSTM layer, the NSTM models and the Transformer baseline."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -50,3 +50,53 @@ class ShortConv(nn.Module):
             y = F.conv1d(xc.transpose(1, 2), self.weight.to(x.dtype), self.bias.to(x.dtype),
                          groups=C).transpose(1, 2)
         return F.silu(y), xc[:, xc.shape[1] - (self.width - 1):]
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(a) * b)`` with ``a, b = up(x)``; hidden ``int(D * ratio * 2/3)``."""
+
+    def __init__(self, d_model: int, ratio: float = 4.0):
+        super().__init__()
+        hidden = int(d_model * ratio * 2 / 3)
+        self.up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x):
+        a, b = self.up(x).chunk(2, dim=-1)
+        return self.down(F.silu(a) * b)
+
+
+def _desc(x) -> str:
+    return f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}"
+
+
+def check_classifier_inputs(x, input_dim: Optional[int]) -> None:
+    """A classifier's input: floats ``[B, T, input_dim]`` (``input_dim`` given) or int64 token ids
+    ``[B, T]`` (``input_dim`` None)."""
+    if input_dim is not None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 3 \
+                or x.shape[-1] != input_dim:
+            raise ValueError(f"x must be a float tensor [B, T, input_dim={input_dim}], got {_desc(x)}")
+    elif not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or x.dim() != 2:
+        raise ValueError(f"x must be int64 token ids [B, T], got {_desc(x)}")
+    if x.shape[1] < 1:
+        raise ValueError(f"x must hold at least one position (T >= 1), got {_desc(x)}")
+
+
+def pool_hidden(h: torch.Tensor, pool: str, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean or last-position pooling of ``h [B, T, D]``; with ``lengths [B]`` only the first
+    ``lengths[b]`` positions of sequence ``b`` count (right padding is ignored)."""
+    if lengths is None:
+        return h.mean(1) if pool == "mean" else h[:, -1]
+    B, T, _ = h.shape
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int64, torch.int32) \
+            or tuple(lengths.shape) != (B,):
+        raise ValueError(f"lengths must be an int tensor of shape [B={B}], got {_desc(lengths)}")
+    lengths = lengths.to(h.device)
+    if lengths.min() < 1 or lengths.max() > T:
+        raise ValueError(f"lengths must be in [1, T={T}], got range "
+                         f"[{int(lengths.min())}, {int(lengths.max())}]")
+    if pool == "last":
+        return h[torch.arange(B, device=h.device), lengths.long() - 1]
+    mask = torch.arange(T, device=h.device)[None, :] < lengths[:, None]
+    return (h * mask[..., None].to(h.dtype)).sum(1) / lengths[:, None].to(h.dtype)

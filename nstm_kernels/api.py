@@ -1,27 +1,29 @@
-"""The functional API of spec §3: validation, then dispatch to a backend."""
+"""The functional API of spec §3: validation, then the backend ``nstm_kernels.dispatch`` picks."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 
-from .chunked import chunk_nstm, recurrent_nstm_step
-from .dispatch import resolve_backend
-from .reference import naive_nstm_step, naive_recurrent_nstm
-from .routing import route_torch
-from .s2s import state_attention_torch
+from .dispatch import lookup
 from .state import NSTMState, S2SParams
 from .utils import (check_dims, check_int, check_s2s, check_same_device, check_tensor,
                     compute_dtype, validate_operator_inputs)
 
+_warned_layout = set()
 
-def _attention_impl(name: str):
-    if name == "reference":
-        return naive_recurrent_nstm
-    if name == "triton":
-        from .triton import triton_nstm  # lazy: the core never needs Triton
-        return triton_nstm
-    return chunk_nstm
+
+def _warn_head_first(q: torch.Tensor) -> None:
+    """fla's check: ``[B, T, H, K]`` with 1 < T < H is more likely a head-first ``[B, H, T, K]``
+    tensor read as T = H. Warn once per shape (a short sequence with many heads is legal; one
+    token, as in streaming, never warns)."""
+    B, T, H, K = q.shape
+    if 1 < T < H and (T, H) not in _warned_layout:
+        _warned_layout.add((T, H))
+        warnings.warn(f"nstm_attention: q has shape [B, T, H, K] = {list(q.shape)} with T = {T} < "
+                      f"H = {H}; the layout is time-first [B, T, H, K] (as fla's), not head-first "
+                      "[B, H, T, K]: transpose(1, 2) a head-first tensor first", stacklevel=3)
 
 
 def _check_flag(name: str, value) -> None:
@@ -64,14 +66,16 @@ def nstm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route_logi
     validate_operator_inputs(q, k, v, route_logits, write_gate, top_k, s2s, comm_every,
                              initial_state, scale, step=False, state_name="initial_state")
     _check_flag("output_final_state", output_final_state)
-    name = resolve_backend(backend, q.device, "nstm_attention")
+    if not torch.compiler.is_compiling():
+        _warn_head_first(q)
+    name, fn = lookup("nstm_attention", backend, q.device)
     if torch.compiler.is_compiling():
         # one opaque custom op for torch.compile (nstm_kernels/compile.py)
         from .compile import compiled_attention
         return compiled_attention(q, k, v, route_logits, write_gate, top_k, s2s, comm_every,
                                   initial_state, output_final_state, scale, name)
-    return _attention_impl(name)(q, k, v, route_logits, write_gate, top_k, s2s, comm_every,
-                                 initial_state, output_final_state, scale)
+    return fn(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, initial_state,
+              output_final_state, scale)
 
 
 def nstm_attention_with_maps(q, k, v, route_logits, write_gate, top_k, s2s=None, comm_every=64,
@@ -88,8 +92,7 @@ def nstm_attention_with_maps(q, k, v, route_logits, write_gate, top_k, s2s=None,
     validate_operator_inputs(q, k, v, route_logits, write_gate, top_k, s2s, comm_every,
                              initial_state, scale, step=False, state_name="initial_state")
     _check_flag("output_final_state", output_final_state)
-    name = resolve_backend(backend, q.device, "nstm_attention_with_maps")  # validates the name
-    fn = naive_recurrent_nstm if name == "reference" else chunk_nstm
+    _, fn = lookup("nstm_attention_with_maps", backend, q.device)
     return fn(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, initial_state,
               output_final_state, scale, return_maps=True)
 
@@ -104,21 +107,11 @@ def nstm_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route_logits: t
     ``state`` is the ``NSTMState`` before the token (None: zeros at pos 0). Returns
     ``(o [B, H, V], new_state)`` with ``new_state.pos = state.pos + 1``. Only the ``top_k`` routed
     slots are written; ``state`` itself is not modified (also with ``backend="cuda"``, whose kernel
-    updates a copy; the in-place form for decoding is ``nstm_kernels.cuda.cuda_nstm_step_``).
+    updates a copy; the in-place form for decoding is ``nstm_step_``).
     """
     validate_operator_inputs(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, state,
                              scale, step=True, state_name="state")
-    name = resolve_backend(backend, q.device, "nstm_step")
-    if name == "reference":
-        fn = naive_nstm_step
-    elif name == "triton":
-        from .triton import triton_nstm_step
-        fn = triton_nstm_step
-    elif name == "cuda":
-        from .cuda import cuda_nstm_step
-        fn = cuda_nstm_step
-    else:
-        fn = recurrent_nstm_step
+    _, fn = lookup("nstm_step", backend, q.device)
     return fn(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, state, scale)
 
 
@@ -142,11 +135,8 @@ def sparse_route(route_logits: torch.Tensor, write_gate: torch.Tensor, top_k: in
     if S < 1:
         raise ValueError("route_logits must have at least one slot (S >= 1)")
     check_int("top_k", top_k, 1, S)
-    name = resolve_backend(backend, route_logits.device, "sparse_route")
-    if name == "triton":
-        from .triton import triton_sparse_route
-        return triton_sparse_route(route_logits, write_gate, top_k)
-    return route_torch(route_logits, write_gate, top_k)
+    _, fn = lookup("sparse_route", backend, route_logits.device)
+    return fn(route_logits, write_gate, top_k)
 
 
 def state_attention(v_state: torch.Tensor, s2s: S2SParams, backend: Optional[str] = None):
@@ -163,8 +153,37 @@ def state_attention(v_state: torch.Tensor, s2s: S2SParams, backend: Optional[str
         if n < 1:
             raise ValueError(f"v_state: every dimension must be >= 1, got {name} = {n}")
     check_s2s(s2s, H, V, v_state.device, ref="v_state")
-    name = resolve_backend(backend, v_state.device, "state_attention")
+    name, fn = lookup("state_attention", backend, v_state.device)
     if name == "triton":
-        from .triton import triton_state_attention
-        return triton_state_attention(v_state, s2s)
-    return state_attention_torch(v_state.to(compute_dtype(v_state.dtype)), s2s).to(v_state.dtype)
+        return fn(v_state, s2s)
+    return fn(v_state.to(compute_dtype(v_state.dtype)), s2s).to(v_state.dtype)
+
+
+def nstm_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route_logits: torch.Tensor,
+               write_gate: torch.Tensor, top_k: int, s2s: Optional[S2SParams], comm_every: int,
+               state_k: torch.Tensor, state_v: torch.Tensor, pos, scale: Optional[float] = None,
+               backend: Optional[str] = None) -> torch.Tensor:
+    """``nstm_step`` with the slot memory updated IN PLACE, for static decode buffers and CUDA
+    graphs: ``state_k [B, H, S, K]`` and ``state_v [B, H, S, V]`` (contiguous fp32, or fp64; the
+    CUDA kernel takes fp32) are overwritten with the state after the token; returns ``o [B, H, V]``.
+
+    ``pos`` is the position of this token: an int, or an int64 tensor of one element on the
+    tensors' device (the period end is then decided on the device); it is not incremented.
+    ``backend="cuda"`` runs the CUDA C++ kernel; every other backend the PyTorch step.
+    """
+    validate_operator_inputs(q, k, v, route_logits, write_gate, top_k, s2s, comm_every,
+                             NSTMState(state_k, state_v, 0), scale, step=True, state_name="state")
+    if isinstance(pos, torch.Tensor):
+        if pos.dtype != torch.int64 or pos.numel() != 1 or pos.device != q.device:
+            raise ValueError(f"pos must be an int or a one-element int64 tensor on {q.device}, got "
+                             f"{pos.dtype} of shape {list(pos.shape)} on {pos.device}")
+    else:
+        check_int("pos", pos, 0)
+    for name, t in (("state_k", state_k), ("state_v", state_v)):
+        if t.dtype not in (torch.float32, torch.float64) or t.dtype != state_k.dtype \
+                or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 (or float64) tensor of state_k's "
+                             f"dtype (it is updated in place), got {t.dtype}"
+                             f"{'' if t.is_contiguous() else ', not contiguous'}")
+    _, fn = lookup("nstm_step_", backend, q.device)
+    return fn(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, state_k, state_v, pos, scale)

@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from . import dispatch
 from .state import NSTMState, S2SParams
 from .utils import compute_dtype
 
@@ -65,17 +66,13 @@ def _unaliased(outs, ins):
     return res
 
 
-def _impl(name: str):
-    from .api import _attention_impl   # late: api imports this module
-    return _attention_impl(name)
-
-
 def _run(tensors: Sequence[Optional[Tensor]], top_k: int, comm_every: int, pos: int,
          scale: float, backend: str):
     q, k, v, logits, gate, k0, v0, wq, wk, wv, g = tensors
     state = None if k0 is None else NSTMState(k0, v0, pos)
     s2s = None if wq is None else S2SParams(wq, wk, wv, g)
-    o, st = _impl(backend)(q, k, v, logits, gate, top_k, s2s, comm_every, state, True, scale)
+    fn = dispatch.impl("nstm_attention", backend)
+    o, st = fn(q, k, v, logits, gate, top_k, s2s, comm_every, state, True, scale)
     return o, st.k, st.v
 
 

@@ -33,6 +33,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import settings
 from .state import NSTMState, S2SParams
 
 logger = logging.getLogger("nstm_kernels")
@@ -58,12 +59,8 @@ _ext = None
 _error: Optional[str] = None
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 def build_dir() -> str:
-    d = os.environ.get("NSTM_CUDA_BUILD_DIR", "").strip()
+    d = settings.cuda_build_dir()
     if d:
         return d
     tag = f"cuda-{torch.__version__.split('+')[0]}-{torch.version.cuda or 'none'}"
@@ -88,7 +85,7 @@ def toolkit_reason() -> Optional[str]:
 def _build():
     from torch.utils import cpp_extension
     directory = build_dir()
-    if _flag("NSTM_CUDA_REBUILD"):
+    if settings.flag("NSTM_CUDA_REBUILD"):
         shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory, exist_ok=True)
     log = os.path.join(directory, "build.log")
@@ -100,7 +97,7 @@ def _build():
             extra_cflags=["-O3"],
             extra_cuda_cflags=["-O3", "-lineinfo"],
             build_directory=directory,
-            verbose=_flag("NSTM_CUDA_VERBOSE"),
+            verbose=settings.flag("NSTM_CUDA_VERBOSE"),
         )
     except Exception as e:  # noqa: BLE001 - any build/load error means: fall back
         text = f"{type(e).__name__}: {e}"

@@ -77,8 +77,8 @@ def test_generate_greedy_equals_argmax_of_full_forwards():
             seq = torch.cat([seq, m(seq)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, seq)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    a = m.generate(prompt, 5, temperature=0.8, top_k=5, top_p=0.9, generator=g1)
-    b = m.generate(prompt, 5, temperature=0.8, top_k=5, top_p=0.9, generator=g2)
+    a = m.generate(prompt, 5, temperature=0.8, sample_top_k=5, top_p=0.9, generator=g1)
+    b = m.generate(prompt, 5, temperature=0.8, sample_top_k=5, top_p=0.9, generator=g2)
     assert torch.equal(a, b) and a.shape == (2, 11)
     assert torch.equal(m.generate(prompt, 0), prompt)
     with pytest.raises(ValueError, match="max_new_tokens"):

@@ -263,9 +263,11 @@ def test_cuda_wrappers_through_the_emulated_kernel(emu_ext):
     assert emu_ext.calls == 3
 
 
-def test_static_decoder_with_the_emulated_kernel_equals_model_step(emu_ext):
+def test_static_decoder_with_the_emulated_kernel_equals_model_step(emu_ext, monkeypatch):
     """The decode path that a CUDA graph captures (kernel + position tensor), run eagerly with the
     emulated kernel, against the functional model.step."""
+    import copy
+
     from nstm import NSTMLM
     torch.manual_seed(3)
     model = NSTMLM(40, d_model=32, n_layers=2, num_heads=2, num_states=8, top_k=3,
@@ -273,13 +275,16 @@ def test_static_decoder_with_the_emulated_kernel_equals_model_step(emu_ext):
     with torch.no_grad():
         for b in model.blocks:
             b.mixer.s2s.gate.fill_(0.6)
-    logits, state = model.prefill(torch.randint(0, 40, (2, 5)))
+    ref = copy.deepcopy(model)                               # the PyTorch step
+    for b in model.blocks:                                   # the decoder's layers: the CUDA step,
+        b.mixer.backend = "cuda"                             # "available" on CPU tensors here
+    monkeypatch.setitem(dispatch._REASONS, "cuda", lambda device, op: None)
+    logits, state = ref.prefill(torch.randint(0, 40, (2, 5)))
     dec = model.static_decoder(state)
-    dec.cuda_kernel = [True] * len(model.blocks)
     tok = logits.argmax(-1)
     with torch.no_grad():
         for t in range(9):                                   # period ends at pos 7 and 11
-            l1, state = model.step(tok, state)
+            l1, state = ref.step(tok, state)
             if t % 2:
                 l2 = dec.step(tok)                           # int position
             else:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from nstm import NSTMLM
-from nstm.decode import StaticDecoder, torch_nstm_step_
+from nstm.decode import StaticDecoder
+from nstm_kernels import nstm_step_
 from nstm_kernels.chunked import recurrent_nstm_step
 
 from helpers import make_inputs
@@ -62,10 +63,10 @@ def test_generate_cuda_graph_on_cpu_falls_back_with_one_warning(caplog):
     model = small_lm(n_layers=1)
     prompt = torch.randint(0, 30, (3, 4))
     with caplog.at_level("WARNING", logger="nstm"):
-        a = model.generate(prompt, 6, temperature=0.8, top_k=5, cuda_graph=True,
+        a = model.generate(prompt, 6, temperature=0.8, sample_top_k=5, cuda_graph=True,
                            generator=torch.Generator().manual_seed(1))
         model.generate(prompt, 2, greedy=True, cuda_graph=True)
-    b = model.generate(prompt, 6, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(1))
+    b = model.generate(prompt, 6, temperature=0.8, sample_top_k=5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
     assert len([r for r in caplog.records if "cuda_graph=True needs CUDA" in r.getMessage()]) == 1
     with pytest.raises(TypeError, match="cuda_graph"):
@@ -138,7 +139,7 @@ def test_in_place_torch_step_equals_recurrent_step(pos):
     args = (inp.q[:, 0], inp.k[:, 0], inp.v[:, 0], inp.route_logits[:, 0], inp.write_gate[:, 0], 2,
             inp.s2s, 4)
     sk, sv = inp.initial_state.k.clone(), inp.initial_state.v.clone()
-    o = torch_nstm_step_(*args, sk, sv, pos)                      # pos 3 ends a period (C = 4)
+    o = nstm_step_(*args, sk, sv, pos)                      # pos 3 ends a period (C = 4)
     eo, es = recurrent_nstm_step(*args, inp.initial_state)
     torch.testing.assert_close(o, eo, rtol=0, atol=0)
     torch.testing.assert_close(sv, es.v, rtol=0, atol=0)
@@ -188,7 +189,7 @@ def test_one_million_token_stream_keeps_the_state_size():
             while done < total:
                 n = min(piece, total - done)
                 idx = torch.randint(0, 32, (1, n))
-                logits, state = model(idx, state=state, return_state=True)
+                logits, state, _ = model(idx, state=state, return_state=True)
                 done += n
     finally:
         torch.set_num_threads(threads)

@@ -50,9 +50,9 @@ def test_layer_streaming_prefix_and_steps_equal_full_forward(conv_size, use_s2s)
         if use_s2s:
             layer.s2s.gate.fill_(0.8)
     x = torch.randn(2, 23, 32, dtype=torch.float64)
-    full, st_full = layer(x, return_state=True)
-    y1, st = layer(x[:, :9], return_state=True)
-    y2, st = layer(x[:, 9:14], state=st, return_state=True)
+    full, st_full, _ = layer(x, return_state=True)
+    y1, st, _ = layer(x[:, :9], return_state=True)
+    y2, st, _ = layer(x[:, 9:14], state=st, return_state=True)
     ys = [y1, y2]
     for t in range(14, 23):
         yt, st = layer.step(x[:, t], st)
@@ -69,7 +69,8 @@ def test_layer_init_state_equals_no_state():
 
 def test_return_maps_shapes():
     layer = small_layer(comm_every=4)
-    y, maps = layer(torch.randn(2, 13, 32), return_maps=True)
+    y, state, maps = layer(torch.randn(2, 13, 32), return_maps=True)
+    assert state is None
     assert maps["indices"].shape == (2, 13, 2, 2) and maps["weights"].shape == (2, 13, 2, 2)
     assert maps["read"].shape == (2, 13, 2, 8)
     assert maps["s2s"].shape == (3, 2, 2, 8, 8) and maps["s2s_pos"] == [3, 7, 11]
@@ -185,8 +186,8 @@ def test_lm_sampling_respects_top_k_and_seed():
     torch.manual_seed(5)
     model = NSTMLM(30, d_model=32, n_layers=1, num_heads=2, num_states=8, top_k=2)
     prompt = torch.randint(0, 30, (3, 4))
-    a = model.generate(prompt, 6, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(1))
-    b = model.generate(prompt, 6, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(1))
+    a = model.generate(prompt, 6, temperature=0.8, sample_top_k=5, generator=torch.Generator().manual_seed(1))
+    b = model.generate(prompt, 6, temperature=0.8, sample_top_k=5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and a.shape == (3, 10)
     c = model.generate(prompt, 6, top_p=0.5, generator=torch.Generator().manual_seed(1))
     assert c.shape == (3, 10)

@@ -22,8 +22,9 @@ import torch  # noqa: E402
 from nstm_kernels import NSTMState, S2SParams  # noqa: E402
 from nstm_kernels.reference import naive_recurrent_nstm  # noqa: E402
 from nstm_kernels.triton import triton_nstm  # noqa: E402
-from nstm_kernels.triton.chunk import chunk_starts  # noqa: E402
-from nstm_kernels.triton.device import chunk_length, forward_kind  # noqa: E402
+from nstm_kernels.settings import triton_forward as forward_kind  # noqa: E402
+from nstm_kernels.triton.device import chunk_length  # noqa: E402
+from nstm_kernels.triton.utils import chunk_starts  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 

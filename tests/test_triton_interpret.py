@@ -342,27 +342,34 @@ def test_nstm_api_backend_triton_bf16():
 
 
 def test_dot_precision_choice(monkeypatch):
-    """fp32 dots default to tf32x3 (ieee in the chunk passes); NSTM_TRITON_DOT / NSTM_TRITON_TF32
-    choose; fp64 and GPUs before sm_80 get ieee; a bad value is refused with the choices."""
+    """fp32 dots default to tf32x3 (ieee in the chunk passes); the argument, NSTM_TRITON_DOT or
+    NSTM_TRITON_TF32 choose (read at call time); fp64 and GPUs before sm_80 get ieee; a bad value
+    is refused with the choices."""
+    from nstm_kernels import settings
     from nstm_kernels.triton import device as dev
-    from nstm_kernels.triton import s2s
+    from nstm_kernels.triton import utils
 
     monkeypatch.delenv("NSTM_TRITON_DOT", raising=False)
     monkeypatch.delenv("NSTM_TRITON_TF32", raising=False)
-    assert dev.dot_precision_from_env() == "tf32x3"
-    assert dev.dot_precision_from_env("ieee") == "ieee"        # the chunk passes' default
+    assert settings.dot_precision(None, "tf32x3") == "tf32x3"
+    assert settings.dot_precision(None, "ieee") == "ieee"        # the chunk passes' default
     monkeypatch.setenv("NSTM_TRITON_TF32", "1")
-    assert dev.dot_precision_from_env() == "tf32"
+    assert settings.dot_precision(None, "tf32x3") == "tf32"
     monkeypatch.setenv("NSTM_TRITON_DOT", "ieee")
-    assert dev.dot_precision_from_env() == "ieee"
+    assert settings.dot_precision(None, "tf32x3") == "ieee"
+    assert settings.dot_precision("tf32x3", "ieee") == "tf32x3"   # the argument wins
     monkeypatch.setenv("NSTM_TRITON_DOT", "fp16")
     with pytest.raises(ValueError, match="NSTM_TRITON_DOT"):
-        dev.dot_precision_from_env()
-    monkeypatch.setattr(s2s, "DOT_PRECISION", "tf32x3")
-    monkeypatch.setattr(s2s, "CHUNK_DOT_PRECISION", "ieee")
-    assert s2s.dot_precision(torch.float64) == "ieee"
-    assert s2s.dot_precision(torch.float32) == "tf32x3"
-    assert s2s.dot_precision(torch.float32, chunk=True) == "ieee"
-    assert s2s.dot_precision(torch.float32, torch.device("cpu")) == "tf32x3"   # interpreter: sm_80 facts
-    monkeypatch.setattr(dev, "device_info", lambda d: dev.DeviceInfo(True, (7, 5), 64 * 1024, 40))
-    assert s2s.dot_precision(torch.float32, torch.device("cpu")) == "ieee"
+        settings.dot_precision(None, "tf32x3")
+    with pytest.raises(ValueError, match="argument"):
+        settings.dot_precision("fp8", "tf32x3")
+    monkeypatch.delenv("NSTM_TRITON_DOT")
+    monkeypatch.delenv("NSTM_TRITON_TF32")
+    assert utils.resolve_dot_precision(torch.float64) == "ieee"
+    assert utils.resolve_dot_precision(torch.float64, kind="tf32x3") == "ieee"
+    assert utils.resolve_dot_precision(torch.float32) == "tf32x3"
+    assert utils.resolve_dot_precision(torch.float32, chunk=True) == "ieee"
+    assert utils.resolve_dot_precision(torch.float32, torch.device("cpu")) == "tf32x3"   # sm_80 facts
+    monkeypatch.setattr(utils, "device_info", lambda d: dev.DeviceInfo(True, (7, 5), 64 * 1024, 40))
+    assert utils.resolve_dot_precision(torch.float32, torch.device("cpu")) == "ieee"
+

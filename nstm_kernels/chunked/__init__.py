@@ -1,5 +1,5 @@
-"""Chunk-parallel NSTM in PyTorch, and the sparse one-token step."""
+"""The PyTorch paths: the chunk-parallel sequence operator and the sparse one-token step."""
 from .chunk import chunk_nstm
-from .recurrent import recurrent_nstm_step
+from .recurrent import recurrent_nstm_step, recurrent_nstm_step_
 
-__all__ = ["chunk_nstm", "recurrent_nstm_step"]
+__all__ = ["chunk_nstm", "recurrent_nstm_step", "recurrent_nstm_step_"]

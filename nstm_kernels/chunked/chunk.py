@@ -19,10 +19,9 @@ from typing import List, Optional
 
 import torch
 
-from ..reference.naive import initial_slots
 from ..routing import dense_weights, log_retain, route_torch
 from ..s2s import apply_s2s, pack_s2s
-from ..state import NSTMState, S2SParams
+from ..state import NSTMState, S2SParams, initial_slots
 from ..utils import compute_dtype
 
 DEFAULT_CHUNK = 16

@@ -10,17 +10,8 @@ import torch
 
 from ..routing import dense_weights, route_torch
 from ..s2s import apply_s2s, pack_s2s
-from ..state import NSTMState, S2SParams
+from ..state import NSTMState, S2SParams, initial_slots
 from ..utils import compute_dtype
-
-
-def initial_slots(initial_state: Optional[NSTMState], B, H, S, K, V, dtype, device):
-    """The memory before the first token in the compute dtype: the given state, or zeros at pos 0."""
-    if initial_state is None:
-        zk = torch.zeros(B, H, S, K, dtype=dtype, device=device)
-        zv = torch.zeros(B, H, S, V, dtype=dtype, device=device)
-        return zk, zv, 0
-    return initial_state.k.to(dtype), initial_state.v.to(dtype), int(initial_state.pos)
 
 
 def naive_recurrent_nstm(q, k, v, route_logits, write_gate, top_k: int,

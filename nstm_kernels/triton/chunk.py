@@ -25,64 +25,24 @@ Three launches:
    (the closed form of pass 2). The read at token t sees the state after t's write (D includes
    s = t). Chunks never hold an s2s event inside, so this pass has none.
 
-Chunks (``chunk_starts``) are laid on absolute stream positions: a new chunk at every period start
+Chunks (``utils.chunk_starts``) are laid on absolute stream positions: a new chunk at every period start
 when s2s is on (so every s2s event is a chunk end) and every ``L`` = ``chunk_length()`` tokens from
 there (from absolute multiples of ``L`` without s2s). The chunk-entry states are exactly the
 segment-entry states both backwards need: the chunk-parallel backward of ``chunk_bwd.py`` (the
 default) and the reverse-segment backward of ``recurrent.py`` (``NSTM_TRITON_BWD=recurrent``);
-``NSTMChunkFunction.backward`` picks one.
+``NSTMChunkFunction.backward`` (in ``ops.py``) picks one.
 """
 from __future__ import annotations
 
 import math
-from typing import List
-
 import torch
 import triton
 import triton.language as tl
 
-from .device import (choose, chunk_length, compute_tl_dtype, dot_block, pow2, sub_chunk_length,
-                     tile_warps)
-from .recurrent import NSTMRecurrentFunction
-from .s2s import _mm, dot_precision, s2s_forward_tile, slot_tiles
-
-
-@triton.jit
-def _dense_weights(idx_ptr, w_ptr, tok, rmask, BLOCK_S: tl.constexpr, TOP_K: tl.constexpr,
-                   DT: tl.constexpr):
-    """The write weights of the tokens ``tok [BLOCK_L]`` (int64 row indices into ``[*, TOP_K]``)
-    dense over the slots: ``[BLOCK_L, BLOCK_S]``, 0 off-route and on the masked rows."""
-    rs = tl.arange(0, BLOCK_S)
-    W = tl.zeros([tok.shape[0], BLOCK_S], DT)
-    for j in range(TOP_K):   # constexpr bound: unrolled; the routed slots of a token are distinct
-        ij = tl.load(idx_ptr + tok * TOP_K + j, mask=rmask, other=0).to(tl.int32)
-        wj = tl.load(w_ptr + tok * TOP_K + j, mask=rmask, other=0.0).to(DT)
-        W = tl.where(rs[None, :] == ij[:, None], wj[:, None], W)
-    return W
-
-
-@triton.jit
-def _log_retain(W, EPS: tl.constexpr):
-    """``log(1 - min(w, 1 - eps))``, accurate for small w too (log1p through ``log(u) x / (u - 1)``
-    with ``u = 1 + x`` rounded, Goldberg's trick), exactly 0 at w = 0, finite at w = 1."""
-    eps = tl.full([], EPS, W.dtype)
-    x = -tl.minimum(W, 1.0 - eps)
-    u = 1.0 + x
-    den = tl.where(u == 1.0, 1.0, u - 1.0)
-    return tl.where(u == 1.0, x, tl.log(u) * (x / den))
-
-
-@triton.jit
-def _advance(Ks, Vs, W, lw, lc, kc, vc, PREC: tl.constexpr):
-    """The state at the end of a block of tokens from the state at its start, in closed form:
-    ``X_end[i] = exp(lc_end[i]) X[i] + sum_s w[s, i] exp(lc_end[i] - lc[s, i]) x_s``."""
-    lend = tl.sum(lw, axis=0)                                          # [BLOCK_S]
-    D = W * tl.exp(tl.minimum(lend[None, :] - lc, 0.0))               # [BLOCK_L, BLOCK_S]
-    Dt = tl.trans(D)
-    keep = tl.exp(lend)[:, None]
-    Ks = keep * Ks + _mm(Dt, kc.to(Ks.dtype), PREC)
-    Vs = keep * Vs + _mm(Dt, vc.to(Vs.dtype), PREC)
-    return Ks, Vs
+from .device import chunk_length, pow2, sub_chunk_length, tile_warps
+from .s2s import s2s_forward_tile
+from .utils import (advance, chunk_meta, chunk_starts, dense_weights, log_retain, mm, slot_tiles,
+                    state_warps)
 
 
 @triton.jit
@@ -111,14 +71,14 @@ def _chunk_nstm_fwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_p
         tl.store(bv_ptr + bo * V + sv_off, Vs.to(bv_ptr.dtype.element_ty), mask=mv)
         rmask = rl < (t1 - t0)
         tok = (b.to(tl.int64) * T + t0 + rl) * H + h                   # [BLOCK_L]
-        W = _dense_weights(idx_ptr, w_ptr, tok, rmask, BLOCK_S, TOP_K, DT)
-        lw = _log_retain(W, EPS)
+        W = dense_weights(idx_ptr, w_ptr, tok, rmask, BLOCK_S, TOP_K, DT)
+        lw = log_retain(W, EPS)
         lc = tl.cumsum(lw, axis=0)
         kc = tl.load(k_ptr + tok[:, None] * K + rk[None, :],
                      mask=rmask[:, None] & (rk[None, :] < K), other=0.0).to(DT)
         vc = tl.load(v_ptr + tok[:, None] * V + rv[None, :],
                      mask=rmask[:, None] & (rv[None, :] < V), other=0.0).to(DT)
-        Ks, Vs = _advance(Ks, Vs, W, lw, lc, kc, vc, PREC)
+        Ks, Vs = advance(Ks, Vs, W, lw, lc, kc, vc, PREC)
         if HAS_S2S:
             if (pos_mod + t1) % C == 0:   # the chunk's last token ends a period
                 Vs = s2s_forward_tile(Vs, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V, qk_scale, PREC)
@@ -150,8 +110,8 @@ def _chunk_nstm_fwd_kernel_o(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, seg_ptr, bk_pt
     while u < t1:
         rmask = rl < (t1 - u)
         tok = (b.to(tl.int64) * T + u + rl) * H + h                    # [SUB]
-        W = _dense_weights(idx_ptr, w_ptr, tok, rmask, BLOCK_S, TOP_K, DT)
-        lw = _log_retain(W, EPS)
+        W = dense_weights(idx_ptr, w_ptr, tok, rmask, BLOCK_S, TOP_K, DT)
+        lw = log_retain(W, EPS)
         lc = tl.cumsum(lw, axis=0)                                     # [SUB, BLOCK_S]
         elc = tl.exp(lc)
         km = rmask[:, None] & (rk[None, :] < K)
@@ -163,52 +123,26 @@ def _chunk_nstm_fwd_kernel_o(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, seg_ptr, bk_pt
         dlc = tl.minimum(lc[:, None, :] - lc[None, :, :], 0.0)
         D = tl.where(causal, tl.exp(dlc) * W[None, :, :], 0.0)         # [SUB, SUB, BLOCK_S]
         # scores_t,i = q_t . K̂_t[i]
-        qK = _mm(qc, tl.trans(Ks), PREC)                               # [SUB, BLOCK_S]
-        qk = _mm(qc, tl.trans(kc), PREC)                               # [SUB, SUB]
+        qK = mm(qc, tl.trans(Ks), PREC)                               # [SUB, BLOCK_S]
+        qk = mm(qc, tl.trans(kc), PREC)                               # [SUB, SUB]
         sc = elc * qK + tl.sum(D * qk[:, :, None], axis=1)
         sc = tl.where(smask[None, :], sc * scale, float("-inf"))
         e = tl.exp(sc - tl.max(sc, axis=1)[:, None])
         p = e / tl.sum(e, axis=1)[:, None]
         # o_t = sum_i p_t,i V̂_t[i]
         M = tl.sum(D * p[:, None, :], axis=2)                          # [SUB, SUB]
-        o = _mm(p * elc, Vs, PREC) + _mm(M, vc, PREC)
+        o = mm(p * elc, Vs, PREC) + mm(M, vc, PREC)
         tl.store(o_ptr + tok[:, None] * V + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
         if u + SUB < t1:   # the state at the next sub-chunk start
-            Ks, Vs = _advance(Ks, Vs, W, lw, lc, kc, vc, PREC)
+            Ks, Vs = advance(Ks, Vs, W, lw, lc, kc, vc, PREC)
         u += SUB
 
 
-def chunk_starts(T: int, pos: int, comm_every: int, has_s2s: bool, L: int) -> List[int]:
-    """Token indices where a chunk starts, plus ``T``. On absolute positions ``tau = pos + t``:
-    with s2s, at every period start (tau % C == 0, so every s2s event ends a chunk) and every
-    ``L`` tokens from a period start; without s2s, at every tau % L == 0. Chunks are at most ``L``
-    long; a call that starts mid-chunk gets a shorter first chunk."""
-    cuts = {0, T}
-    if has_s2s:
-        C = comm_every
-        for p0 in range(-(pos % C), T, C):      # period starts; the first one may be before t = 0
-            cuts.update(t for t in range(p0, min(p0 + C, T), L) if t > 0)
-    else:
-        cuts.update(range((-pos) % L, T, L))
-    return sorted(cuts)
-
-
-def state_warps(BS: int, BD: int) -> int:
-    """``num_warps`` of the sequential pass: B * H programs only, so a program may take a whole SM.
-    Its ``[64, 64]`` tiles (state, chunk, decays, the s2s tiles) spill at 8 warps (sm_90 offline
-    compile: 255 registers + 728 B stack with s2s), less at 16 (128 registers, 464 B)."""
-    return min(16, max(4, BS * BD // 256))
-
-
-def _meta(S, K, V, top_k, dt, device):
-    return dict(TOP_K=top_k, EPS=torch.finfo(dt).eps, BLOCK_S=dot_block(S), BLOCK_K=dot_block(K),
-                BLOCK_V=dot_block(V), DT=compute_tl_dtype(dt), PREC=dot_precision(dt, device, chunk=True))
-
-
-def chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, wv, mix, top_k, pos, comm_every, scale):
+def chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, wv, mix, top_k, pos, comm_every, scale,
+                  prec: str):
     """Launch the two chunk passes. ``q, k, v`` contiguous ``[B, T, H, *]`` (any float dtype),
     ``w, idx [B, T, H, top_k]`` from the routing kernel, ``k0, v0`` the entry state in the compute
-    dtype, ``wq .. mix`` packed s2s weights or None.
+    dtype, ``wq .. mix`` packed s2s weights or None, ``prec`` the dot precision of the passes.
 
     Returns ``(o, final K̂, final V̂, seg [NC + 1] int32, bk [B,H,NC,S,K], bv [B,H,NC,S,V], lmax)``:
     the chunk starts, the chunk-entry states (compute dtype) the output pass read, and the
@@ -226,7 +160,7 @@ def chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, wv, mix, top_k, pos, comm_eve
     fv = torch.empty(B, H, S, V, dtype=dt, device=dev)
     bk = torch.empty(B, H, NC, S, K, dtype=dt, device=dev)
     bv = torch.empty(B, H, NC, S, V, dtype=dt, device=dev)
-    meta = _meta(S, K, V, top_k, dt, dev)
+    meta = chunk_meta(S, K, V, top_k, dt, prec)
     BS, BK, BV = meta["BLOCK_S"], meta["BLOCK_K"], meta["BLOCK_V"]
     L, SUB = pow2(chunk_length(), 16), sub_chunk_length()
     dummy = fk
@@ -241,43 +175,3 @@ def chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, wv, mix, top_k, pos, comm_eve
         q, k, v, idx, w, seg, bk, bv, o, T, H, S, K, V, NC, scale,
         SUB=SUB, num_warps=tile_warps(SUB * SUB * BS, dev), **meta)
     return o, fk, fv, seg, bk, bv, max(b - a for a, b in zip(starts[:-1], starts[1:]))
-
-
-class NSTMChunkFunction(torch.autograd.Function):
-    """Same inputs and outputs as ``NSTMRecurrentFunction``; the forward is the chunk-parallel one.
-
-    The backward (``backward_kind``: ``NSTM_TRITON_BWD=chunk|recurrent``, default chunk) is the
-    chunk-parallel one of ``chunk_bwd.py`` or ``NSTMRecurrentFunction.backward``; both take the
-    same saved tensors: the chunk-entry states are the segment-entry states of the reverse-segment
-    backward (chunks are its segments: every s2s event ends one, none is longer than
-    ``chunk_length()``).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, w, k0, v0, wq, wk, wv, mix, idx, top_k, pos, comm_every, scale,
-                store):
-        o, fk, fv, seg, bk, bv, lmax = chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, wv, mix,
-                                                     top_k, pos, comm_every, scale)
-        if store:
-            ctx.save_for_backward(q, k, v, w, idx, seg, bk, bv, wq, wk, wv, mix)
-            ctx.cfg = (top_k, pos, comm_every, scale, k0.shape[2], lmax)
-        ctx.stored = store
-        return o, fk, fv
-
-    @staticmethod
-    def backward(ctx, do, dkf, dvf):
-        if backward_kind() == "chunk":
-            from .chunk_bwd import chunk_backward   # chunk_bwd.py imports this module
-            return chunk_backward(ctx, do, dkf, dvf)
-        return NSTMRecurrentFunction.backward(ctx, do, dkf, dvf)
-
-
-BACKWARDS = ("chunk", "recurrent")
-
-
-def backward_kind(kind=None) -> str:
-    """Which backward ``NSTMChunkFunction`` runs: the argument, else ``NSTM_TRITON_BWD``, else
-    ``"chunk"`` (the chunk-parallel backward of ``chunk_bwd.py``); ``"recurrent"`` is the
-    reverse-segment kernel of ``recurrent.py`` (one program per (batch, head)). The recurrent
-    forward (``NSTM_TRITON_FWD=recurrent``) always takes the recurrent backward."""
-    return choose("the Triton chunk backward", kind, "NSTM_TRITON_BWD", BACKWARDS)

@@ -43,10 +43,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import _advance, _dense_weights, _log_retain, _meta, state_warps
 from .device import sub_chunk_length, tile_warps
-from .recurrent import backward_result, backward_setup
-from .s2s import _mm, s2s_backward_tile, slot_tiles
+from .s2s import s2s_backward_tile
+from .utils import (advance, backward_result, backward_setup, chunk_meta, dense_weights,
+                    log_retain, mm, slot_tiles, state_warps)
 
 
 @triton.jit
@@ -61,14 +61,14 @@ def _prefix_state(k_ptr, v_ptr, idx_ptr, w_ptr, Ks, Vs, b, h, T, H, K, V, t0, n,
     rv = tl.arange(0, BLOCK_V)
     rmask = rl < n
     tok = (b.to(tl.int64) * T + t0 + rl) * H + h
-    W = _dense_weights(idx_ptr, w_ptr, tok, rmask, BLOCK_S, TOP_K, DT)
-    lw = _log_retain(W, EPS)
+    W = dense_weights(idx_ptr, w_ptr, tok, rmask, BLOCK_S, TOP_K, DT)
+    lw = log_retain(W, EPS)
     lc = tl.cumsum(lw, axis=0)
     kc = tl.load(k_ptr + tok[:, None] * K + rk[None, :],
                  mask=rmask[:, None] & (rk[None, :] < K), other=0.0).to(DT)
     vc = tl.load(v_ptr + tok[:, None] * V + rv[None, :],
                  mask=rmask[:, None] & (rv[None, :] < V), other=0.0).to(DT)
-    Ks, Vs = _advance(Ks, Vs, W, lw, lc, kc, vc, PREC)
+    Ks, Vs = advance(Ks, Vs, W, lw, lc, kc, vc, PREC)
     return Ks, Vs, tl.sum(lw, axis=0)
 
 
@@ -114,8 +114,8 @@ def _chunk_bwd_kernel_c(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk
             m += SUB
         rmask = rl < (t1 - u)
         tok = (b.to(tl.int64) * T + u + rl) * H + h                    # [SUB]
-        W = _dense_weights(idx_ptr, w_ptr, tok, rmask, BLOCK_S, TOP_K, DT)
-        lw = _log_retain(W, EPS)
+        W = dense_weights(idx_ptr, w_ptr, tok, rmask, BLOCK_S, TOP_K, DT)
+        lw = log_retain(W, EPS)
         lc = tl.cumsum(lw, axis=0)                                     # [SUB, BLOCK_S]
         lend = tl.sum(lw, axis=0)
         elc = tl.exp(lc)
@@ -128,28 +128,28 @@ def _chunk_bwd_kernel_c(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk
         E = tl.where(causal, tl.exp(tl.minimum(lc[:, None, :] - lc[None, :, :], 0.0)), 0.0)
         D = E * W[None, :, :]                                          # [SUB, SUB, BLOCK_S]
         # recompute the reads
-        qY = _mm(qc, tl.trans(Ks), PREC)                               # q_t . K̂_0[i]
-        qk = _mm(qc, tl.trans(kc), PREC)                               # q_t . k_s
+        qY = mm(qc, tl.trans(Ks), PREC)                               # q_t . K̂_0[i]
+        qk = mm(qc, tl.trans(kc), PREC)                               # q_t . k_s
         sc = elc * qY + tl.sum(D * qk[:, :, None], axis=1)
         sc = tl.where(smask[None, :], sc * scale, float("-inf"))
         e = tl.exp(sc - tl.max(sc, axis=1)[:, None])
         p = e / tl.sum(e, axis=1)[:, None]
         p = tl.where(rmask[:, None], p, 0.0)
         # softmax backward: dp_t[i] = do_t . V̂_t[i]
-        dY = _mm(doc, tl.trans(Vs), PREC)                              # do_t . V̂_0[i]
-        dov = _mm(doc, tl.trans(vc), PREC)                             # do_t . v_s
+        dY = mm(doc, tl.trans(Vs), PREC)                              # do_t . V̂_0[i]
+        dov = mm(doc, tl.trans(vc), PREC)                             # do_t . v_s
         dp = elc * dY + tl.sum(D * dov[:, :, None], axis=1)
         cg = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * scale        # [SUB, BLOCK_S]
         if not LOCAL:
             Mc = tl.sum(D * cg[:, None, :], axis=2)                    # [SUB(t), SUB(s)]
             Mp = tl.sum(D * p[:, None, :], axis=2)
-            dq = _mm(cg * elc, Ks, PREC) + _mm(Mc, kc, PREC)
+            dq = mm(cg * elc, Ks, PREC) + mm(Mc, kc, PREC)
             ef = tl.exp(tl.minimum(lend[None, :] - lc, 0.0))           # exp(lc_e - lc_s)
             Wf = W * ef
-            dk = _mm(Wf, AK, PREC) + _mm(tl.trans(Mc), qc, PREC)
-            dv = _mm(Wf, AV, PREC) + _mm(tl.trans(Mp), doc, PREC)
+            dk = mm(Wf, AK, PREC) + mm(tl.trans(Mc), qc, PREC)
+            dv = mm(Wf, AV, PREC) + mm(tl.trans(Mp), doc, PREC)
             # dw_s[i] = <A_s[i], x_s - X_{s-1}[i]> (K and V)
-            xA = _mm(kc, tl.trans(AK), PREC) + _mm(vc, tl.trans(AV), PREC)   # x_s . A_exit[i]
+            xA = mm(kc, tl.trans(AK), PREC) + mm(vc, tl.trans(AV), PREC)   # x_s . A_exit[i]
             ab0 = tl.sum(AK * Ks, axis=1) + tl.sum(AV * Vs, axis=1)         # A_exit[i] . X_0[i]
             lcx = lc - lw                                              # exclusive cumsum
             # Dx[s, r, i] = [r < s] w_r[i] exp(lcx_s[i] - lc_r[i]): X_{s-1} from the sub-chunk
@@ -200,8 +200,8 @@ def _chunk_bwd_kernel_c(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk
                 tl.store(dw_ptr + tok * TOP_K + jj, val.to(dw_ptr.dtype.element_ty), mask=rmask)
         # the adjoint at the sub-chunk start
         keep = tl.exp(lend)[:, None]
-        AK = keep * AK + _mm(tl.trans(cg * elc), qc, PREC)
-        AV = keep * AV + _mm(tl.trans(p * elc), doc, PREC)
+        AK = keep * AK + mm(tl.trans(cg * elc), qc, PREC)
+        AV = keep * AV + mm(tl.trans(p * elc), doc, PREC)
         j -= 1
     if LOCAL:
         tl.store(ak_ptr + bo * K + sk_off, AK.to(ak_ptr.dtype.element_ty), mask=mk)
@@ -241,8 +241,8 @@ def _chunk_bwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, seg_ptr, bk_ptr, bv_ptr, d
         m = t0
         while m < t1:
             tok = (b.to(tl.int64) * T + m + rl) * H + h
-            W = _dense_weights(idx_ptr, w_ptr, tok, rl < (t1 - m), BLOCK_S, TOP_K, DT)
-            ltot += tl.sum(_log_retain(W, EPS), axis=0)
+            W = dense_weights(idx_ptr, w_ptr, tok, rl < (t1 - m), BLOCK_S, TOP_K, DT)
+            ltot += tl.sum(log_retain(W, EPS), axis=0)
             m += SUB
         if HAS_S2S:
             if (pos_mod + t1) % C == 0:   # the chunk's last token ends a period
@@ -277,14 +277,14 @@ def _chunk_bwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, seg_ptr, bk_ptr, bv_ptr, d
 
 
 def chunk_backward(ctx, do, dkf, dvf):
-    """``NSTMChunkFunction.backward`` on the chunk-parallel kernels: same saved tensors and the
-    same return tuple as ``NSTMRecurrentFunction.backward``."""
+    """``NSTMChunkFunction.backward`` (``ops.py``) on the chunk-parallel kernels: same saved
+    tensors and the same return tuple as ``recurrent.recurrent_backward``."""
     g = backward_setup(ctx, do, dkf, dvf)
     B, H, S, K, V, dt, dev = g.B, g.H, g.S, g.K, g.V, g.dt, g.dev
     NC = g.seg.numel() - 1
     ak = torch.empty(B, H, NC, S, K, dtype=dt, device=dev)   # local entry, then exit adjoints
     av = torch.empty(B, H, NC, S, V, dtype=dt, device=dev)
-    meta = _meta(S, K, V, g.top_k, dt, dev)
+    meta = chunk_meta(S, K, V, g.top_k, dt, g.chunk_prec)
     BS, BK, BV = meta["BLOCK_S"], meta["BLOCK_K"], meta["BLOCK_V"]
     SUB = sub_chunk_length()
     lcs = torch.empty(NC * B * H * SUB * BS, dtype=dt, device=dev)   # pass C's row scratch

@@ -1,6 +1,7 @@
 """Device facts for the Triton kernels, in one place.
 
-Every launcher asks this module for block sizes and ``num_warps``. It reads the compute capability
+Every launcher asks this module for block sizes and ``num_warps`` (the choices made from
+environment variables live in ``nstm_kernels.settings``). It reads the compute capability
 and the shared memory of the tensors' GPU once (cached); for CPU tensors under the Triton
 interpreter (``TRITON_INTERPRET=1``) it answers with the same choices an sm_80 GPU would get, so the
 interpreted kernels are the ones that compile on a real GPU.
@@ -8,7 +9,6 @@ interpreted kernels are the ones that compile on a real GPU.
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
@@ -34,10 +34,6 @@ def device_info(device: torch.device) -> DeviceInfo:
     if device.type == "cuda":
         return _cuda_info(device.index if device.index is not None else torch.cuda.current_device())
     return DeviceInfo(False, (8, 0), 164 * 1024, 1)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def pow2(n: int, minimum: int = 1) -> int:
@@ -69,29 +65,6 @@ def compute_tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")
-
-
-def dot_precision_from_env(default: str = "tf32x3") -> str:
-    """The fp32 ``tl.dot`` precision: ``NSTM_TRITON_DOT`` (one of ``DOT_PRECISIONS``), else "tf32"
-    when ``NSTM_TRITON_TF32=1``, else ``default``: "tf32x3" for the s2s, step and recurrent
-    kernels, "ieee" for the chunk passes (``CHUNK_DOT_PRECISION``).
-
-    "ieee" keeps every product exact to fp32 but runs on the FMA units, and at S = K = V = 64
-    ptxas then keeps whole [64, 64] tiles in local memory: 14-19 KB of stack per thread in the s2s,
-    step and recurrent kernels (bench/compile_check.py, bench/NOTES.md). "tf32x3" splits each
-    fp32 operand into two tf32 parts and sums three tensor-core products, which recovers about
-    fp32 accuracy, and the same kernels compile with at most 0.7 KB of stack. The chunk passes go
-    the other way (sm_80 boundary pass: 1.9 KB with "ieee", 10.7 KB with "tf32x3"), so they keep
-    "ieee" unless the variable says otherwise. "tf32" is one pass
-    with the inputs rounded to 10 mantissa bits. GPUs before sm_80 get "ieee" (``s2s.dot_precision``);
-    fp64 always does. Under the interpreter the precision makes no difference."""
-    kind = os.environ.get("NSTM_TRITON_DOT")
-    if kind is None:
-        return "tf32" if os.environ.get("NSTM_TRITON_TF32", "0") == "1" else default
-    return choose("the fp32 dot precision", kind, "NSTM_TRITON_DOT", DOT_PRECISIONS)
-
-
 def segment_length() -> int:
     """Tokens between the states the sequence kernel stores for its backward (a power of two)."""
     return 64
@@ -107,25 +80,3 @@ def sub_chunk_length() -> int:
     """Tokens per step of the chunk forward's output pass (its ``[L, L, S]`` pairwise tile);
     a power of two >= 16 so that every ``tl.dot`` it feeds has dims >= 16."""
     return 16
-
-
-FORWARDS = ("chunk", "recurrent")
-
-
-def forward_kind(kind=None) -> str:
-    """Which sequence forward ``triton_nstm`` runs: the argument, else ``NSTM_TRITON_FWD``, else
-    ``"chunk"`` (the chunk-parallel forward; ``"recurrent"`` is one program per (batch, head)
-    walking the tokens). Both feed the same reverse-segment backward."""
-    return choose("the Triton sequence forward", kind, "NSTM_TRITON_FWD", FORWARDS)
-
-
-def choose(what: str, kind, env: str, choices) -> str:
-    """``kind``, else the environment variable ``env``, else ``choices[0]``; checked."""
-    kind = kind or os.environ.get(env) or choices[0]
-    if kind not in choices:
-        raise ValueError(f"{what} must be one of {choices} (argument or {env}), got {kind!r}")
-    return kind
-
-
-DOT_PRECISION = dot_precision_from_env()                 # s2s, step, recurrent kernels
-CHUNK_DOT_PRECISION = dot_precision_from_env("ieee")     # chunk forward and backward passes

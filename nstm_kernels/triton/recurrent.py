@@ -8,7 +8,7 @@ Forward (``_nstm_fwd_kernel``), one program per (batch, head): the slot state ``
 ``top_k`` routed slots (the others are selected unchanged), reads with a softmax over all slots,
 and the state-to-state attention runs at period ends (absolute position ``pos + t``). Time is cut
 into *segments*: a new segment starts at every period start (so that every s2s event is the last
-token of a segment) and at least every ``segment_length()`` tokens. The state entering every
+token of a segment) and at least every ``segment_length()`` tokens (``utils.chunk_starts``). The state entering every
 segment is stored for the backward.
 
 Backward (``_nstm_bwd_kernel``), one program per (batch, head), segments in reverse: reload the
@@ -21,20 +21,15 @@ back (exact: no division by 1 - w, so w -> 1 stays finite), then the write gradi
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
-from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..state import NSTMState, S2SParams
-from ..utils import compute_dtype
-from .device import (compute_tl_dtype, dot_block, forward_kind, pow2, segment_length,
-                     tile_warps)
-from .routing import SparseRouteFunction
-from .s2s import (convex_write, dot_precision, pack_weights, read_probs, s2s_backward_tile,
-                  s2s_forward_tile, slot_tiles)
+from .device import segment_length
+from .s2s import s2s_backward_tile, s2s_forward_tile
+from .utils import (backward_result, backward_setup, chunk_starts, convex_write, read_probs,
+                    recurrent_meta, slot_tiles)
 
 
 @triton.jit
@@ -202,45 +197,25 @@ def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk_pt
         tl.store(dmix_ptr + pid64 + tl.arange(0, 1), dmix.to(dmix_ptr.dtype.element_ty))
 
 
-def segment_starts(T: int, pos: int, comm_every: int, has_s2s: bool, seg_len: int) -> List[int]:
-    """Token indices where a segment starts, plus ``T``: every period start (when s2s is on, so
-    that every s2s event ends a segment) and at most ``seg_len`` tokens apart."""
-    if has_s2s:
-        first = (-pos) % comm_every or comm_every          # first t >= 1 with (pos + t) % C == 0
-        cuts = [0] + list(range(first, T, comm_every)) + [T]
-    else:
-        cuts = [0, T]
-    starts = []
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        starts.extend(range(a, b, seg_len))
-    return starts + [T]
-
-
-def _meta(S, K, V, top_k, dt, device):
-    BS, BK, BV = dot_block(S), pow2(K, 16), dot_block(V)
-    return dict(TOP_K=top_k, BLOCK_S=BS, BLOCK_K=BK, BLOCK_V=BV, BLOCK_TK=pow2(top_k, 2),
-                DT=compute_tl_dtype(dt), PREC=dot_precision(dt, device),
-                num_warps=tile_warps(BS * max(BK, BV), device))
-
-
 class NSTMRecurrentFunction(torch.autograd.Function):
     """``(q, k, v, weights, k0, v0, w_q, w_k, w_v, mix) -> (o, final K̂, final V̂)``.
 
     ``k0``/``v0`` (the state before the first token, compute dtype) are always tensors (zeros when
     the caller has no state); ``w_q .. mix`` are None without s2s. ``idx`` (the routed slots),
     ``top_k``, ``pos``, ``comm_every``, ``scale`` are constants; ``store`` says whether to keep the
-    segment entry states for a backward.
+    segment entry states for a backward; ``opts = (recurrent dot precision, chunk dot precision,
+    backward kind)`` (see ``ops.triton_nstm``).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, w, k0, v0, wq, wk, wv, mix, idx, top_k, pos, comm_every, scale,
-                store):
+                store, opts):
         B, T, H, K = q.shape
         V, S = v.shape[-1], k0.shape[2]
         dt = w.dtype
         dev = q.device
         has_s2s = wq is not None
-        starts = segment_starts(T, pos, comm_every, has_s2s, segment_length())
+        starts = chunk_starts(T, pos, comm_every, has_s2s, segment_length())
         NS = len(starts) - 1
         seg = torch.tensor(starts, dtype=torch.int32, device=dev)
         o = torch.empty(B, T, H, V, dtype=q.dtype, device=dev)
@@ -252,7 +227,7 @@ class NSTMRecurrentFunction(torch.autograd.Function):
         else:
             bk, bv = fk, fv  # not written (STORE=False)
         dummy = fk
-        meta = _meta(S, K, V, top_k, dt, dev)
+        meta = recurrent_meta(S, K, V, top_k, dt, dev, opts[0])
         C = comm_every
         _nstm_fwd_kernel[(B * H,)](
             q, k, v, idx, w, k0, v0,
@@ -266,99 +241,24 @@ class NSTMRecurrentFunction(torch.autograd.Function):
             ctx.cfg = (top_k, pos, comm_every, scale, S,
                        max(b - a for a, b in zip(starts[:-1], starts[1:])))
         ctx.stored = store
+        ctx.opts = opts
         return o, fk, fv
 
     @staticmethod
     def backward(ctx, do, dkf, dvf):
-        g = backward_setup(ctx, do, dkf, dvf)
-        sck = torch.empty(g.B * g.H, g.lmax * g.top_k, g.K, dtype=g.dt, device=g.dev)
-        scv = torch.empty(g.B * g.H, g.lmax * g.top_k, g.V, dtype=g.dt, device=g.dev)
-        _nstm_bwd_kernel[(g.B * g.H,)](
-            g.q, g.k, g.v, g.idx, g.w, g.do, g.seg, g.bk, g.bv, g.dkf, g.dvf, sck, scv,
-            *g.s2s_args, g.dq, g.dk, g.dv, g.dw, g.dk0, g.dv0, *g.dws, g.dmix,
-            g.T, g.H, g.S, g.K, g.V, g.seg.numel() - 1, g.lmax, g.pos % g.C, g.C, g.scale,
-            1.0 / math.sqrt(g.V), HAS_S2S=g.has_s2s,
-            **_meta(g.S, g.K, g.V, g.top_k, g.dt, g.dev))
-        return backward_result(g)
+        return recurrent_backward(ctx, do, dkf, dvf)
 
 
-def backward_setup(ctx, do, dkf, dvf) -> SimpleNamespace:
-    """What both Triton backwards (this file's and ``chunk_bwd.py``'s) start from: the saved
-    tensors and constants of the forward, contiguous output gradients in the state dtype (zeros for
-    an unused final state), and the gradient buffers they fill."""
-    if not ctx.stored:
-        raise RuntimeError("triton_nstm: the forward ran without grad; no states were stored")
-    q, k, v, w, idx, seg, bk, bv, wq, wk, wv, mix = ctx.saved_tensors
-    top_k, pos, C, scale, S, lmax = ctx.cfg
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    dt, dev = w.dtype, q.device
-    has_s2s = wq is not None
-    dkf = torch.zeros(B, H, S, K, dtype=dt, device=dev) if dkf is None else dkf.contiguous().to(dt)
-    dvf = torch.zeros(B, H, S, V, dtype=dt, device=dev) if dvf is None else dvf.contiguous().to(dt)
-    dk0 = torch.empty(B, H, S, K, dtype=dt, device=dev)
-    if has_s2s:
-        dws = [torch.zeros(B, H, V, V, dtype=dt, device=dev) for _ in range(3)]
-        dmix = torch.zeros(B, H, dtype=dt, device=dev)
-        s2s_args = (wq, wk, wv, mix)
-    else:   # placeholders the kernels never touch (HAS_S2S=False)
-        dws, dmix, s2s_args = [dk0, dk0, dk0], dk0, (dk0,) * 4
-    return SimpleNamespace(
-        q=q, k=k, v=v, w=w, idx=idx, seg=seg, bk=bk, bv=bv, s2s_args=s2s_args, has_s2s=has_s2s,
-        top_k=top_k, pos=pos, C=C, scale=scale, lmax=lmax, B=B, T=T, H=H, S=S, K=K, V=V, dt=dt,
-        dev=dev, do=do.contiguous(), dkf=dkf, dvf=dvf,
-        dq=torch.empty_like(q), dk=torch.empty_like(k), dv=torch.empty_like(v),
-        dw=torch.empty_like(w), dk0=dk0, dv0=torch.empty(B, H, S, V, dtype=dt, device=dev),
-        dws=dws, dmix=dmix)
-
-
-def backward_result(g: SimpleNamespace) -> tuple:
-    """The gradient tuple of the sequence Functions' ``forward`` arguments."""
-    if g.has_s2s:
-        g_s2s = (g.dws[0].sum(0), g.dws[1].sum(0), g.dws[2].sum(0), g.dmix.sum(0))
-    else:
-        g_s2s = (None, None, None, None)
-    return (g.dq, g.dk, g.dv, g.dw, g.dk0, g.dv0, *g_s2s) + (None,) * 6
-
-
-def triton_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2SParams] = None,
-                comm_every: int = 64, initial_state: Optional[NSTMState] = None,
-                output_final_state: bool = False, scale: Optional[float] = None,
-                forward: Optional[str] = None):
-    """The NSTM operator in Triton; same signature and results as ``naive_recurrent_nstm``
-    (without ``return_maps``). Differentiable wrt q, k, v, route_logits, write_gate, the initial
-    state and every field of ``s2s``.
-
-    ``forward``: ``"chunk"`` (default: the chunk-parallel forward of ``chunk.py``) or
-    ``"recurrent"`` (this file's fused recurrent forward); None reads ``NSTM_TRITON_FWD``. Both
-    store the segment-entry states for the same reverse-segment backward.
-    """
-    kind = forward_kind(forward)
-    B, T, H, K = q.shape
-    V, S = v.shape[-1], route_logits.shape[-1]
-    dt = compute_dtype(q.dtype)
-    scale = K ** -0.5 if scale is None else float(scale)
-    pos = 0 if initial_state is None else int(initial_state.pos)
-    idx, w = SparseRouteFunction.apply(route_logits.reshape(-1, S), write_gate.reshape(-1), top_k)
-    idx, w = idx.view(B, T, H, top_k), w.view(B, T, H, top_k)
-    if initial_state is not None:
-        k0, v0 = initial_state.k.to(dt).contiguous(), initial_state.v.to(dt).contiguous()
-    else:
-        k0 = torch.zeros(B, H, S, K, dtype=dt, device=q.device)
-        v0 = torch.zeros(B, H, S, V, dtype=dt, device=q.device)
-    if s2s is not None:
-        wq, wk, wv, mix = pack_weights(s2s, dt)
-    else:
-        wq = wk = wv = mix = None
-    tensors = [q, k, v, w, k0, v0] + ([wq, wk, wv, mix] if s2s is not None else [])
-    store = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if kind == "chunk":
-        from .chunk import NSTMChunkFunction   # chunk.py imports this module
-        fn = NSTMChunkFunction
-    else:
-        fn = NSTMRecurrentFunction
-    o, fk, fv = fn.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), w, k0, v0, wq, wk, wv, mix, idx,
-        top_k, pos, comm_every, scale, store)
-    final = NSTMState(fk, fv, pos + T) if output_final_state else None
-    return o, final
+def recurrent_backward(ctx, do, dkf, dvf):
+    """The reverse-segment backward (one program per (batch, head)); it also serves the chunk
+    forward (``ops.NSTMChunkFunction``), whose chunk-entry states are its segment-entry states."""
+    g = backward_setup(ctx, do, dkf, dvf)
+    sck = torch.empty(g.B * g.H, g.lmax * g.top_k, g.K, dtype=g.dt, device=g.dev)
+    scv = torch.empty(g.B * g.H, g.lmax * g.top_k, g.V, dtype=g.dt, device=g.dev)
+    _nstm_bwd_kernel[(g.B * g.H,)](
+        g.q, g.k, g.v, g.idx, g.w, g.do, g.seg, g.bk, g.bv, g.dkf, g.dvf, sck, scv,
+        *g.s2s_args, g.dq, g.dk, g.dv, g.dw, g.dk0, g.dv0, *g.dws, g.dmix,
+        g.T, g.H, g.S, g.K, g.V, g.seg.numel() - 1, g.lmax, g.pos % g.C, g.C, g.scale,
+        1.0 / math.sqrt(g.V), HAS_S2S=g.has_s2s,
+        **recurrent_meta(g.S, g.K, g.V, g.top_k, g.dt, g.dev, g.seq_prec))
+    return backward_result(g)

@@ -4,12 +4,14 @@
 per (batch, head) program, S and V padded to powers of two >= 16 with masks, fp32 (fp64) compute.
 
 The two ``@triton.jit`` helpers ``s2s_forward_tile`` / ``s2s_backward_tile`` work on a tile held in
-registers; the sequence and step kernels call them at period ends. ``tanh(gate)`` (``mix``) is
+registers; the sequence and step kernels call them at period ends (the generic tile helpers they
+use live in ``utils.py``). ``tanh(gate)`` (``mix``) is
 computed in PyTorch (an ``[H]`` vector) and its gradient flows through PyTorch's tanh.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -17,76 +19,18 @@ import triton.language as tl
 
 from ..state import S2SParams
 from ..utils import compute_dtype
-from . import device as _device
-from .device import CHUNK_DOT_PRECISION, DOT_PRECISION, compute_tl_dtype, dot_block, tile_warps
-
-
-def dot_precision(dtype: torch.dtype, device=None, chunk: bool = False) -> str:
-    """The ``input_precision`` of the kernels' fp32 ``tl.dot``s: "ieee" for fp64 and on GPUs
-    without tf32 tensor cores (before sm_80), else ``CHUNK_DOT_PRECISION`` for the chunk passes
-    (``chunk=True``) and ``DOT_PRECISION`` for the others (see ``device.py``)."""
-    if dtype == torch.float64:
-        return "ieee"
-    if device is not None and _device.device_info(torch.device(device)).capability < (8, 0):
-        return "ieee"
-    return CHUNK_DOT_PRECISION if chunk else DOT_PRECISION
-
-
-@triton.jit
-def _mm(a, b, PREC: tl.constexpr):
-    """``a @ b`` with fp32 (fp64) accumulation. fp64 tiles go through a broadcast multiply-sum:
-    Triton's fp64 MMA path does not take K > 16 tiles (fp64 is for gradcheck, not for speed)."""
-    if a.dtype == tl.float64:
-        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-    else:
-        return tl.dot(a, b, input_precision=PREC)
-
-
-@triton.jit
-def slot_tiles(S, K, V, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Index vectors, masks and row-major offsets of a program's ``[S, K]`` / ``[S, V]`` slot tiles
-    (padded to the blocks): ``(rs, rk, rv, smask, mk, mv, sk_off, sv_off)``."""
-    rs = tl.arange(0, BLOCK_S)
-    rk = tl.arange(0, BLOCK_K)
-    rv = tl.arange(0, BLOCK_V)
-    smask = rs < S
-    mk = smask[:, None] & (rk[None, :] < K)
-    mv = smask[:, None] & (rv[None, :] < V)
-    return rs, rk, rv, smask, mk, mv, rs[:, None] * K + rk[None, :], rs[:, None] * V + rv[None, :]
-
-
-@triton.jit
-def convex_write(Ks, Vs, routed, wc, kt, vt):
-    """Spec §2 step 2 on the routed rows only: ``X_i <- (1 - w_i) X_i + w_i x`` (``wc [S, 1]``)."""
-    Ks = tl.where(routed[:, None], (1.0 - wc) * Ks + wc * kt[None, :], Ks)
-    Vs = tl.where(routed[:, None], (1.0 - wc) * Vs + wc * vt[None, :], Vs)
-    return Ks, Vs
-
-
-@triton.jit
-def read_probs(Ks, qt, smask, scale):
-    """Spec §2 step 3: ``p = softmax_i(scale * K_i . q)`` over the real slots."""
-    sc = tl.where(smask, tl.sum(Ks * qt[None, :], axis=1) * scale, float("-inf"))
-    e = tl.exp(sc - tl.max(sc, axis=0))
-    return e / tl.sum(e, axis=0)
-
-
-@triton.jit
-def _load_head_weight(w_ptr, h, V, BLOCK_V: tl.constexpr, DT: tl.constexpr):
-    """``w[h]`` of a ``[H, V, V]`` tensor as a ``[BLOCK_V, BLOCK_V]`` tile (zeros at the padding)."""
-    r = tl.arange(0, BLOCK_V)
-    m = (r[:, None] < V) & (r[None, :] < V)
-    base = w_ptr + h.to(tl.int64) * V * V
-    return tl.load(base + r[:, None] * V + r[None, :], mask=m, other=0.0).to(DT)
+from .device import compute_tl_dtype, dot_block, tile_warps
+from .utils import resolve_dot_precision
+from .utils import load_head_weight, load_tile, mm, store_tile
 
 
 @triton.jit
 def _s2s_probs(X, Wq, Wk, S, qk_scale, PREC: tl.constexpr):
     """Queries, keys and the row-softmax ``P [BLOCK_S, BLOCK_S]`` (zero rows/cols at the padding)."""
     BLOCK_S: tl.constexpr = X.shape[0]
-    Q = _mm(X, Wq, PREC)
-    Kx = _mm(X, Wk, PREC)
-    sc = _mm(Q, tl.trans(Kx), PREC) * qk_scale
+    Q = mm(X, Wq, PREC)
+    Kx = mm(X, Wk, PREC)
+    sc = mm(Q, tl.trans(Kx), PREC) * qk_scale
     rs = tl.arange(0, BLOCK_S)
     valid = (rs[:, None] < S) & (rs[None, :] < S)
     sc = tl.where(rs[None, :] < S, sc, float("-inf"))
@@ -100,12 +44,12 @@ def _s2s_parts(X, wq_ptr, wk_ptr, wv_ptr, h, S, V, qk_scale, PREC: tl.constexpr)
     """Everything the forward and the backward of one tile share: the head's weights, queries,
     keys, the softmax ``P``, the values ``X W_v`` and the mixed-in update ``O = P (X W_v)``."""
     BLOCK_V: tl.constexpr = X.shape[1]
-    Wq = _load_head_weight(wq_ptr, h, V, BLOCK_V, X.dtype)
-    Wk = _load_head_weight(wk_ptr, h, V, BLOCK_V, X.dtype)
-    Wv = _load_head_weight(wv_ptr, h, V, BLOCK_V, X.dtype)
+    Wq = load_head_weight(wq_ptr, h, V, BLOCK_V, X.dtype)
+    Wk = load_head_weight(wk_ptr, h, V, BLOCK_V, X.dtype)
+    Wv = load_head_weight(wv_ptr, h, V, BLOCK_V, X.dtype)
     Q, Kx, P = _s2s_probs(X, Wq, Wk, S, qk_scale, PREC)
-    Vx = _mm(X, Wv, PREC)
-    O = _mm(P, Vx, PREC)
+    Vx = mm(X, Wv, PREC)
+    O = mm(P, Vx, PREC)
     return Wq, Wk, Wv, Q, Kx, P, Vx, O
 
 
@@ -141,35 +85,19 @@ def s2s_backward_tile(X, dY, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V, qk_scale,
     Wq, Wk, Wv, Q, Kx, P, Vx, O = _s2s_parts(X, wq_ptr, wk_ptr, wv_ptr, h, S, V, qk_scale, PREC)
     dmix = tl.sum(tl.sum(dY * O, axis=1), axis=0)
     dO = mix * dY
-    dP = _mm(dO, tl.trans(Vx), PREC)
-    dVx = _mm(tl.trans(P), dO, PREC)
+    dP = mm(dO, tl.trans(Vx), PREC)
+    dVx = mm(tl.trans(P), dO, PREC)
     dS = P * (dP - tl.sum(P * dP, axis=1)[:, None]) * qk_scale
-    dQ = _mm(dS, Kx, PREC)
-    dKx = _mm(tl.trans(dS), Q, PREC)
-    dX = dY + _mm(dQ, tl.trans(Wq), PREC)
-    dX += _mm(dKx, tl.trans(Wk), PREC)
-    dX += _mm(dVx, tl.trans(Wv), PREC)
+    dQ = mm(dS, Kx, PREC)
+    dKx = mm(tl.trans(dS), Q, PREC)
+    dX = dY + mm(dQ, tl.trans(Wq), PREC)
+    dX += mm(dKx, tl.trans(Wk), PREC)
+    dX += mm(dVx, tl.trans(Wv), PREC)
     Xt = tl.trans(X)
-    _acc_weight_grad(dwq_ptr, _mm(Xt, dQ, PREC), V, BLOCK_V)
-    _acc_weight_grad(dwk_ptr, _mm(Xt, dKx, PREC), V, BLOCK_V)
-    _acc_weight_grad(dwv_ptr, _mm(Xt, dVx, PREC), V, BLOCK_V)
+    _acc_weight_grad(dwq_ptr, mm(Xt, dQ, PREC), V, BLOCK_V)
+    _acc_weight_grad(dwk_ptr, mm(Xt, dKx, PREC), V, BLOCK_V)
+    _acc_weight_grad(dwv_ptr, mm(Xt, dVx, PREC), V, BLOCK_V)
     return dX, dmix
-
-
-@triton.jit
-def _load_tile(ptr, S, V, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, DT: tl.constexpr):
-    rs = tl.arange(0, BLOCK_S)
-    rv = tl.arange(0, BLOCK_V)
-    m = (rs[:, None] < S) & (rv[None, :] < V)
-    return tl.load(ptr + rs[:, None] * V + rv[None, :], mask=m, other=0.0).to(DT)
-
-
-@triton.jit
-def _store_tile(ptr, X, S, V, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr):
-    rs = tl.arange(0, BLOCK_S)
-    rv = tl.arange(0, BLOCK_V)
-    m = (rs[:, None] < S) & (rv[None, :] < V)
-    tl.store(ptr + rs[:, None] * V + rv[None, :], X.to(ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -179,10 +107,10 @@ def _s2s_fwd_kernel(x_ptr, wq_ptr, wk_ptr, wv_ptr, mix_ptr, y_ptr, H, S, V, qk_s
     pid = tl.program_id(0)
     h = pid % H
     off = pid.to(tl.int64) * S * V
-    X = _load_tile(x_ptr + off, S, V, BLOCK_S, BLOCK_V, DT)
+    X = load_tile(x_ptr + off, S, V, BLOCK_S, BLOCK_V, DT)
     mix = tl.load(mix_ptr + h).to(DT)
     Y = s2s_forward_tile(X, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V, qk_scale, PREC)
-    _store_tile(y_ptr + off, Y, S, V, BLOCK_S, BLOCK_V)
+    store_tile(y_ptr + off, Y, S, V, BLOCK_S, BLOCK_V)
 
 
 @triton.jit
@@ -194,12 +122,12 @@ def _s2s_bwd_kernel(x_ptr, dy_ptr, wq_ptr, wk_ptr, wv_ptr, mix_ptr, dx_ptr,
     h = pid % H
     off = pid.to(tl.int64) * S * V
     woff = pid.to(tl.int64) * V * V
-    X = _load_tile(x_ptr + off, S, V, BLOCK_S, BLOCK_V, DT)
-    dY = _load_tile(dy_ptr + off, S, V, BLOCK_S, BLOCK_V, DT)
+    X = load_tile(x_ptr + off, S, V, BLOCK_S, BLOCK_V, DT)
+    dY = load_tile(dy_ptr + off, S, V, BLOCK_S, BLOCK_V, DT)
     mix = tl.load(mix_ptr + h).to(DT)
     dX, dmix = s2s_backward_tile(X, dY, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V, qk_scale,
                                  dwq_ptr + woff, dwk_ptr + woff, dwv_ptr + woff, PREC)
-    _store_tile(dx_ptr + off, dX, S, V, BLOCK_S, BLOCK_V)
+    store_tile(dx_ptr + off, dX, S, V, BLOCK_S, BLOCK_V)
     tl.store(dmix_ptr + pid, dmix.to(dmix_ptr.dtype.element_ty))
 
 
@@ -209,24 +137,26 @@ def pack_weights(s2s: S2SParams, dt: torch.dtype):
             s2s.w_v.to(dt).contiguous(), torch.tanh(s2s.gate.to(dt)).contiguous())
 
 
-def _launch_meta(S: int, V: int, dtype: torch.dtype, device):
+def _launch_meta(S: int, V: int, dtype: torch.dtype, device, prec: str):
     BS, BV = dot_block(S), dot_block(V)
-    return dict(BLOCK_S=BS, BLOCK_V=BV, DT=compute_tl_dtype(dtype), PREC=dot_precision(dtype, device),
+    return dict(BLOCK_S=BS, BLOCK_V=BV, DT=compute_tl_dtype(dtype), PREC=prec,
                 num_warps=tile_warps(max(BS, BV) * BV, device))
 
 
 class StateAttentionFunction(torch.autograd.Function):
-    """``(v_state [B,H,S,V] in the compute dtype, w_q, w_k, w_v [H,V,V], mix [H]) -> mixed``."""
+    """``(v_state [B,H,S,V] in the compute dtype, w_q, w_k, w_v [H,V,V], mix [H], prec) -> mixed``
+    (``prec``: the resolved dot precision)."""
 
     @staticmethod
-    def forward(ctx, x, wq, wk, wv, mix):
+    def forward(ctx, x, wq, wk, wv, mix, prec):
         B, H, S, V = x.shape
         x = x.contiguous()
         y = torch.empty_like(x)
-        meta = _launch_meta(S, V, x.dtype, x.device)
+        meta = _launch_meta(S, V, x.dtype, x.device, prec)
         if B * H > 0:
             _s2s_fwd_kernel[(B * H,)](x, wq, wk, wv, mix, y, H, S, V, 1.0 / math.sqrt(V), **meta)
         ctx.save_for_backward(x, wq, wk, wv, mix)
+        ctx.prec = prec
         return y
 
     @staticmethod
@@ -237,20 +167,23 @@ class StateAttentionFunction(torch.autograd.Function):
         dx = torch.empty_like(x)
         dws = [torch.zeros(B, H, V, V, dtype=x.dtype, device=x.device) for _ in range(3)]
         dmix = torch.empty(B, H, dtype=x.dtype, device=x.device)
-        meta = _launch_meta(S, V, x.dtype, x.device)
+        meta = _launch_meta(S, V, x.dtype, x.device, ctx.prec)
         if B * H > 0:
             _s2s_bwd_kernel[(B * H,)](x, dy, wq, wk, wv, mix, dx, *dws, dmix, H, S, V,
                                       1.0 / math.sqrt(V), **meta)
         # per-(b, h) partials summed over the batch here: deterministic, no atomics
         return (dx, dws[0].sum(0).to(wq.dtype), dws[1].sum(0).to(wk.dtype),
-                dws[2].sum(0).to(wv.dtype), dmix.sum(0).to(mix.dtype))
+                dws[2].sum(0).to(wv.dtype), dmix.sum(0).to(mix.dtype), None)
 
 
-def triton_state_attention(v_state: torch.Tensor, s2s: S2SParams) -> torch.Tensor:
+def triton_state_attention(v_state: torch.Tensor, s2s: S2SParams,
+                           dot_precision: Optional[str] = None) -> torch.Tensor:
     """The s2s step in Triton: ``v_state [B, H, S, V]`` -> mixed ``v_state`` (its dtype).
 
     Computes in fp32 (fp64 for fp64); differentiable wrt ``v_state`` and every field of ``s2s``.
+    ``dot_precision``: "ieee", "tf32" or "tf32x3" (None: ``NSTM_TRITON_DOT``, else "tf32x3").
     """
     dt = compute_dtype(v_state.dtype)
     wq, wk, wv, mix = pack_weights(s2s, dt)
-    return StateAttentionFunction.apply(v_state.to(dt), wq, wk, wv, mix).to(v_state.dtype)
+    prec = resolve_dot_precision(dt, v_state.device, kind=dot_precision)
+    return StateAttentionFunction.apply(v_state.to(dt), wq, wk, wv, mix, prec).to(v_state.dtype)

@@ -18,7 +18,8 @@ from ..state import NSTMState, S2SParams
 from ..utils import compute_dtype
 from .device import compute_tl_dtype, dot_block, pow2, tile_warps
 from .routing import _route_weights, _topk_rows
-from .s2s import convex_write, dot_precision, pack_weights, read_probs, s2s_forward_tile
+from .s2s import pack_weights, s2s_forward_tile
+from .utils import convex_write, read_probs, resolve_dot_precision
 
 
 @triton.jit
@@ -73,12 +74,14 @@ def _nstm_step_kernel(q_ptr, k_ptr, v_ptr, logits_ptr, gate_ptr, sk_ptr, sv_ptr,
 
 
 def triton_nstm_step(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2SParams],
-                     comm_every: int, state: Optional[NSTMState], scale: Optional[float] = None):
+                     comm_every: int, state: Optional[NSTMState], scale: Optional[float] = None,
+                     dot_precision: Optional[str] = None):
     """One token in Triton: ``q/k [B,H,K]``, ``v [B,H,V]``, logits ``[B,H,S]``, gate ``[B,H]``.
 
     Returns ``(o [B,H,V] in q's dtype, NSTMState(k, v, pos + 1))`` with the state in fp32 (fp64 for
     fp64 inputs). ``state`` None means zeros at pos 0. Same results as
-    ``nstm_kernels.chunked.recurrent_nstm_step``; not differentiable (decode).
+    ``nstm_kernels.chunked.recurrent_nstm_step``; not differentiable (decode). ``dot_precision``:
+    "ieee", "tf32" or "tf32x3" (None: ``NSTM_TRITON_DOT``, else "tf32x3").
     """
     B, H, K = q.shape
     V, S = v.shape[-1], route_logits.shape[-1]
@@ -108,6 +111,6 @@ def triton_nstm_step(q, k, v, route_logits, write_gate, top_k: int, s2s: Optiona
                 H, S, K, V, scale, 1.0 / math.sqrt(V),
                 TOP_K=top_k, HAS_STATE=state is not None, IS_EVENT=is_event,
                 BLOCK_S=BS, BLOCK_K=BK, BLOCK_V=BV, BLOCK_TK=pow2(top_k, 2),
-                DT=compute_tl_dtype(q.dtype), PREC=dot_precision(dt, dev),
+                DT=compute_tl_dtype(q.dtype), PREC=resolve_dot_precision(dt, dev, kind=dot_precision),
                 num_warps=tile_warps(BS * max(BK, BV), dev))
     return o, NSTMState(nk, nv, pos + 1)

@@ -1,0 +1,83 @@
+"""Every environment variable the package reads, in one place, read at call time.
+
+Each choice is a keyword argument of the function that makes it, with a documented default; an
+environment variable only overrides an argument left at None, and is read when the call is made
+(never at import), so a test or a notebook can change it between calls.
+
+| variable | overrides | values (default first) |
+| --- | --- | --- |
+| ``NSTM_BACKEND`` | ``backend=`` of every op (``nstm_kernels.dispatch``) | reference, chunked, triton, cuda |
+| ``NSTM_TRITON_FWD`` | ``forward=`` of ``triton_nstm`` | chunk, recurrent |
+| ``NSTM_TRITON_BWD`` | ``backward=`` of ``triton_nstm`` | chunk, recurrent |
+| ``NSTM_TRITON_DOT`` | ``dot_precision=`` of the Triton ops | tf32x3 (s2s, step, recurrent), ieee (chunk passes); tf32 |
+| ``NSTM_TRITON_TF32=1`` | as ``NSTM_TRITON_DOT=tf32`` (older name) | |
+| ``TRITON_INTERPRET=1`` | Triton runs on CPU tensors in its interpreter (Triton's own variable) | |
+| ``NSTM_CUDA_BUILD_DIR`` | where the CUDA step extension is built | ``~/.cache/nstm_kernels/cuda-<torch>-<cuda>`` |
+| ``NSTM_CUDA_REBUILD=1`` | rebuild the extension from scratch | |
+| ``NSTM_CUDA_VERBOSE=1`` | show the compiler's output | |
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+BACKENDS = ("reference", "chunked", "triton", "cuda")
+TRITON_FORWARDS = ("chunk", "recurrent")
+TRITON_BACKWARDS = ("chunk", "recurrent")
+DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def _env(name: str) -> Optional[str]:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def flag(name: str) -> bool:
+    """An on/off environment variable: 1, true, yes or on (any case) is on."""
+    return (_env(name) or "0").lower() in ("1", "true", "yes", "on")
+
+
+def choose(what: str, value: Optional[str], env: str, choices: Sequence[str],
+           default: Optional[str] = None) -> str:
+    """``value``, else the environment variable ``env``, else ``default`` (``choices[0]``); checked."""
+    source = "argument"
+    if value is None:
+        value, source = _env(env), env
+    if value is None:
+        return choices[0] if default is None else default
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {tuple(choices)} ({source}), got {value!r}")
+    return value
+
+
+def backend_override() -> Optional[str]:
+    """``NSTM_BACKEND`` (None when unset); ``nstm_kernels.dispatch`` checks the name."""
+    return _env("NSTM_BACKEND")
+
+
+def triton_interpret() -> bool:
+    """Triton's interpreter is on (CPU tensors can run the Triton kernels)."""
+    return _env("TRITON_INTERPRET") == "1"
+
+
+def triton_forward(kind: Optional[str] = None) -> str:
+    """The Triton sequence forward: ``"chunk"`` (chunk-parallel, default) or ``"recurrent"``."""
+    return choose("the Triton sequence forward", kind, "NSTM_TRITON_FWD", TRITON_FORWARDS)
+
+
+def triton_backward(kind: Optional[str] = None) -> str:
+    """The backward behind the chunk forward: ``"chunk"`` (default) or ``"recurrent"``."""
+    return choose("the Triton chunk backward", kind, "NSTM_TRITON_BWD", TRITON_BACKWARDS)
+
+
+def dot_precision(kind: Optional[str], default: str) -> str:
+    """The fp32 ``tl.dot`` precision: ``kind``, else ``NSTM_TRITON_DOT``, else "tf32" when
+    ``NSTM_TRITON_TF32=1``, else ``default`` (see ``nstm_kernels.triton.utils.dot_precision``)."""
+    if kind is None and _env("NSTM_TRITON_DOT") is None and flag("NSTM_TRITON_TF32"):
+        return "tf32"
+    return choose("the fp32 dot precision", kind, "NSTM_TRITON_DOT", DOT_PRECISIONS, default)
+
+
+def cuda_build_dir() -> Optional[str]:
+    """``NSTM_CUDA_BUILD_DIR`` (None: the default cache folder)."""
+    return _env("NSTM_CUDA_BUILD_DIR")

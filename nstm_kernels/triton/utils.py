@@ -1,0 +1,225 @@
+"""What the Triton kernels share: tile helpers (``@triton.jit``), launch settings, the chunk
+layout and the backward set-up. Every op file imports from here; this file imports none of them.
+
+* jit helpers: ``mm`` (a dot with fp32/fp64 accumulation), ``slot_tiles`` (index vectors and
+  masks of a program's slot tiles), ``convex_write`` / ``read_probs`` (spec §2 steps 2 and 3 on a
+  tile), ``load_head_weight`` / ``load_tile`` / ``store_tile``, and the chunk helpers
+  ``dense_weights``, ``log_retain``, ``advance`` (the closed-form state step of spec §4).
+* host side: ``dot_precision`` (the fp32 ``tl.dot`` precision), ``chunk_meta`` / ``recurrent_meta``
+  (the constexpr launch arguments of the chunk and the recurrent kernels), ``state_warps``,
+  ``chunk_starts`` (where chunks, and the recurrent kernels' segments, start), and
+  ``backward_setup`` / ``backward_result`` (what both sequence backwards start from and return).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import settings
+from .device import compute_tl_dtype, device_info, dot_block, pow2, tile_warps
+
+
+def resolve_dot_precision(dtype: torch.dtype, device=None, chunk: bool = False,
+                          kind: Optional[str] = None) -> str:
+    """The ``input_precision`` of the kernels' fp32 ``tl.dot``s.
+
+    ``kind`` ("ieee", "tf32" or "tf32x3"; None: ``NSTM_TRITON_DOT``, else the default) picks it;
+    fp64 and GPUs without tf32 tensor cores (before sm_80) always get "ieee". Defaults: "tf32x3"
+    for the s2s, step and recurrent kernels, "ieee" for the chunk passes (``chunk=True``).
+
+    "ieee" keeps every product exact to fp32 but runs on the FMA units, and at S = K = V = 64
+    ptxas then keeps whole [64, 64] tiles in local memory: 14-19 KB of stack per thread in the s2s,
+    step and recurrent kernels (bench/compile_check.py, bench/NOTES.md). "tf32x3" splits each fp32
+    operand into two tf32 parts and sums three tensor-core products, which recovers about fp32
+    accuracy, and the same kernels compile with at most 0.7 KB of stack. The chunk passes go the
+    other way (sm_80 boundary pass: 1.9 KB with "ieee", 10.7 KB with "tf32x3"), so they keep
+    "ieee" unless asked. "tf32" is one pass with the inputs rounded to 10 mantissa bits. Under the
+    interpreter the precision makes no difference.
+    """
+    chosen = settings.dot_precision(kind, "ieee" if chunk else "tf32x3")
+    if dtype == torch.float64:
+        return "ieee"
+    if device is not None and device_info(torch.device(device)).capability < (8, 0):
+        return "ieee"
+    return chosen
+
+
+@triton.jit
+def mm(a, b, PREC: tl.constexpr):
+    """``a @ b`` with fp32 (fp64) accumulation. fp64 tiles go through a broadcast multiply-sum:
+    Triton's fp64 MMA path does not take K > 16 tiles (fp64 is for gradcheck, not for speed)."""
+    if a.dtype == tl.float64:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def slot_tiles(S, K, V, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Index vectors, masks and row-major offsets of a program's ``[S, K]`` / ``[S, V]`` slot tiles
+    (padded to the blocks): ``(rs, rk, rv, smask, mk, mv, sk_off, sv_off)``."""
+    rs = tl.arange(0, BLOCK_S)
+    rk = tl.arange(0, BLOCK_K)
+    rv = tl.arange(0, BLOCK_V)
+    smask = rs < S
+    mk = smask[:, None] & (rk[None, :] < K)
+    mv = smask[:, None] & (rv[None, :] < V)
+    return rs, rk, rv, smask, mk, mv, rs[:, None] * K + rk[None, :], rs[:, None] * V + rv[None, :]
+
+
+@triton.jit
+def convex_write(Ks, Vs, routed, wc, kt, vt):
+    """Spec §2 step 2 on the routed rows only: ``X_i <- (1 - w_i) X_i + w_i x`` (``wc [S, 1]``)."""
+    Ks = tl.where(routed[:, None], (1.0 - wc) * Ks + wc * kt[None, :], Ks)
+    Vs = tl.where(routed[:, None], (1.0 - wc) * Vs + wc * vt[None, :], Vs)
+    return Ks, Vs
+
+
+@triton.jit
+def read_probs(Ks, qt, smask, scale):
+    """Spec §2 step 3: ``p = softmax_i(scale * K_i . q)`` over the real slots."""
+    sc = tl.where(smask, tl.sum(Ks * qt[None, :], axis=1) * scale, float("-inf"))
+    e = tl.exp(sc - tl.max(sc, axis=0))
+    return e / tl.sum(e, axis=0)
+
+
+@triton.jit
+def load_head_weight(w_ptr, h, V, BLOCK_V: tl.constexpr, DT: tl.constexpr):
+    """``w[h]`` of a ``[H, V, V]`` tensor as a ``[BLOCK_V, BLOCK_V]`` tile (zeros at the padding)."""
+    r = tl.arange(0, BLOCK_V)
+    m = (r[:, None] < V) & (r[None, :] < V)
+    base = w_ptr + h.to(tl.int64) * V * V
+    return tl.load(base + r[:, None] * V + r[None, :], mask=m, other=0.0).to(DT)
+
+
+@triton.jit
+def load_tile(ptr, S, V, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, DT: tl.constexpr):
+    rs = tl.arange(0, BLOCK_S)
+    rv = tl.arange(0, BLOCK_V)
+    m = (rs[:, None] < S) & (rv[None, :] < V)
+    return tl.load(ptr + rs[:, None] * V + rv[None, :], mask=m, other=0.0).to(DT)
+
+
+@triton.jit
+def store_tile(ptr, X, S, V, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr):
+    rs = tl.arange(0, BLOCK_S)
+    rv = tl.arange(0, BLOCK_V)
+    m = (rs[:, None] < S) & (rv[None, :] < V)
+    tl.store(ptr + rs[:, None] * V + rv[None, :], X.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def dense_weights(idx_ptr, w_ptr, tok, rmask, BLOCK_S: tl.constexpr, TOP_K: tl.constexpr,
+                   DT: tl.constexpr):
+    """The write weights of the tokens ``tok [BLOCK_L]`` (int64 row indices into ``[*, TOP_K]``)
+    dense over the slots: ``[BLOCK_L, BLOCK_S]``, 0 off-route and on the masked rows."""
+    rs = tl.arange(0, BLOCK_S)
+    W = tl.zeros([tok.shape[0], BLOCK_S], DT)
+    for j in range(TOP_K):   # constexpr bound: unrolled; the routed slots of a token are distinct
+        ij = tl.load(idx_ptr + tok * TOP_K + j, mask=rmask, other=0).to(tl.int32)
+        wj = tl.load(w_ptr + tok * TOP_K + j, mask=rmask, other=0.0).to(DT)
+        W = tl.where(rs[None, :] == ij[:, None], wj[:, None], W)
+    return W
+
+
+@triton.jit
+def log_retain(W, EPS: tl.constexpr):
+    """``log(1 - min(w, 1 - eps))``, accurate for small w too (log1p through ``log(u) x / (u - 1)``
+    with ``u = 1 + x`` rounded, Goldberg's trick), exactly 0 at w = 0, finite at w = 1."""
+    eps = tl.full([], EPS, W.dtype)
+    x = -tl.minimum(W, 1.0 - eps)
+    u = 1.0 + x
+    den = tl.where(u == 1.0, 1.0, u - 1.0)
+    return tl.where(u == 1.0, x, tl.log(u) * (x / den))
+
+
+@triton.jit
+def advance(Ks, Vs, W, lw, lc, kc, vc, PREC: tl.constexpr):
+    """The state at the end of a block of tokens from the state at its start, in closed form:
+    ``X_end[i] = exp(lc_end[i]) X[i] + sum_s w[s, i] exp(lc_end[i] - lc[s, i]) x_s``."""
+    lend = tl.sum(lw, axis=0)                                          # [BLOCK_S]
+    D = W * tl.exp(tl.minimum(lend[None, :] - lc, 0.0))               # [BLOCK_L, BLOCK_S]
+    Dt = tl.trans(D)
+    keep = tl.exp(lend)[:, None]
+    Ks = keep * Ks + mm(Dt, kc.to(Ks.dtype), PREC)
+    Vs = keep * Vs + mm(Dt, vc.to(Vs.dtype), PREC)
+    return Ks, Vs
+
+
+def chunk_starts(T: int, pos: int, comm_every: int, has_s2s: bool, L: int) -> List[int]:
+    """Token indices where a chunk starts, plus ``T``. On absolute positions ``tau = pos + t``:
+    with s2s, at every period start (tau % C == 0, so every s2s event ends a chunk) and every
+    ``L`` tokens from a period start; without s2s, at every tau % L == 0. Chunks are at most ``L``
+    long; a call that starts mid-chunk gets a shorter first chunk."""
+    cuts = {0, T}
+    if has_s2s:
+        C = comm_every
+        for p0 in range(-(pos % C), T, C):      # period starts; the first one may be before t = 0
+            cuts.update(t for t in range(p0, min(p0 + C, T), L) if t > 0)
+    else:
+        cuts.update(range((-pos) % L, T, L))
+    return sorted(cuts)
+
+
+def state_warps(BS: int, BD: int) -> int:
+    """``num_warps`` of the sequential pass: B * H programs only, so a program may take a whole SM.
+    Its ``[64, 64]`` tiles (state, chunk, decays, the s2s tiles) spill at 8 warps (sm_90 offline
+    compile: 255 registers + 728 B stack with s2s), less at 16 (128 registers, 464 B)."""
+    return min(16, max(4, BS * BD // 256))
+
+
+def chunk_meta(S, K, V, top_k, dt, prec: str):
+    return dict(TOP_K=top_k, EPS=torch.finfo(dt).eps, BLOCK_S=dot_block(S), BLOCK_K=dot_block(K),
+                BLOCK_V=dot_block(V), DT=compute_tl_dtype(dt), PREC=prec)
+
+
+def recurrent_meta(S, K, V, top_k, dt, device, prec: str):
+    BS, BK, BV = dot_block(S), pow2(K, 16), dot_block(V)
+    return dict(TOP_K=top_k, BLOCK_S=BS, BLOCK_K=BK, BLOCK_V=BV, BLOCK_TK=pow2(top_k, 2),
+                DT=compute_tl_dtype(dt), PREC=prec,
+                num_warps=tile_warps(BS * max(BK, BV), device))
+
+
+def backward_setup(ctx, do, dkf, dvf) -> SimpleNamespace:
+    """What both Triton backwards (``recurrent.py``'s and ``chunk_bwd.py``'s) start from: the saved
+    tensors and constants of the forward, contiguous output gradients in the state dtype (zeros for
+    an unused final state), and the gradient buffers they fill."""
+    if not ctx.stored:
+        raise RuntimeError("triton_nstm: the forward ran without grad; no states were stored")
+    q, k, v, w, idx, seg, bk, bv, wq, wk, wv, mix = ctx.saved_tensors
+    top_k, pos, C, scale, S, lmax = ctx.cfg
+    seq_prec, chunk_prec, _ = ctx.opts
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dt, dev = w.dtype, q.device
+    has_s2s = wq is not None
+    dkf = torch.zeros(B, H, S, K, dtype=dt, device=dev) if dkf is None else dkf.contiguous().to(dt)
+    dvf = torch.zeros(B, H, S, V, dtype=dt, device=dev) if dvf is None else dvf.contiguous().to(dt)
+    dk0 = torch.empty(B, H, S, K, dtype=dt, device=dev)
+    if has_s2s:
+        dws = [torch.zeros(B, H, V, V, dtype=dt, device=dev) for _ in range(3)]
+        dmix = torch.zeros(B, H, dtype=dt, device=dev)
+        s2s_args = (wq, wk, wv, mix)
+    else:   # placeholders the kernels never touch (HAS_S2S=False)
+        dws, dmix, s2s_args = [dk0, dk0, dk0], dk0, (dk0,) * 4
+    return SimpleNamespace(
+        q=q, k=k, v=v, w=w, idx=idx, seg=seg, bk=bk, bv=bv, s2s_args=s2s_args, has_s2s=has_s2s,
+        top_k=top_k, pos=pos, C=C, scale=scale, lmax=lmax, B=B, T=T, H=H, S=S, K=K, V=V, dt=dt,
+        dev=dev, seq_prec=seq_prec, chunk_prec=chunk_prec, do=do.contiguous(), dkf=dkf, dvf=dvf,
+        dq=torch.empty_like(q), dk=torch.empty_like(k), dv=torch.empty_like(v),
+        dw=torch.empty_like(w), dk0=dk0, dv0=torch.empty(B, H, S, V, dtype=dt, device=dev),
+        dws=dws, dmix=dmix)
+
+
+def backward_result(g: SimpleNamespace) -> tuple:
+    """The gradient tuple of the sequence Functions' ``forward`` arguments."""
+    if g.has_s2s:
+        g_s2s = (g.dws[0].sum(0), g.dws[1].sum(0), g.dws[2].sum(0), g.dmix.sum(0))
+    else:
+        g_s2s = (None, None, None, None)
+    # no gradients for the constants: idx, top_k, pos, comm_every, scale, store, opts
+    return (g.dq, g.dk, g.dv, g.dw, g.dk0, g.dv0, *g_s2s) + (None,) * 7
