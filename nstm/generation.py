@@ -86,6 +86,9 @@ class GenerateMixin:
         ``top_p``. (``sample_top_k`` is the sampling cut-off; ``top_k`` of the NSTM models is the
         routing's slots per token.) Further keyword ``options`` go to the model's decoder (see the
         model's ``generate`` notes)."""
+        if "top_k" in options:
+            raise TypeError("generate() takes sample_top_k= for the sampling cut-off (top_k is the "
+                            "NSTM routing's slots per token, a model setting)")
         check_tokens(idx, 2, self.vocab_size)
         check_generate_args(max_new_tokens, temperature, sample_top_k, top_p)
         if max_new_tokens == 0:
