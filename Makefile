@@ -5,10 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench bench-gpu bench-wheels compile-check data clean help
+.PHONY: test test-fast lint demo bench bench-gpu bench-wheels compile-check data clean help
 
 help:
-	@echo "make test   - set up .venv and run the whole test suite (CPU; Triton kernels via the interpreter)"
+	@echo "make test   - set up .venv, lint, and run the whole test suite (CPU; Triton kernels via the interpreter)"
+	@echo "make lint   - ruff (rules in pyproject.toml)"
 	@echo "make demo   - train a small NSTM language model on associative recall on the CPU (<= 3 min)"
 	@echo "make bench  - operator sweep and model throughput (GPU when present, else small CPU runs)"
 	@echo "make data   - download MNIST and Shakespeare into data/ (idempotent, checksummed)"
@@ -22,7 +23,10 @@ $(STAMP): requirements-dev.txt setup.py
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP)

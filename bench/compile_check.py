@@ -135,8 +135,7 @@ def workloads(S: int, K: int, V: int, top_k: int, dtype: torch.dtype, s2s: bool,
     """(name, callable) pairs that drive every Triton kernel once at these sizes; ``dot`` is the
     fp32 ``tl.dot`` precision (None: the package's defaults)."""
     from nstm_kernels.state import NSTMState, S2SParams
-    from nstm_kernels.triton import (triton_nstm, triton_nstm_step, triton_sparse_route,
-                                     triton_state_attention)
+    from nstm_kernels.triton import triton_nstm, triton_nstm_step, triton_sparse_route, triton_state_attention
 
     B, T, H, C = 1, 2 * 64, 2, 64
 
@@ -263,7 +262,8 @@ def markdown(rows: List[dict], meta: dict) -> str:
            "(no GPU: nothing here ran, it only compiled)",
            "- registers / stack from `cuobjdump -res-usage`; stack > 0 means spills to local memory",
            f"- top_k = {meta['top_k']}, s2s = {meta['s2s']}", "",
-           "| kernel | entry | target | dims | dtype | fp32 dot | warps | blocks | status | regs | stack B | shared KiB | fits (shared memory) |",
+           "| kernel | entry | target | dims | dtype | fp32 dot | warps | blocks | status | regs | stack B "
+           "| shared KiB | fits (shared memory) |",
            "|---|---|---|---|---|---|---:|---|---|---:|---:|---:|---|"]
     for r in rows:
         shared = f"{r['shared'] / 1024:.1f}" if "shared" in r else "-"

@@ -379,7 +379,8 @@ def markdown(rows: List[dict], meta: dict) -> str:
     dec = [r for r in rows if r["section"] == "decode"]
     if dec:
         out += [f"## Decode{lab}", "",
-                "| model | mode | batch | context | latency ms/token | p90 ms | tokens/s | memory/seq | how the context was reached | device | commit |",
+                "| model | mode | batch | context | latency ms/token | p90 ms | tokens/s | memory/seq "
+                "| how the context was reached | device | commit |",
                 "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
         for r in dec:
             mem = r.get("state_bytes_per_seq", r.get("kv_bytes_per_seq"))
@@ -512,7 +513,7 @@ def main(argv=None):
     try:
         cfg = pick_config(dev, args.quick, args.size)
     except ValueError as e:
-        raise SystemExit(f"bench/models.py: {e}")
+        raise SystemExit(f"bench/models.py: {e}") from None
     if args.threads is not None or dev == "cpu":
         torch.set_num_threads(args.threads or cfg.get("threads", 1))
     for key in ("batches", "contexts", "steps"):

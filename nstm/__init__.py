@@ -10,14 +10,15 @@ from .config import NSTMConfig
 from .decode import StaticDecoder
 from .generation import sample_next
 from .layer import LayerOutput, NSTMLayer, NSTMLayerState
-from .models import LMOutput, NSTMBlock, NSTMClassifier, NSTMLM, detach_state
+from .models import NSTMLM, LMOutput, NSTMBlock, NSTMClassifier, detach_state
 from .modules import MLP, RMSNorm, ShortConv
 from .router import TokenToStateRouter
 from .s2s import StateToStateAttention
 from .state_manager import PruneReport, StateManager
 
 __all__ = [
-    "__version__", "NSTMConfig", "NSTMLayer", "NSTMLayerState", "LayerOutput", "LMOutput", "detach_state", "NSTMBlock", "NSTMLM", "NSTMClassifier", "MLP", "RMSNorm",
+    "__version__", "NSTMConfig", "NSTMLayer", "NSTMLayerState", "LayerOutput", "LMOutput", "detach_state",
+    "NSTMBlock", "NSTMLM", "NSTMClassifier", "MLP", "RMSNorm",
     "ShortConv", "TokenToStateRouter", "StateToStateAttention", "StateManager", "PruneReport",
     "sample_next", "StaticDecoder",
 ]

@@ -100,7 +100,7 @@ class KVCache:
         """Bytes allocated for the whole cache (all ``max_len`` positions)."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def reset(self) -> "KVCache":
+    def reset(self) -> KVCache:
         self.length = 0
         return self
 

@@ -62,7 +62,7 @@ class NSTMConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "NSTMConfig":
+    def from_dict(cls, d: Dict[str, Any]) -> NSTMConfig:
         """The config of ``to_dict``; an unknown key is an error (a typo must not pass silently)."""
         if not isinstance(d, dict):
             raise TypeError(f"an NSTMConfig is made from a dict, got {type(d).__name__}")
@@ -72,5 +72,5 @@ class NSTMConfig:
             raise ValueError(f"unknown NSTMConfig field(s) {unknown}; the fields are {sorted(names)}")
         return cls(**d)
 
-    def replace(self, **changes) -> "NSTMConfig":
+    def replace(self, **changes) -> NSTMConfig:
         return dataclasses.replace(self, **changes)

@@ -13,8 +13,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nstm_kernels import (NSTMState, nstm_attention, nstm_attention_with_maps, nstm_step,
-                          nstm_step_, sparse_route)
+from nstm_kernels import (
+    NSTMState,
+    nstm_attention,
+    nstm_attention_with_maps,
+    nstm_step,
+    nstm_step_,
+    sparse_route,
+)
 
 from .config import NSTMConfig
 from .modules import RMSNorm, ShortConv
@@ -29,7 +35,7 @@ class NSTMLayerState(NamedTuple):
     op: NSTMState
     conv: Optional[torch.Tensor]       # [B, conv_size - 1, channels] or None without a conv
 
-    def detach(self) -> "NSTMLayerState":
+    def detach(self) -> NSTMLayerState:
         """The same state cut from the autograd graph, for truncated backpropagation through time:
         ``y, st = layer(x1, return_state=True)[:2]; layer(x2, state=st.detach())``."""
         return NSTMLayerState(self.op.detach(), None if self.conv is None else self.conv.detach())
@@ -105,7 +111,7 @@ class NSTMLayer(nn.Module):
         self.aux_loss = torch.zeros(())
 
     @classmethod
-    def from_config(cls, config: NSTMConfig) -> "NSTMLayer":
+    def from_config(cls, config: NSTMConfig) -> NSTMLayer:
         """The layer ``config`` describes (its layer fields, ``d_model`` and ``num_heads``)."""
         return cls(config.d_model, config.num_heads, **config.layer_kwargs())
 

@@ -158,7 +158,7 @@ class NSTMLM(GenerateMixin, _NSTMStack):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))
 
     @classmethod
-    def from_config(cls, config: NSTMConfig) -> "NSTMLM":
+    def from_config(cls, config: NSTMConfig) -> NSTMLM:
         """The language model ``config`` describes (``config.vocab_size`` must be set)."""
         if not isinstance(config, NSTMConfig):
             raise TypeError(f"config must be an NSTMConfig, got {type(config).__name__}")
@@ -220,7 +220,7 @@ class NSTMLM(GenerateMixin, _NSTMStack):
     def static_decoder(self, state: List[NSTMLayerState], cuda_graph: bool = False):
         """A ``nstm.decode.StaticDecoder`` starting from ``state``: the state in static buffers
         updated in place each token, optionally one CUDA graph per decode step."""
-        from .decode import StaticDecoder   # decode.py builds on this module
+        from .decode import StaticDecoder  # decode.py builds on this module
         return StaticDecoder(self, state, cuda_graph=cuda_graph)
 
     def _decoder(self, idx, max_new_tokens, cuda_graph: bool = False,
@@ -277,7 +277,7 @@ class NSTMClassifier(_NSTMStack):
 
     @classmethod
     def from_config(cls, config: NSTMConfig, num_classes: int, input_dim: Optional[int] = None,
-                    pool: str = "mean") -> "NSTMClassifier":
+                    pool: str = "mean") -> NSTMClassifier:
         """The classifier ``config`` describes: token ids when ``config.vocab_size`` is set, else
         continuous inputs of ``input_dim`` features (``tie_weights`` does not apply)."""
         if not isinstance(config, NSTMConfig):

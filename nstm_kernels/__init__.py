@@ -10,14 +10,20 @@ Public API (spec §3)::
     state_attention(v_state, s2s)
     NSTMState, S2SParams
 """
-from .api import (nstm_attention, nstm_attention_with_maps, nstm_step, nstm_step_, sparse_route,
-                  state_attention)
+from .api import (
+                  nstm_attention,
+                  nstm_attention_with_maps,
+                  nstm_step,
+                  nstm_step_,
+                  sparse_route,
+                  state_attention,
+)
 from .dispatch import BACKENDS, resolve_backend
 from .state import NSTMState, S2SParams
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "nstm_attention", "nstm_step", "nstm_step_", "sparse_route", "state_attention", "nstm_attention_with_maps",
-    "NSTMState", "S2SParams", "BACKENDS", "resolve_backend", "__version__",
+    "nstm_attention", "nstm_step", "nstm_step_", "sparse_route", "state_attention",
+    "nstm_attention_with_maps", "NSTMState", "S2SParams", "BACKENDS", "resolve_backend", "__version__",
 ]

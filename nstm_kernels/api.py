@@ -8,8 +8,15 @@ import torch
 
 from .dispatch import lookup
 from .state import NSTMState, S2SParams
-from .utils import (check_dims, check_int, check_s2s, check_same_device, check_tensor,
-                    compute_dtype, validate_operator_inputs)
+from .utils import (
+    check_dims,
+    check_int,
+    check_s2s,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+    validate_operator_inputs,
+)
 
 _warned_layout = set()
 

@@ -86,8 +86,8 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, route_logits: Tensor, write_ga
     with torch.no_grad():
         o, fk, fv = _run((q, k, v, route_logits, write_gate, k0, v0, w_q, w_k, w_v, gate),
                          top_k, comm_every, pos, scale, backend)
-    return tuple(_unaliased((o.contiguous(), fk.contiguous(), fv.contiguous()), (q, k, v, route_logits, write_gate, k0, v0, w_q, w_k,
-                                              w_v, gate)))
+    ins = (q, k, v, route_logits, write_gate, k0, v0, w_q, w_k, w_v, gate)
+    return tuple(_unaliased((o.contiguous(), fk.contiguous(), fv.contiguous()), ins))
 
 
 @attention_op.register_fake

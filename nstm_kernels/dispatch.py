@@ -2,7 +2,8 @@
 
 ``TABLE[op][backend]`` is the function that runs ``op`` (its public name: ``"nstm_attention"``,
 ``"nstm_step"``, ...) on ``backend``. Every entry point of the package (``nstm_kernels.api``,
-the ``torch.compile`` op in ``nstm_kernels.compile``, the layer's in-place decode step) asks ``lookup(op, backend, device)`` and nothing else.
+the ``torch.compile`` op in ``nstm_kernels.compile``, the layer's in-place decode step) asks
+``lookup(op, backend, device)`` and nothing else.
 
 Order of choice: the ``backend=`` argument, else the ``NSTM_BACKEND`` environment variable (read
 at call time in ``nstm_kernels.settings``), else ``DEFAULTS`` for the tensors' device. A backend

@@ -9,10 +9,10 @@ environment variable only overrides an argument left at None, and is read when t
 | ``NSTM_BACKEND`` | ``backend=`` of every op (``nstm_kernels.dispatch``) | reference, chunked, triton, cuda |
 | ``NSTM_TRITON_FWD`` | ``forward=`` of ``triton_nstm`` | chunk, recurrent |
 | ``NSTM_TRITON_BWD`` | ``backward=`` of ``triton_nstm`` | chunk, recurrent |
-| ``NSTM_TRITON_DOT`` | ``dot_precision=`` of the Triton ops | tf32x3 (s2s, step, recurrent), ieee (chunk passes); tf32 |
+| ``NSTM_TRITON_DOT`` | ``dot_precision=`` of the Triton ops | tf32x3 (ieee in the chunk passes), tf32 |
 | ``NSTM_TRITON_TF32=1`` | as ``NSTM_TRITON_DOT=tf32`` (older name) | |
 | ``TRITON_INTERPRET=1`` | Triton runs on CPU tensors in its interpreter (Triton's own variable) | |
-| ``NSTM_CUDA_BUILD_DIR`` | where the CUDA step extension is built | ``~/.cache/nstm_kernels/cuda-<torch>-<cuda>`` |
+| ``NSTM_CUDA_BUILD_DIR`` | where the CUDA step extension is built | ``~/.cache/nstm_kernels/...`` |
 | ``NSTM_CUDA_REBUILD=1`` | rebuild the extension from scratch | |
 | ``NSTM_CUDA_VERBOSE=1`` | show the compiler's output | |
 """

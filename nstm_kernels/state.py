@@ -19,7 +19,7 @@ class NSTMState(NamedTuple):
     v: torch.Tensor
     pos: Union[int, torch.Tensor]
 
-    def detach(self) -> "NSTMState":
+    def detach(self) -> NSTMState:
         """The same memory cut from the autograd graph (truncated backpropagation through time)."""
         pos = self.pos.detach() if isinstance(self.pos, torch.Tensor) else self.pos
         return NSTMState(self.k.detach(), self.v.detach(), pos)

@@ -35,14 +35,14 @@ default) and the reverse-segment backward of ``recurrent.py`` (``NSTM_TRITON_BWD
 from __future__ import annotations
 
 import math
+
 import torch
 import triton
 import triton.language as tl
 
 from .device import chunk_length, pow2, sub_chunk_length, tile_warps
 from .s2s import s2s_forward_tile
-from .utils import (advance, chunk_meta, chunk_starts, dense_weights, log_retain, mm, slot_tiles,
-                    state_warps)
+from .utils import advance, chunk_meta, chunk_starts, dense_weights, log_retain, mm, slot_tiles, state_warps
 
 
 @triton.jit

@@ -45,8 +45,17 @@ import triton.language as tl
 
 from .device import sub_chunk_length, tile_warps
 from .s2s import s2s_backward_tile
-from .utils import (advance, backward_result, backward_setup, chunk_meta, dense_weights,
-                    log_retain, mm, slot_tiles, state_warps)
+from .utils import (
+    advance,
+    backward_result,
+    backward_setup,
+    chunk_meta,
+    dense_weights,
+    log_retain,
+    mm,
+    slot_tiles,
+    state_warps,
+)
 
 
 @triton.jit

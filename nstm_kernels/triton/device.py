@@ -23,7 +23,7 @@ class DeviceInfo(NamedTuple):
     num_sms: int
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_info(index: int) -> DeviceInfo:
     props = torch.cuda.get_device_properties(index)
     smem = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024

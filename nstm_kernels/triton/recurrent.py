@@ -8,8 +8,8 @@ Forward (``_nstm_fwd_kernel``), one program per (batch, head): the slot state ``
 ``top_k`` routed slots (the others are selected unchanged), reads with a softmax over all slots,
 and the state-to-state attention runs at period ends (absolute position ``pos + t``). Time is cut
 into *segments*: a new segment starts at every period start (so that every s2s event is the last
-token of a segment) and at least every ``segment_length()`` tokens (``utils.chunk_starts``). The state entering every
-segment is stored for the backward.
+token of a segment) and at least every ``segment_length()`` tokens (``utils.chunk_starts``). The
+state entering every segment is stored for the backward.
 
 Backward (``_nstm_bwd_kernel``), one program per (batch, head), segments in reverse: reload the
 segment's entry state, rerun the segment forward while saving, for every token, the old contents
@@ -28,8 +28,15 @@ import triton.language as tl
 
 from .device import segment_length
 from .s2s import s2s_backward_tile, s2s_forward_tile
-from .utils import (backward_result, backward_setup, chunk_starts, convex_write, read_probs,
-                    recurrent_meta, slot_tiles)
+from .utils import (
+    backward_result,
+    backward_setup,
+    chunk_starts,
+    convex_write,
+    read_probs,
+    recurrent_meta,
+    slot_tiles,
+)
 
 
 @triton.jit

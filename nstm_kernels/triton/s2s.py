@@ -20,8 +20,7 @@ import triton.language as tl
 from ..state import S2SParams
 from ..utils import compute_dtype
 from .device import compute_tl_dtype, dot_block, tile_warps
-from .utils import resolve_dot_precision
-from .utils import load_head_weight, load_tile, mm, store_tile
+from .utils import load_head_weight, load_tile, mm, resolve_dot_precision, store_tile
 
 
 @triton.jit
