@@ -63,13 +63,20 @@ def _final(r: Dict) -> Dict:
     return r.get("final") or {}
 
 
+def _setting(c: Dict, name: str, old: str):
+    """``c[name]``, or ``c[old]`` in the JSONs written before the flags took the NSTMConfig names
+    (``heads`` -> ``num_heads``, ``layers`` -> ``n_layers``)."""
+    return c.get(name, c.get(old))
+
+
 def state_elements(r: Dict) -> Optional[int]:
     """Recurrent state per layer: NSTM heads·S·(K+V) with K = V = d_model / heads; Transformer: its
     KV cache at the task's training sequence length, 2·T·d_model."""
     c = r.get("config", {})
     if r.get("model") == "nstm":
-        hd = c["d_model"] // c["heads"]
-        return c["heads"] * c["num_states"] * 2 * hd
+        heads = _setting(c, "num_heads", "heads")
+        hd = c["d_model"] // heads
+        return heads * c["num_states"] * 2 * hd
     T = (r.get("task_info") or {}).get("num_pairs")
     T = 4 * T if T is not None and r.get("task") == "mqar" else c.get("seq_len")
     return None if T is None else 2 * T * c["d_model"]
@@ -77,7 +84,7 @@ def state_elements(r: Dict) -> Optional[int]:
 
 def _model(r: Dict) -> str:
     c = r.get("config", {})
-    s = f"{r.get('model')} d{c.get('d_model')} l{c.get('layers')}"
+    s = f"{r.get('model')} d{c.get('d_model')} l{_setting(c, 'n_layers', 'layers')}"
     if r.get("model") == "nstm":
         s += f" S{c.get('num_states')} k{c.get('top_k')}"
     return s

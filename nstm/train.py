@@ -2,7 +2,7 @@
 
     python -m nstm.train --task mqar --model nstm --steps 2000
     python -m nstm.train --task copy --model transformer --seq-len 32 --steps 1000
-    python -m nstm.train --task smnist --d-model 128 --layers 4 --maps --time-budget 3600
+    python -m nstm.train --task smnist --d-model 128 --n-layers 4 --maps --time-budget 3600
     python -m nstm.train --task mqar --steps 4000 --resume auto          # continue the same run
 
 Each run writes, under ``--out`` (default ``results``):
@@ -10,41 +10,45 @@ Each run writes, under ``--out`` (default ``results``):
 * ``<task>/<run>.json``: config, metrics history, final metrics, device, git commit, torch version,
   parameter count, wall time (rewritten atomically after every evaluation);
 * ``<task>/<run>.png``: loss and metric curves;
-* ``<task>/<run>/ckpt.pt``: the checkpoint (``--resume auto`` continues from it);
+* ``<task>/<run>/ckpt.pt``: the checkpoint (``--resume auto`` continues from it; it also holds the
+  model's ``NSTMConfig`` and class, so ``nstm.checkpoint.load_model`` rebuilds the model from it);
 * ``<task>/<run>/maps/*.png`` with ``--maps`` (NSTM): routing heatmaps, slot usage, slot importance
   before/after pruning, state-to-state attention maps; the JSON then records the loss before and
   after ``prune(--prune-threshold)`` and the forward speed-up.
 
-The run name defaults to ``<model>-d<width>-l<layers>-s<seed>``. ``--model transformer`` keeps the
-NSTM width and depth and (by default) picks the MLP ratio so that the parameter count matches the
-NSTM model with the same flags within 10% (``--no-match-params`` keeps ``--mlp-ratio``).
+The model flags carry the ``NSTMConfig`` field names (``--num-heads`` sets ``num_heads``; ``--heads``
+and ``--layers`` remain as aliases of ``--num-heads`` and ``--n-layers``). The run name defaults to
+``<model>-d<width>-l<layers>-s<seed>``. ``--model transformer`` keeps the NSTM width and depth and
+(by default) picks the MLP ratio so that the parameter count matches the NSTM model with the same
+flags within 10% (``--no-match-params`` keeps ``--mlp-ratio``).
+
+This module reads top to bottom: the flags (``build_parser``, ``parse_args``), the model
+(``nstm_config``, ``model_spec``), the optimiser and schedule, one step (``train_step``), the loop
+(``train``), the end of a run (``finish``) and ``main``. The run's files, checkpoint and resume, and
+the ``--maps`` report live in ``nstm.runs``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import dataclasses
+import functools
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, check_resume_config, load_checkpoint, save_checkpoint
+from . import runs
+from .checkpoint import CheckpointError, ModelSpec
+from .config import NSTMConfig
+from .runs import RESUME_MAY_CHANGE, SCHEMA  # noqa: F401  (re-exported)
 from .tasks.registry import TASKS, Task, build_task
-
-SCHEMA = "nstm-train-results/1"
-
-# Settings that may change when a run is resumed (they do not change what is being trained).
-RESUME_MAY_CHANGE = ("steps", "time_budget", "eval_every", "eval_batches", "eval_batch_size",
-                     "eval_contexts", "ckpt_every", "log_every", "resume", "out", "device", "amp",
-                     "maps", "prune_threshold", "no_progress", "data_root", "data_path", "backend",
-                     "stop_after", "run_name")
 
 
 # ---- arguments ---------------------------------------------------------------------------------
@@ -69,16 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "psmnist, shakespeare)")
     g.add_argument("--data-path", default=None, help="local copy of the data set for lra-listops, cifar10, wikitext2")
 
+    # the dests of the model flags are NSTMConfig field names (nstm_config reads them by name)
     g = ap.add_argument_group("model")
     g.add_argument("--model", choices=["nstm", "transformer"], default="nstm")
     g.add_argument("--d-model", type=int, default=128)
-    g.add_argument("--layers", type=int, default=2)
-    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--n-layers", "--layers", dest="n_layers", type=int, default=2)
+    g.add_argument("--num-heads", "--heads", dest="num_heads", type=int, default=4)
     g.add_argument("--num-states", type=int, default=32, help="NSTM slots per head")
     g.add_argument("--top-k", type=int, default=4, help="NSTM slots written per token")
     g.add_argument("--comm-every", type=int, default=64, help="NSTM state-to-state period")
     g.add_argument("--conv-size", type=int, default=4, help="NSTM short conv width (0: none)")
-    g.add_argument("--no-s2s", action="store_true", help="NSTM without state-to-state attention")
+    g.add_argument("--no-s2s", dest="use_s2s", action="store_false",
+                   help="NSTM without state-to-state attention")
     g.add_argument("--backend", default=None, help="NSTM operator backend (default: fastest for the device)")
     g.add_argument("--mlp-ratio", type=float, default=4.0)
     g.add_argument("--match-params", action=argparse.BooleanOptionalAction, default=True,
@@ -126,17 +132,19 @@ def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         if value is not None and value < low:
             ap.error(f"--{name} must be >= {low}, got {value}")
 
-    for name in ("steps", "batch_size", "d_model", "layers", "heads", "num_states", "top_k", "comm_every",
+    for name in ("steps", "batch_size", "d_model", "n_layers", "num_heads", "num_states", "top_k", "comm_every",
                  "log_every", "eval_batch_size", "stop_after"):
         positive(name.replace("_", "-"), getattr(a, name))
     for name in ("eval_every", "eval_batches", "ckpt_every", "conv_size", "warmup"):
         positive(name.replace("_", "-"), getattr(a, name), 0)
     for name in ("seq_len", "vocab", "num_pairs", "min_len", "max_depth"):
         positive(name.replace("_", "-"), getattr(a, name))
-    if a.d_model % a.heads:
-        ap.error(f"--d-model ({a.d_model}) must be divisible by --heads ({a.heads})")
-    if (a.d_model // a.heads) % 2 and a.model == "transformer":
-        ap.error(f"rotary positions need an even head size; --d-model / --heads = {a.d_model // a.heads}")
+    if a.warmup is not None and a.warmup >= a.steps:
+        ap.error(f"--warmup ({a.warmup}) must be < --steps ({a.steps})")
+    if a.d_model % a.num_heads:
+        ap.error(f"--d-model ({a.d_model}) must be divisible by --num-heads ({a.num_heads})")
+    if (a.d_model // a.num_heads) % 2 and a.model == "transformer":
+        ap.error(f"rotary positions need an even head size; --d-model / --num-heads = {a.d_model // a.num_heads}")
     if a.top_k > a.num_states:
         ap.error(f"--top-k ({a.top_k}) must be <= --num-states ({a.num_states})")
     if not (a.lr > 0 and math.isfinite(a.lr)):
@@ -182,9 +190,15 @@ def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             ap.error("--device cuda was asked for but CUDA is not available")
         if dev.type not in ("cpu", "cuda"):
             ap.error(f"--device must be cpu or cuda, got {a.device!r}")
-    device = _device(a)
-    if a.amp == "fp16" and device.type != "cuda":
+    if a.amp == "fp16" and _device(a).type != "cuda":
         ap.error("--amp fp16 needs a CUDA device (use bf16 or none on the CPU)")
+
+
+def parse_args(argv=None) -> Tuple[argparse.ArgumentParser, argparse.Namespace]:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    _validate(ap, args)
+    return ap, args
 
 
 def _device(a) -> torch.device:
@@ -201,47 +215,53 @@ def _amp_dtype(a, device) -> Optional[torch.dtype]:
     return torch.bfloat16 if a.amp == "bf16" else torch.float16
 
 
-def parse_args(argv=None):
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    _validate(ap, args)
-    return ap, args
+def task_options(a) -> Dict:
+    """The ``build_task`` options the flags give."""
+    contexts = [int(c) for c in a.eval_contexts.split(",") if c.strip()] if a.eval_contexts else None
+    return dict(seq_len=a.seq_len, vocab_size=a.vocab, num_pairs=a.num_pairs, min_len=a.min_len,
+                max_depth=a.max_depth, eval_contexts=contexts, data_root=a.data_root, data_path=a.data_path)
 
 
-# ---- model, optimiser, schedule ----------------------------------------------------------------
-def _nstm_kwargs(a) -> Dict:
-    return dict(d_model=a.d_model, n_layers=a.layers, num_heads=a.heads, num_states=a.num_states,
-                top_k=a.top_k, comm_every=a.comm_every, conv_size=a.conv_size, mlp_ratio=a.mlp_ratio,
-                use_s2s=not a.no_s2s, backend=a.backend)
+# ---- the model -----------------------------------------------------------------------------------
+def nstm_config(a, task: Task) -> NSTMConfig:
+    """The NSTM model the flags describe for ``task``: every ``NSTMConfig`` field that is a flag
+    (same name), the vocabulary from the task, tied embeddings for language models."""
+    flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(NSTMConfig) if hasattr(a, f.name)}
+    return NSTMConfig(**flags, vocab_size=task.vocab_size, tie_weights=task.kind == "lm")
+
+
+def model_spec(a, task: Task) -> ModelSpec:
+    """What builds the model of the flags for ``task`` (an LM or a classifier); a Transformer
+    keeps the NSTM width and depth (and, with ``--match-params``, its parameter count)."""
+    from .baseline import matched_transformer_config
+
+    cfg = nstm_config(a, task)
+    if task.kind == "lm":
+        nstm = ModelSpec("NSTMLM", cfg)
+    else:
+        nstm = ModelSpec("NSTMClassifier", cfg, dict(num_classes=task.num_classes, input_dim=task.input_dim,
+                                                     pool=a.pool))
+    if a.model == "nstm":
+        return nstm
+    if a.match_params:
+        with torch.device("meta"):
+            kwargs = matched_transformer_config(nstm.build())
+    elif task.kind == "lm":
+        kwargs = dict(vocab_size=task.vocab_size, d_model=a.d_model, n_layers=a.n_layers, num_heads=a.num_heads,
+                      mlp_ratio=a.mlp_ratio)
+    else:
+        inputs = dict(input_dim=task.input_dim) if task.input_dim is not None else dict(vocab_size=task.vocab_size)
+        kwargs = dict(num_classes=task.num_classes, **inputs, d_model=a.d_model, n_layers=a.n_layers,
+                      num_heads=a.num_heads, mlp_ratio=a.mlp_ratio, pool=a.pool)
+    return ModelSpec("TransformerLM" if task.kind == "lm" else "TransformerClassifier", cfg, kwargs)
 
 
 def build_model(a, task: Task) -> nn.Module:
-    """The model the flags describe, for ``task`` (an LM or a classifier)."""
-    from .baseline import TransformerClassifier, TransformerLM, matched_transformer_config
-    from .models import NSTMClassifier, NSTMLM
-
-    if task.kind == "lm":
-        def nstm():
-            return NSTMLM(task.vocab_size, **_nstm_kwargs(a))
-    else:
-        inputs = dict(input_dim=task.input_dim) if task.input_dim is not None else dict(vocab_size=task.vocab_size)
-
-        def nstm():
-            return NSTMClassifier(task.num_classes, **inputs, pool=a.pool, **_nstm_kwargs(a))
-    if a.model == "nstm":
-        return nstm()
-    if a.match_params:
-        with torch.device("meta"):
-            cfg = matched_transformer_config(nstm())
-    elif task.kind == "lm":
-        cfg = dict(vocab_size=task.vocab_size, d_model=a.d_model, n_layers=a.layers, num_heads=a.heads,
-                   mlp_ratio=a.mlp_ratio)
-    else:
-        cfg = dict(num_classes=task.num_classes, **inputs, d_model=a.d_model, n_layers=a.layers,
-                   num_heads=a.heads, mlp_ratio=a.mlp_ratio, pool=a.pool)
-    return TransformerLM(**cfg) if task.kind == "lm" else TransformerClassifier(**cfg)
+    """The model the flags describe, for ``task`` (``model_spec(a, task).build()``)."""
+    return model_spec(a, task).build()
 
 
+# ---- optimiser and schedule ------------------------------------------------------------------------
 def build_optimizer(model: nn.Module, a, device) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only (not on norms, biases, slot importances or initial memories)."""
     decay, no_decay = [], []
@@ -263,199 +283,54 @@ def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-# ---- small utilities ---------------------------------------------------------------------------
-def git_commit() -> str:
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                           capture_output=True, text=True, timeout=10)
-        return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+# ---- one session ---------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One training session's fixed parts: the flags, the task, what builds the model, the device,
+    where the files go and the header of the results JSON."""
+
+    a: argparse.Namespace
+    config: Dict                                     # the run config (the flags) of checkpoints and JSON
+    task: Task
+    spec: ModelSpec
+    files: runs.RunFiles
+    device: torch.device
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    eval_batch_size: int
+    header: Dict                                     # the fixed part of the results JSON
+    wall0: float                                     # perf_counter() at the start of main
+
+    def evaluate(self, state: runs.TrainState) -> Dict[str, float]:
+        m = self.task.evaluate(state.model, self.eval_batch_size, self.a.eval_batches, self.device, self.autocast)
+        state.progress.log_eval(m)
+        return m
+
+    def save_checkpoint(self, state: runs.TrainState) -> None:
+        state.save(self.files.ckpt, self.device, self.config, self.spec, self.task.state, self.files.run_name)
+
+    def write_results(self, state: runs.TrainState, final: Optional[Dict], status: str, **more) -> None:
+        runs.write_json_atomic(self.files.json, runs.results_json(
+            self.header, state.progress, final, status, time.perf_counter() - self.wall0, **more))
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+def _summary(metrics: Dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k)
 
 
-def _plain(x):
-    """JSON-safe copy: NaN/inf become None, tensors become numbers or lists."""
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _plain(x.tolist())
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def write_json_atomic(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(_plain(obj), f, indent=1, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def plot_curves(history: Dict[str, List[Dict]], metric: str, path: str, title: str) -> str:
-    """Two panels: training and evaluation loss; training accuracy and the evaluation metric."""
-    from . import plots
-    plt = plots._plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
-    tr, ev = history["train"], history["eval"]
-    if tr:
-        ax1.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train")
-    if ev:
-        ax1.plot([r["step"] for r in ev], [r["loss"] for r in ev], marker="o", label="eval")
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("loss")
-    ax1.legend()
-    acc = [r for r in tr if r.get("accuracy") is not None]
-    if metric == "accuracy" and acc:
-        ax2.plot([r["step"] for r in acc], [r["accuracy"] for r in acc], label="train")
-    if ev:
-        sets = [k[: -len(metric) - 1] for k in ev[0] if k.endswith("/" + metric)]
-        for name in sets if len(sets) > 1 else []:
-            ax2.plot([r["step"] for r in ev], [r.get(f"{name}/{metric}") for r in ev], marker="o",
-                     label=f"eval {name}")
-        if len(sets) <= 1 and metric in ev[0]:
-            ax2.plot([r["step"] for r in ev], [r[metric] for r in ev], marker="o", label="eval")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel(metric)
-    ax2.legend(fontsize=7)
-    fig.suptitle(title)
-    return plots._save(fig, path)
-
-
-def _time_forwards(models, task: Task, batch, autocast, repeats: int = 7) -> List[float]:
-    """Median wall time (ms) of one evaluation forward of each model, timed in alternation so that
-    machine noise hits all of them alike."""
-    sync = torch.cuda.synchronize if batch.inputs.is_cuda else (lambda: None)
-    times: List[List[float]] = [[] for _ in models]
-    for m in models:
-        m.eval()
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            for j, m in enumerate(models):
-                sync()
-                t0 = time.perf_counter()
-                with autocast():
-                    task.logits(m, batch)
-                sync()
-                if i:                          # the first round warms up
-                    times[j].append((time.perf_counter() - t0) * 1e3)
-    return [sorted(t)[len(t) // 2] for t in times]
-
-
-# ---- interpretability maps and pruning ---------------------------------------------------------
-def write_maps(model, a, task: Task, run_dir: str, device, autocast, eval_bs: int, final: Dict) -> Dict:
-    """Routing heatmaps, slot usage, s2s maps and importance before/after pruning a copy of the model;
-    returns what was written and the pruning report (loss and speed before/after)."""
-    from . import plots
-
-    maps_dir = os.path.join(run_dir, "maps")
-    first_set = next(iter(task.eval_batches(eval_bs, 1).values()))
-    batch = next(iter(first_set)).to(device)
-    one = type(batch)(batch.inputs[:1], batch.targets[:1], None if batch.lengths is None else batch.lengths[:1])
-    if one.lengths is not None:          # drop the padding of the plotted sequence
-        n = int(one.lengths[0])
-        one = type(one)(one.inputs[:, :n], one.targets, one.lengths)
-    model.eval()
-    with torch.no_grad():
-        if task.kind == "lm":
-            _, maps = model(one.inputs, return_maps=True)
-        else:
-            _, maps = model(one.inputs, return_maps=True, lengths=one.lengths)
-    files = []
-    layers = model.nstm_layers()
-    for i, (layer, m) in enumerate(zip(layers, maps)):
-        files.append(plots.routing_map(m["indices"], m["weights"], layer.num_states,
-                                       os.path.join(maps_dir, f"routing_layer{i}.png"),
-                                       title=f"{task.name}: layer {i} routing on one sequence (write weight per slot)"))
-        files.append(plots.slot_usage(layer.states.usage, os.path.join(maps_dir, f"slot_usage_layer{i}.png"),
-                                      title=f"{task.name}: layer {i} slot usage over training"))
-        s2s = m.get("s2s")
-        if s2s is not None and s2s.shape[0] > 0:
-            files.append(plots.s2s_maps(s2s, os.path.join(maps_dir, f"s2s_layer{i}.png"),
-                                        title=f"{task.name}: layer {i} state-to-state attention (last period)"))
-    before_imp = [layer.states.importance().detach().cpu() for layer in layers]
-
-    # prune a fresh copy (deepcopy would share the router back-references of the original)
-    clone = build_model(a, task).to(device)
-    clone.load_state_dict(model.state_dict())
-    params_before = sum(p.numel() for p in clone.parameters())
-    reports = clone.prune_states(a.prune_threshold)
-    params_after = sum(p.numel() for p in clone.parameters())
-    ms_before, ms_after = _time_forwards([model, clone], task, batch, autocast)
-    after = task.evaluate(clone, eval_bs, a.eval_batches, device, autocast)
-    for i, (layer, imp) in enumerate(zip(clone.nstm_layers(), before_imp)):
-        files.append(plots.importance(imp, os.path.join(maps_dir, f"importance_layer{i}.png"),
-                                      after=layer.states.importance().detach().cpu(),
-                                      threshold=a.prune_threshold,
-                                      title=f"{task.name}: layer {i} slot importance before/after pruning"))
-    metric = task.metric
-    prune = {
-        "threshold": a.prune_threshold,
-        "slots": [{"before": r.old_num_states, "after": r.new_num_states} for r in reports],
-        "loss_before": final.get("loss"), "loss_after": after.get("loss"),
-        "metric": metric, "metric_before": final.get(metric), "metric_after": after.get(metric),
-        "params_before": params_before, "params_after": params_after,
-        "forward_ms_before": ms_before, "forward_ms_after": ms_after,
-        "speedup": ms_before / ms_after if ms_after > 0 else None,
-        "eval_after": after,
-    }
-    return {"files": [os.path.relpath(f, os.path.dirname(run_dir)) for f in files], "prune": prune}
-
-
-# ---- the run -----------------------------------------------------------------------------------
-def _resolve_resume(ap, a, ckpt_path: str) -> Optional[str]:
-    if a.resume is None:
-        return None
-    if a.resume == "auto":
-        return ckpt_path if os.path.isfile(ckpt_path) else None
-    path = a.resume
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.exists(path):
-        ap.error(f"--resume: no checkpoint at {path}")
-    return path
-
-
-def main(argv: Optional[List[str]] = None) -> Dict:
-    """Run the CLI; returns the final metrics dict (also written to ``<out>/<task>/<run>.json``)."""
-    wall0 = time.perf_counter()
-    ap, a = parse_args(argv)
+def setup(ap: argparse.ArgumentParser, a: argparse.Namespace, wall0: float) -> Tuple[Run, runs.TrainState]:
+    """Seed, build the task, the model, the optimiser and schedule, continue from ``--resume``;
+    a bad option, missing data or an incompatible checkpoint exits with status 2 (``ap.error``)."""
     device = _device(a)
     amp_dtype = _amp_dtype(a, device)
-    if amp_dtype is None:
-        autocast = contextlib.nullcontext
-    else:
-        def autocast():
-            return torch.autocast(device.type, dtype=amp_dtype)
-    if a.warmup is not None and a.warmup >= a.steps:
-        ap.error(f"--warmup ({a.warmup}) must be < --steps ({a.steps})")
+    autocast = (contextlib.nullcontext if amp_dtype is None
+                else functools.partial(torch.autocast, device.type, dtype=amp_dtype))
     warmup = min(200, a.steps // 10) if a.warmup is None else a.warmup
     min_lr = a.lr / 10 if a.min_lr is None else a.min_lr
     eval_bs = a.eval_batch_size or a.batch_size
-    run_name = a.run_name or f"{a.model}-d{a.d_model}-l{a.layers}-s{a.seed}"
-    task_dir = os.path.join(a.out, a.task)
-    run_dir = os.path.join(task_dir, run_name)
-    ckpt_path = os.path.join(run_dir, "ckpt.pt")
-    json_path = os.path.join(task_dir, run_name + ".json")
-    png_path = os.path.join(task_dir, run_name + ".png")
-    config = {k: v for k, v in vars(a).items()}
-
+    files = runs.RunFiles.at(a.out, a.task, a.run_name or f"{a.model}-d{a.d_model}-l{a.n_layers}-s{a.seed}")
+    config = dict(vars(a))
     try:
-        from tqdm.auto import tqdm
+        import tqdm  # noqa: F401
     except ImportError:  # pragma: no cover
         ap.error("the training CLI needs tqdm: pip install 'nstm-kernels[tools]'")
 
@@ -463,204 +338,164 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if device.type == "cuda":
         torch.cuda.manual_seed_all(a.seed)
     try:
-        task = build_task(a.task, seq_len=a.seq_len, vocab_size=a.vocab, num_pairs=a.num_pairs,
-                          min_len=a.min_len, max_depth=a.max_depth,
-                          eval_contexts=[int(c) for c in a.eval_contexts.split(",") if c.strip()]
-                          if a.eval_contexts else None,
-                          data_root=a.data_root, data_path=a.data_path)
+        task = build_task(a.task, **task_options(a))
     except (ValueError, ImportError, OSError, RuntimeError) as e:   # bad options, missing data
         ap.error(f"--task {a.task}: {e}")
     try:
-        model = build_model(a, task).to(device)
+        spec = model_spec(a, task)
+        model = spec.build().to(device)
     except ValueError as e:
         ap.error(f"model: {e}")
-    is_nstm = a.model == "nstm"
-    n_params = sum(p.numel() for p in model.parameters())
     opt = build_optimizer(model, a, device)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, a.steps, warmup, min_lr / a.lr))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, a.steps, warmup, min_lr / a.lr))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    gen = torch.Generator().manual_seed(a.seed)
-    history: Dict[str, List[Dict]] = {"train": [], "eval": []}
-    window = {"loss": 0.0, "acc": 0.0, "acc_n": 0, "aux": 0.0, "n": 0, "tokens": 0, "time": 0.0}
-    step, prior_train_time, prior_tokens = 0, 0.0, 0
+    state = runs.TrainState(model, opt, sched, scaler, torch.Generator().manual_seed(a.seed))
+    try:
+        resume_path = runs.find_checkpoint(a.resume, files.ckpt)
+        if resume_path is not None:
+            state.restore(runs.load_for_resume(resume_path, config), device)
+    except (FileNotFoundError, CheckpointError) as e:
+        ap.error(f"--resume: {e}")
 
-    resume_path = _resolve_resume(ap, a, ckpt_path)
-    if resume_path is not None:
-        try:
-            ckpt = load_checkpoint(resume_path, map_location="cpu")
-            check_resume_config(ckpt["config"], config, ignore=RESUME_MAY_CHANGE)
-        except CheckpointError as e:
-            ap.error(f"--resume: {e}")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        ex = ckpt["extra"]
-        gen.set_state(ex["data_rng"])
-        torch.set_rng_state(ex["torch_rng"])
-        if device.type == "cuda" and ex.get("cuda_rng"):
-            torch.cuda.set_rng_state_all(ex["cuda_rng"])
-        if scaler is not None and ex.get("scaler"):
-            scaler.load_state_dict(ex["scaler"])
-        history = ex["history"]
-        window = ex["window"]
-        step = ckpt["step"]
-        prior_train_time, prior_tokens = ex["train_time_s"], ex["tokens"]
-
-    results = {
-        "schema": SCHEMA, "task": a.task, "model": a.model, "run_name": run_name, "config": config,
+    header = {
+        "schema": SCHEMA, "task": a.task, "model": a.model, "run_name": files.run_name, "config": config,
+        "model_config": spec.config.to_dict(),
         "resolved": {"warmup": warmup, "min_lr": min_lr, "eval_batch_size": eval_bs,
                      "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
                      "device": str(device)},
         "task_info": task.info, "metric": task.metric, "higher_is_better": task.higher_is_better,
-        "param_count": n_params, "device_name": device_name(device), "git_commit": git_commit(),
-        "torch_version": str(torch.__version__), "python_version": platform.python_version(),
-        "resumed_from": resume_path, "resumed_at_step": step if resume_path else None,
-        "checkpoint": ckpt_path,
+        "param_count": sum(p.numel() for p in model.parameters()), "device_name": runs.device_name(device),
+        "git_commit": runs.git_commit(), "torch_version": str(torch.__version__),
+        "python_version": platform.python_version(), "resumed_from": resume_path,
+        "resumed_at_step": state.progress.step if resume_path else None, "checkpoint": files.ckpt,
     }
     if a.model == "transformer":
-        results["transformer_mlp_ratio"] = model.mlp_ratio
+        header["transformer_mlp_ratio"] = model.mlp_ratio
+    return Run(a, config, task, spec, files, device, autocast, eval_bs, header, wall0), state
 
-    def save_ckpt():
-        save_checkpoint(ckpt_path, model, opt, sched, step, config, extra={
-            "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "history": history, "window": window, "train_time_s": train_time(), "tokens": tokens,
-            "task_state": task.state, "run_name": run_name,
-        })
 
-    session_t0 = time.perf_counter()
-    session_start_step = step
-    tokens = prior_tokens
-    train_clock = [0.0]                 # training time of this session (excludes evaluation)
+# ---- training ------------------------------------------------------------------------------------
+def train_step(a, task: Task, state: runs.TrainState, batch, autocast) -> Tuple[float, float, Optional[float]]:
+    """One optimiser step on ``batch``: ``(loss, accuracy, aux loss or None)``. A non-finite loss
+    returns before any update (the loop then stops: diverged)."""
+    model, opt, scaler = state.model, state.optimizer, state.scaler
+    with autocast():
+        loss, logits = task.loss(model, batch)
+        aux = model.aux_loss if a.model == "nstm" and a.aux_weight > 0 else None
+        total = loss + a.aux_weight * aux if aux is not None else loss
+    if not torch.isfinite(loss):
+        return loss.item(), float("nan"), None
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.unscale_(opt)
+    else:
+        total.backward()
+    if a.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    state.scheduler.step()
+    return loss.item(), task.accuracy(logits.detach(), batch), None if aux is None else float(aux.detach())
 
-    def train_time():
-        return prior_train_time + train_clock[0]
 
-    def evaluate():
-        m = task.evaluate(model, eval_bs, a.eval_batches, device, autocast)
-        history["eval"].append({"step": step, **m})
-        return m
+def train(run: Run, state: runs.TrainState) -> str:
+    """Train from ``state.progress.step`` to ``--steps``, evaluating (and rewriting the results JSON)
+    every ``--eval-every`` and checkpointing every ``--ckpt-every`` steps. Returns the status:
+    ``completed``, ``stopped`` (``--stop-after``), ``time_budget``, ``interrupted`` (Ctrl-C) or
+    ``diverged (...)``."""
+    from tqdm.auto import tqdm
 
-    def write_results(final, status):
-        results.update(history=history, final=final, status=status, steps_done=step,
-                       train_time_s=train_time(), wall_time_s=time.perf_counter() - wall0,
-                       tokens_seen=tokens,
-                       tokens_per_s=tokens / train_time() if train_time() > 0 else None)
-        write_json_atomic(json_path, results)
-
-    print(f"{a.model} {n_params / 1e6:.3f}M params | task {a.task} ({task.kind}, metric {task.metric}) | "
-          f"{device_name(device)}, amp {results['resolved']['amp']} | run {json_path}"
-          + (f" | resumed at step {step}" if resume_path else ""), file=sys.stderr)
-
+    a, p = run.a, state.progress
+    session_t0, session_start = time.perf_counter(), p.step
     status = "completed"
-    bar = tqdm(total=a.steps, initial=step, desc=f"{a.task}/{a.model}", unit="step", dynamic_ncols=True,
+    bar = tqdm(total=a.steps, initial=p.step, desc=f"{a.task}/{a.model}", unit="step", dynamic_ncols=True,
                mininterval=1.0, disable=a.no_progress, file=sys.stderr)
-    last_eval: Optional[Dict] = None
-    model.train()
+    state.model.train()
     try:
-        while step < a.steps:
+        while p.step < a.steps:
             t0 = time.perf_counter()
-            batch = task.train_batch(a.batch_size, gen).to(device)
-            with autocast():
-                loss, logits = task.loss(model, batch)
-                aux = model.aux_loss if is_nstm and a.aux_weight > 0 else None
-                total = loss + a.aux_weight * aux if aux is not None else loss
-            if not torch.isfinite(loss):
-                status = f"diverged (loss {loss.item()} at step {step + 1})"
+            batch = run.task.train_batch(a.batch_size, state.data_rng).to(run.device)
+            loss, acc, aux = train_step(a, run.task, state, batch, run.autocast)
+            if not math.isfinite(loss):
+                status = f"diverged (loss {loss} at step {p.step + 1})"
                 break
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(total).backward()
-                scaler.unscale_(opt)
-            else:
-                total.backward()
-            if a.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            sched.step()
-            step += 1
-            lv = loss.item()
-            acc = task.accuracy(logits.detach(), batch)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            train_clock[0] += dt
-            ntok = batch.num_tokens
-            tokens += ntok
-            window["loss"] += lv
-            window["n"] += 1
-            if math.isfinite(acc):
-                window["acc"] += acc
-                window["acc_n"] += 1
-            window["aux"] += float(aux.detach()) if aux is not None else 0.0
-            window["tokens"] += ntok
-            window["time"] += dt
-            if step % a.log_every == 0 or step == a.steps:
-                n = window["n"]
-                history["train"].append({
-                    "step": step, "loss": window["loss"] / n,
-                    "accuracy": window["acc"] / window["acc_n"] if window["acc_n"] else None,
-                    "aux_loss": window["aux"] / n if is_nstm else None,
-                    "lr": sched.get_last_lr()[0],
-                    "tokens_per_s": window["tokens"] / window["time"] if window["time"] > 0 else None})
-                window = {"loss": 0.0, "acc": 0.0, "acc_n": 0, "aux": 0.0, "n": 0, "tokens": 0, "time": 0.0}
+            if run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)
+            p.add_step(loss, acc, aux, batch.num_tokens, time.perf_counter() - t0)
+            if p.step % a.log_every == 0 or p.step == a.steps:
+                p.log_train(state.scheduler.get_last_lr()[0], with_aux=a.model == "nstm")
             bar.update(1)
-            bar.set_postfix(loss=f"{lv:.4f}", acc=f"{acc:.3f}", tok_s=f"{tokens / max(train_time(), 1e-9):,.0f}",
-                            refresh=False)
-            if a.eval_every and step % a.eval_every == 0 and step < a.steps:
-                last_eval = evaluate()
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()
-                                                       if "/" not in k))
-                write_results(None, "running")
-            if a.ckpt_every and step % a.ckpt_every == 0 and step < a.steps:
-                save_ckpt()
-            if a.stop_after is not None and step - session_start_step >= a.stop_after and step < a.steps:
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}",
+                            tok_s=f"{p.tokens / max(p.train_time_s, 1e-9):,.0f}", refresh=False)
+            if a.eval_every and p.step % a.eval_every == 0 and p.step < a.steps:
+                bar.write(f"step {p.step}: " + _summary(run.evaluate(state)))
+                run.write_results(state, None, "running")
+            if a.ckpt_every and p.step % a.ckpt_every == 0 and p.step < a.steps:
+                run.save_checkpoint(state)
+            if a.stop_after is not None and p.step - session_start >= a.stop_after and p.step < a.steps:
                 status = "stopped"
                 break
             if a.time_budget is not None and time.perf_counter() - session_t0 >= a.time_budget:
                 status = "time_budget"
-                bar.write(f"time budget of {a.time_budget:g} s reached after step {step}")
+                bar.write(f"time budget of {a.time_budget:g} s reached after step {p.step}")
                 break
     except KeyboardInterrupt:
         status = "interrupted"
-        bar.write(f"interrupted at step {step}; evaluating and saving")
+        bar.write(f"interrupted at step {p.step}; evaluating and saving")
     finally:
         bar.close()
+    return status
 
-    final_eval = evaluate()
-    save_ckpt()
-    final = dict(final_eval)
-    last_train = history["train"][-1] if history["train"] else {}
-    final.update(step=step, train_loss=last_train.get("loss"), train_accuracy=last_train.get("accuracy"),
-                 tokens_per_s=tokens / train_time() if train_time() > 0 else None,
-                 train_time_s=train_time(), wall_time_s=time.perf_counter() - wall0,
-                 param_count=n_params, status=status)
+
+def finish(run: Run, state: runs.TrainState, status: str) -> Dict:
+    """The end of a session: the final evaluation, the checkpoint, ``--maps``, the curves and the
+    results JSON. Returns the final metrics."""
+    a, p = run.a, state.progress
+    final_eval = run.evaluate(state)
+    run.save_checkpoint(state)
+    last_train = p.history["train"][-1] if p.history["train"] else {}
+    final = dict(final_eval, step=p.step, train_loss=last_train.get("loss"),
+                 train_accuracy=last_train.get("accuracy"), tokens_per_s=p.tokens_per_s,
+                 train_time_s=p.train_time_s, wall_time_s=time.perf_counter() - run.wall0,
+                 param_count=run.header["param_count"], status=status)
+    more = {}
     if a.maps:
         try:
-            maps = write_maps(model, a, task, run_dir, device, autocast, eval_bs, final_eval)
+            more["maps"] = runs.write_maps(state.model, run.spec, run.task, run.files.run_dir, run.device,
+                                           run.autocast, run.eval_batch_size, a.eval_batches,
+                                           a.prune_threshold, final_eval)
         except ImportError as e:
-            maps = {"error": str(e)}
-        results["maps"] = maps
-        if "prune" in maps:
-            p = maps["prune"]
-            final.update({"prune/loss_before": p["loss_before"], "prune/loss_after": p["loss_after"],
-                          "prune/speedup": p["speedup"]})
-    write_results(final, status)
+            more["maps"] = {"error": str(e)}
+        prune = more["maps"].get("prune")
+        if prune is not None:
+            final.update({"prune/loss_before": prune["loss_before"], "prune/loss_after": prune["loss_after"],
+                          "prune/speedup": prune["speedup"]})
     try:
-        results["curves"] = plot_curves(history, task.metric, png_path, f"{a.task}: {a.model} ({run_name})")
+        more["curves"] = runs.plot_curves(p.history, run.task.metric, run.files.png,
+                                          f"{a.task}: {a.model} ({run.files.run_name})")
     except ImportError as e:  # pragma: no cover - matplotlib missing
-        results["curves"] = f"not drawn: {e}"
-    write_results(final, status)
-    summary = ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items() if "/" not in k)
-    print(f"{status} at step {step}: {summary} | {final['tokens_per_s'] or 0:,.0f} tokens/s | "
-          f"wrote {json_path}", file=sys.stderr)
+        more["curves"] = f"not drawn: {e}"
+    run.write_results(state, final, status, **more)
+    print(f"{status} at step {p.step}: {_summary(final_eval)} | {final['tokens_per_s'] or 0:,.0f} tokens/s | "
+          f"wrote {run.files.json}", file=sys.stderr)
     return final
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    """Run the CLI; returns the final metrics dict (also written to ``<out>/<task>/<run>.json``)."""
+    wall0 = time.perf_counter()
+    ap, a = parse_args(argv)
+    run, state = setup(ap, a, wall0)
+    h = run.header
+    print(f"{a.model} {h['param_count'] / 1e6:.3f}M params | task {a.task} ({run.task.kind}, metric "
+          f"{run.task.metric}) | {h['device_name']}, amp {h['resolved']['amp']} | run {run.files.json}"
+          + (f" | resumed at step {h['resumed_at_step']}" if h["resumed_from"] else ""), file=sys.stderr)
+    status = train(run, state)
+    return finish(run, state, status)
 
 
 def cli() -> int:

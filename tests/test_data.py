@@ -24,6 +24,7 @@ import nstm.data.shakespeare as shk_mod
 from nstm.data import (CharVocab, FetchError, fetch_mnist, fetch_shakespeare, load_cifar10,
                        load_lra_listops, load_lra_pathfinder, load_lra_retrieval, load_mnist,
                        load_shakespeare, load_wikitext2, read_idx, shakespeare_works, split_works)
+from nstm.data.wikitext import WIKITEXT_MIN_COUNT, encode_words, wikitext_words, word_vocab
 from nstm.data.__main__ import main as cli_main
 from nstm.tasks import evaluate_listops, generate_listops
 
@@ -541,3 +542,13 @@ def test_python_dash_m_entry_point(tmp_path):
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr
     assert "mnist        missing" in r.stdout and "nstm.data fetch" in r.stdout
+
+
+def test_wikitext_word_tokenisation():
+    words = wikitext_words(" = Valkyria = \n\n the cat  sat \n the\n")
+    assert words == ["=", "Valkyria", "=", "<eos>", "the", "cat", "sat", "<eos>", "the", "<eos>"]
+    assert WIKITEXT_MIN_COUNT == 3
+    itos = word_vocab(words + ["<unk>"] * 5, min_count=2)          # a literal <unk> is not a second entry
+    assert itos == ["<unk>", "<eos>", "=", "the"]
+    assert encode_words(["the", "dog", "<eos>", "<unk>"], itos) == [3, 0, 1, 0]
+    assert word_vocab(words) == ["<unk>", "<eos>"]                 # default: seen at least 3 times

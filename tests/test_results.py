@@ -40,3 +40,12 @@ def test_tables_from_run_jsons(tmp_path, capsys):
 
 def test_no_runs(tmp_path):
     assert results.main([str(tmp_path), "--stdout"]) == 1
+
+
+def test_run_jsons_with_the_nstm_config_names():
+    """JSONs written since the flags took the NSTMConfig names (num_heads, n_layers) read the same
+    as the older ones (heads, layers)."""
+    old = {"model": "nstm", "config": {"d_model": 64, "layers": 2, "heads": 4, "num_states": 8, "top_k": 2}}
+    new = {"model": "nstm", "config": {"d_model": 64, "n_layers": 2, "num_heads": 4, "num_states": 8, "top_k": 2}}
+    assert results.state_elements(old) == results.state_elements(new) == 4 * 8 * 2 * 16
+    assert results._model(old) == results._model(new) == "nstm d64 l2 S8 k2"

@@ -146,6 +146,16 @@ def test_data_path_tasks_with_fake_loaders(monkeypatch, tmp_path):
     assert list(lra.eval_batches(2, 0)) == ["val", "test"]
 
 
+def test_registry_is_a_table_of_builders_by_kind():
+    kinds = {"copy": "synthetic", "mqar": "synthetic", "passkey": "synthetic", "listops": "lra",
+             "lra-listops": "lra", "smnist": "images", "psmnist": "images", "cifar10": "images",
+             "shakespeare": "text", "wikitext2": "text"}
+    assert set(kinds) == set(registry.TASKS)
+    for name, kind in kinds.items():
+        assert registry.TASKS[name].builder.__module__ == f"nstm.tasks.{kind}", name
+    assert registry.Task is __import__("nstm.tasks.base", fromlist=["Task"]).Task
+
+
 # ---- smoke training of every task ---------------------------------------------------------------
 SYNTHETIC = [
     ("copy", ["--seq-len", "4", "--vocab", "8"]),
@@ -351,3 +361,94 @@ def test_mqar_loss_decreases(tmp_path):
     first, last = sum(hist[:5]) / 5, sum(hist[-5:]) / 5
     assert last < first - 0.5, (first, last)
     assert final["loss"] < 1.15           # chance over the 4 values is ln 4 = 1.39, over all 8 tokens 2.08
+
+
+# ---- NSTMConfig through the CLI and the checkpoint ------------------------------------------------
+def test_model_flags_are_nstm_config_fields_with_aliases():
+    import dataclasses
+    from nstm.config import NSTMConfig
+    from nstm.train import build_parser, nstm_config
+    ap = build_parser()
+    new = ap.parse_args(["--task", "copy", "--num-heads", "2", "--n-layers", "3", "--no-s2s"])
+    old = ap.parse_args(["--task", "copy", "--heads", "2", "--layers", "3", "--no-s2s"])
+    assert vars(new) == vars(old)
+    assert new.num_heads == 2 and new.n_layers == 3 and new.use_s2s is False
+    assert ap.parse_args(["--task", "copy"]).use_s2s is True
+    for name in ("heads", "layers", "no_s2s"):
+        assert not hasattr(new, name)
+    fields = {f.name for f in dataclasses.fields(NSTMConfig)}
+    model_dests = {a.dest for g in ap._action_groups if g.title == "model" for a in g._group_actions}
+    assert {"d_model", "n_layers", "num_heads", "num_states", "top_k", "comm_every", "conv_size", "use_s2s",
+            "backend", "mlp_ratio"} <= model_dests & fields
+    cfg = nstm_config(new, build_task("copy", seq_len=3, vocab_size=8))
+    assert cfg == NSTMConfig(d_model=128, num_heads=2, num_states=32, top_k=4, comm_every=64, conv_size=4,
+                             use_s2s=False, n_layers=3, mlp_ratio=4.0, vocab_size=8, tie_weights=True)
+
+
+@pytest.mark.parametrize("task, extra, model, cls", [
+    ("copy", ["--seq-len", "3", "--vocab", "8", "--no-s2s"], "nstm", "NSTMLM"),
+    ("listops", ["--seq-len", "24", "--min-len", "8", "--max-depth", "3", "--pool", "last"], "nstm",
+     "NSTMClassifier"),
+    ("mqar", ["--num-pairs", "2", "--vocab", "8"], "transformer", "TransformerLM"),
+])
+def test_checkpoint_alone_rebuilds_the_model(tmp_path, task, extra, model, cls):
+    from nstm.checkpoint import ModelSpec, load_model
+    from nstm.config import NSTMConfig
+    final = run(tmp_path, "--task", task, "--model", model, "--run-name", "r", *extra, steps=2)
+    path = tmp_path / task / "r" / "ckpt.pt"
+    ck = load_checkpoint(path)
+    assert ck["model_class"] == cls
+    cfg = NSTMConfig.from_dict(ck["model_config"])
+    assert cfg.d_model == 16 and cfg.n_layers == 1 and cfg.num_heads == 2 and cfg.num_states == 4
+    assert cfg.use_s2s == ("--no-s2s" not in extra)
+    assert results(tmp_path, task, "r")["model_config"] == ck["model_config"]
+    rebuilt = load_model(path)
+    assert type(rebuilt).__name__ == cls
+    if model == "nstm":
+        assert rebuilt.config == cfg
+    else:
+        assert rebuilt.mlp_ratio == ck["model_kwargs"]["mlp_ratio"]
+    saved = ck["model"]
+    assert set(rebuilt.state_dict()) == set(saved)
+    for k, v in rebuilt.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    # the rebuilt model scores what the run's final evaluation scored
+    t = build_task(task, **{"copy": dict(seq_len=3, vocab_size=8), "mqar": dict(num_pairs=2, vocab_size=8),
+                            "listops": dict(seq_len=24, min_len=8, max_depth=3)}[task])
+    assert t.evaluate(rebuilt, 4, 1)["loss"] == pytest.approx(final["loss"], rel=1e-6)
+    assert ModelSpec.from_checkpoint(ck).build().state_dict().keys() == saved.keys()
+
+
+def test_checkpoint_without_model_spec_cannot_rebuild(tmp_path):
+    from nstm.checkpoint import ModelSpec, load_model
+    from nstm.config import NSTMConfig
+    save_checkpoint(tmp_path / "c.pt", _tiny_model(), None, None, 1, {"v": 1})
+    with pytest.raises(CheckpointError, match="does not describe its model"):
+        load_model(tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="model_class"):
+        ModelSpec("Nope", NSTMConfig())
+    with pytest.raises(CheckpointError, match="invalid"):
+        ModelSpec.from_checkpoint({"model_class": "NSTMLM", "model_config": {"d_modle": 8}})
+
+
+def test_resume_a_checkpoint_with_the_old_flag_names(tmp_path, capsys):
+    """Runs saved before the flags took the NSTMConfig names (heads, layers, no_s2s) still resume,
+    and a changed setting is still caught."""
+    from nstm.runs import upgrade_run_config
+    args = ["--task", "copy", "--seq-len", "3", "--vocab", "8", "--run-name", "r", "--no-s2s"]
+    run(tmp_path, *args, steps=1)
+    path = tmp_path / "copy" / "r" / "ckpt.pt"
+    ck = torch.load(path, weights_only=True)
+    c = ck["config"]
+    c["heads"], c["layers"], c["no_s2s"] = c.pop("num_heads"), c.pop("n_layers"), not c.pop("use_s2s")
+    for key in ("model_config", "model_class", "model_kwargs"):
+        del ck[key]
+    torch.save(ck, path)
+    up = upgrade_run_config(c)
+    assert (up["num_heads"], up["n_layers"], up["use_s2s"]) == (2, 1, False)
+    assert not {"heads", "layers", "no_s2s"} & set(up)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, *args[:-1], "--resume", "auto", steps=3)     # s2s on now: a different model
+    assert e.value.code == 2 and "use_s2s: checkpoint False vs now True" in capsys.readouterr().err
+    final = run(tmp_path, *args, "--resume", "auto", steps=2)
+    assert final["step"] == 2 and results(tmp_path, "copy", "r")["resumed_at_step"] == 1

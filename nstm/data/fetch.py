@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -100,19 +100,6 @@ def atomic_copy(src: PathLike, dst: PathLike) -> Path:
         if tmp.exists():
             tmp.unlink()
     return dst
-
-
-def require_file(path: Path, what: str, how: str) -> Path:
-    """``path`` if it is a file, else ``FileNotFoundError`` naming it and how to get it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path} does not exist. {how}")
-    return path
-
-
-def check_split(split: str, allowed: Sequence[str], what: str) -> str:
-    if split not in allowed:
-        raise ValueError(f"{what}: unknown split {split!r}; expected one of {list(allowed)}")
-    return split
 
 
 def pip_download(args: List[str], workdir: Path, verbose: bool = True,

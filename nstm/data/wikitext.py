@@ -1,4 +1,6 @@
-"""WikiText-2 (raw, character-level): ``wiki.train.raw``, ``wiki.valid.raw``, ``wiki.test.raw``.
+"""WikiText-2 (raw, character-level): ``wiki.train.raw``, ``wiki.valid.raw``, ``wiki.test.raw``;
+the reader (``load_wikitext2``) and the word tokenisation the ``wikitext2`` task uses
+(``wikitext_words``, ``word_vocab``, ``encode_words``).
 
 Accepted layouts for ``path`` (checked in this order):
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import List
+from typing import Dict, Iterable, List, Sequence
 
 from .fetch import PathLike
 
@@ -26,6 +28,7 @@ WIKITEXT2_MANUAL = (
     "the Salesforce/wikitext dataset on the Hugging Face hub) and put it, or the wikitext-2-raw/ "
     "folder it extracts to, into {dir}/")
 _HF_SPLIT = {"train": "train", "valid": "validation", "test": "test"}
+WIKITEXT_MIN_COUNT = 3      # train words seen fewer times become <unk>
 
 
 def _candidate_dirs(p: Path) -> List[Path]:
@@ -97,3 +100,30 @@ def load_wikitext2(path: PathLike, split: str = "train") -> str:
     raise FileNotFoundError(f"WikiText-2 raw not found under {path}: no {fname} in "
                             f"{', '.join(str(d) for d in _candidate_dirs(path)[:4])}, and no "
                             f"wikitext-2-raw-v1.zip. " + WIKITEXT2_MANUAL.format(dir=path))
+
+
+# ---- word tokenisation -------------------------------------------------------------------------
+def wikitext_words(text: str) -> List[str]:
+    """Whitespace-separated words, with ``"<eos>"`` after every non-empty line."""
+    out: List[str] = []
+    for line in text.splitlines():
+        w = line.split()
+        if w:
+            out.extend(w)
+            out.append("<eos>")
+    return out
+
+
+def word_vocab(words: Iterable[str], min_count: int = WIKITEXT_MIN_COUNT) -> List[str]:
+    """The vocabulary (id -> word): ``"<unk>"`` (id 0), then the words seen at least ``min_count``
+    times, sorted (about 30K words of the raw train split, like the tokenized release)."""
+    counts: Dict[str, int] = {}
+    for w in words:
+        counts[w] = counts.get(w, 0) + 1
+    return ["<unk>"] + sorted(w for w, c in counts.items() if c >= min_count and w != "<unk>")
+
+
+def encode_words(words: Iterable[str], itos: Sequence[str]) -> List[int]:
+    """Word ids in the vocabulary ``itos`` of ``word_vocab``; unknown words are ``<unk>`` (0)."""
+    stoi = {w: i for i, w in enumerate(itos)}
+    return [stoi.get(w, 0) for w in words]

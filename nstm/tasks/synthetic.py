@@ -1,17 +1,14 @@
-"""Synthetic sequence tasks: batches of ``(inputs [B, T] int64, targets [B, T] int64)`` where
-``targets`` is ``IGNORE`` (-100) wherever nothing is to be predicted."""
+"""Synthetic sequence tasks: the generators (MQAR, copy, passkey retrieval), batches of
+``(inputs [B, T] int64, targets [B, T] int64)`` where ``targets`` is ``IGNORE`` (-100) wherever
+nothing is to be predicted; and, at the end, the ``copy``, ``mqar`` and ``passkey`` training tasks
+built from them (the ``Task`` entries of ``nstm.tasks.registry``)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
-IGNORE = -100
-
-
-def _check(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+from .base import EVAL_SEED, IGNORE, Task, check_int, generated, lm_batch
 
 
 def mqar_batch(batch: int, num_pairs: int, vocab_size: int, num_queries: Optional[int] = None,
@@ -23,11 +20,11 @@ def mqar_batch(batch: int, num_pairs: int, vocab_size: int, num_queries: Optiona
     ``a`` at each query key. Keys come from ``[1, vocab/2)``, values from ``[vocab/2, vocab)``, all
     keys of a sequence distinct. Length ``2 * (num_pairs + num_queries)``.
     """
-    _check("batch", batch, 1)
-    _check("num_pairs", num_pairs, 1)
-    _check("vocab_size", vocab_size, 4)
+    check_int("batch", batch, 1)
+    check_int("num_pairs", num_pairs, 1)
+    check_int("vocab_size", vocab_size, 4)
     nq = num_pairs if num_queries is None else num_queries
-    _check("num_queries", nq, 1)
+    check_int("num_queries", nq, 1)
     half = vocab_size // 2
     if num_pairs > half - 1:
         raise ValueError(f"num_pairs ({num_pairs}) must be < vocab_size // 2 ({half}) so keys are distinct")
@@ -48,16 +45,15 @@ def copy_batch(batch: int, length: int, vocab_size: int,
     """Copy: ``x1 .. xL SEP x1 .. xL``; the model predicts the second copy (token 0 is SEP).
 
     Length ``2 * length + 1``; scored on the ``length`` tokens after SEP."""
-    _check("batch", batch, 1)
-    _check("length", length, 1)
-    _check("vocab_size", vocab_size, 3)
+    check_int("batch", batch, 1)
+    check_int("length", length, 1)
+    check_int("vocab_size", vocab_size, 3)
     x = torch.randint(1, vocab_size, (batch, length), generator=generator)
     sep = torch.zeros(batch, 1, dtype=torch.long)
     inputs = torch.cat([x, sep, x], dim=1)
     targets = torch.full_like(inputs, IGNORE)
     targets[:, length:2 * length] = x
     return inputs, targets
-
 
 
 # --- passkey retrieval -------------------------------------------------------------------------
@@ -88,9 +84,9 @@ def passkey_batch(batch: int, context_len: int, generator: Optional[torch.Genera
     (0: at the very start, 1: just before the query). ``filler="repeat"`` cycles the filler
     words (like the repeated sentences of the usual passkey test), ``"random"`` draws them.
     """
-    _check("batch", batch, 1)
-    _check("num_digits", num_digits, 1)
-    _check("context_len", context_len, 1)
+    check_int("batch", batch, 1)
+    check_int("num_digits", num_digits, 1)
+    check_int("context_len", context_len, 1)
     need = 2 * (num_digits + 1)
     if context_len < need:
         raise ValueError(
@@ -142,3 +138,58 @@ def masked_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     if not mask.any():
         raise ValueError("targets has no scored position (all IGNORE)")
     return (logits.argmax(-1)[mask] == targets[mask]).float().mean().item()
+
+
+# ---- training tasks ----------------------------------------------------------------------------
+def copy_task(seq_len: Optional[int] = None, vocab_size: Optional[int] = None, **_) -> Task:
+    """Copy ``L`` (default 32) tokens of a ``vocab_size`` (16) vocabulary; scored at ``L`` and ``4L``."""
+    L = 32 if seq_len is None else seq_len
+    V = 16 if vocab_size is None else vocab_size
+    check_int("seq_len (copy length L)", L, 1)
+    check_int("vocab_size", V, 3)
+
+    def at(length):
+        return lambda b, g: lm_batch(copy_batch(b, length, V, generator=g))
+
+    def eval_sets(bs, nb):
+        return {f"L{L}": generated(at(L), bs, nb, EVAL_SEED),
+                f"L{4 * L}": generated(at(4 * L), bs, nb, EVAL_SEED + 1)}
+
+    return Task("copy", "lm", "accuracy", True, at(L), eval_sets, vocab_size=V, seq_len=2 * L + 1,
+                finite_eval=False, info={"length": L, "vocab_size": V, "eval_lengths": [L, 4 * L]})
+
+
+def mqar_task(num_pairs: Optional[int] = None, vocab_size: Optional[int] = None, **_) -> Task:
+    """MQAR with ``num_pairs`` (default 8) key-value pairs over a ``vocab_size`` (64) vocabulary."""
+    N = 8 if num_pairs is None else num_pairs
+    V = 64 if vocab_size is None else vocab_size
+    check_int("num_pairs", N, 1)
+    check_int("vocab_size", V, 4)
+    if N > V // 2 - 1:
+        raise ValueError(f"mqar needs num_pairs ({N}) < vocab_size // 2 ({V // 2}) so keys are distinct")
+
+    def train(b, g):
+        return lm_batch(mqar_batch(b, N, V, generator=g))
+
+    return Task("mqar", "lm", "accuracy", True, train,
+                lambda bs, nb: {"test": generated(train, bs, nb, EVAL_SEED)},
+                vocab_size=V, seq_len=4 * N, finite_eval=False, info={"num_pairs": N, "vocab_size": V})
+
+
+def passkey_task(seq_len: Optional[int] = None, eval_contexts: Optional[Sequence[int]] = None, **_) -> Task:
+    """Passkey retrieval trained at context ``seq_len`` (default 1024, at most 2048) and scored at
+    ``eval_contexts`` (default ``L, 4L, 16L``)."""
+    L = 1024 if seq_len is None else seq_len
+    check_int("seq_len (passkey training context)", L, 16, 2048)
+    contexts = [L, 4 * L, 16 * L] if not eval_contexts else [int(c) for c in eval_contexts]
+    for c in contexts:
+        check_int("eval context", c, 16)
+
+    def at(ctx):
+        return lambda b, g: lm_batch(passkey_batch(b, ctx, generator=g))
+
+    def eval_sets(bs, nb):
+        return {f"ctx{c}": generated(at(c), bs, nb, EVAL_SEED + i) for i, c in enumerate(contexts)}
+
+    return Task("passkey", "lm", "accuracy", True, at(L), eval_sets, vocab_size=PASSKEY_VOCAB,
+                seq_len=L, finite_eval=False, info={"train_context": L, "eval_contexts": contexts})
