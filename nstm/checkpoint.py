@@ -112,7 +112,7 @@ class ModelSpec:
                 "model_kwargs": dict(self.kwargs)}
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Dict[str, Any]) -> "ModelSpec":
+    def from_checkpoint(cls, ckpt: Dict[str, Any]) -> ModelSpec:
         """The spec a checkpoint was saved with; ``CheckpointError`` when it has none."""
         if ckpt.get("model_config") is None or ckpt.get("model_class") is None:
             raise CheckpointError("the checkpoint does not describe its model (saved without model_spec, "

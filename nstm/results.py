@@ -121,9 +121,9 @@ def task_table(task: str, runs: List[Dict]) -> str:
         return table(COMMON + ["pairs", "state elements / layer", "test accuracy", "all queries right"], rows)
     if task == "copy":
         L = [(r.get("task_info") or {}).get("eval_lengths", [None, None]) for r in runs]
-        rows = [_common(r) + [str(l[0]), pct(_final(r).get(f"L{l[0]}/accuracy")),
-                              pct(_final(r).get(f"L{l[1]}/accuracy")), pct(_final(r).get(f"L{l[1]}/exact"))]
-                for r, l in zip(runs, L)]
+        rows = [_common(r) + [str(ls[0]), pct(_final(r).get(f"L{ls[0]}/accuracy")),
+                              pct(_final(r).get(f"L{ls[1]}/accuracy")), pct(_final(r).get(f"L{ls[1]}/exact"))]
+                for r, ls in zip(runs, L)]
         return table(COMMON + ["L", "accuracy at L", "accuracy at 4L", "exact copies at 4L"], rows)
     if task == "passkey":
         ctxs = sorted({c for r in runs for c in (r.get("task_info") or {}).get("eval_contexts", [])})
@@ -162,7 +162,8 @@ def pruning_table(runs: List[Dict]) -> Optional[str]:
                      f"{count(p.get('params_before'))} → {count(p.get('params_after'))}",
                      f"{num(p.get('loss_before'))} → {num(p.get('loss_after'))}",
                      f"{pct(p.get('metric_before'))} → {pct(p.get('metric_after'))}"
-                     if p.get("metric") == "accuracy" else f"{num(p.get('metric_before'))} → {num(p.get('metric_after'))}",
+                     if p.get("metric") == "accuracy"
+                     else f"{num(p.get('metric_before'))} → {num(p.get('metric_after'))}",
                      f"{num(p.get('forward_ms_before'), 1)} → {num(p.get('forward_ms_after'), 1)}",
                      "–" if p.get("speedup") is None else f"{p['speedup']:.2f}×", pngs])
     if not rows:

@@ -46,7 +46,7 @@ class RunFiles:
     run_name: str
 
     @classmethod
-    def at(cls, out: str, task: str, run_name: str) -> "RunFiles":
+    def at(cls, out: str, task: str, run_name: str) -> RunFiles:
         return cls(os.path.join(out, task), run_name)
 
     @property
@@ -310,7 +310,7 @@ def write_maps(model, spec: ModelSpec, task: Task, run_dir: str, device, autocas
     model.eval()
     with torch.no_grad():
         if task.kind == "lm":
-            _, maps = model(one.inputs, return_maps=True)
+            maps = model(one.inputs, return_maps=True).maps
         else:
             _, maps = model(one.inputs, return_maps=True, lengths=one.lengths)
     files = []

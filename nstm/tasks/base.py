@@ -36,7 +36,7 @@ class Batch(NamedTuple):
     targets: torch.Tensor
     lengths: Optional[torch.Tensor] = None
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(self.inputs.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
                      None if self.lengths is None else self.lengths.to(device, non_blocking=True))
 
