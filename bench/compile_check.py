@@ -144,7 +144,7 @@ def workloads(S: int, K: int, V: int, top_k: int, dtype: torch.dtype, s2s: bool,
 
     def params(force=False):
         return S2SParams(t(H, V, V, dt=torch.float32), t(H, V, V, dt=torch.float32),
-                         t(H, V, V, dt=torch.float32), t(H, dt=torch.float32)) if s2s or force else None
+                         t(H, dt=torch.float32)) if s2s or force else None
 
     def route():
         idx, w = triton_sparse_route(t(B, T, H, S), t(B, T, H), top_k)

@@ -30,7 +30,7 @@ def make_inputs(B, T, H, K, S, seed=0, requires_grad=False):
     q, k, v = (torch.randn(B, T, H, K, generator=g) for _ in range(3))
     logits = torch.randn(B, T, H, S, generator=g) * 2
     gate = torch.randn(B, T, H, generator=g)
-    s2s = S2SParams(*(torch.randn(H, K, K, generator=g) * K ** -0.5 for _ in range(3)),
+    s2s = S2SParams(*(torch.randn(H, K, K, generator=g) * K ** -0.5 for _ in range(2)),
                     torch.full((H,), 0.5))
     tensors = [q, k, v, logits, gate]
     if requires_grad:

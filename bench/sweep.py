@@ -63,7 +63,7 @@ def nstm_inputs(B, T, H, D, dtype, device, seed=0):
 
     q, k, v = r(B, T, H, D), r(B, T, H, D), r(B, T, H, D)
     logits, gate = r(B, T, H, D, scale=2.0), r(B, T, H)
-    s2s = S2SParams(*(r(H, D, D, scale=D ** -0.5).float() for _ in range(3)),
+    s2s = S2SParams(*(r(H, D, D, scale=D ** -0.5).float() for _ in range(2)),
                     torch.full((H,), 0.5, device=device))
     return [q, k, v, logits, gate], s2s
 

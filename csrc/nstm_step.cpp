@@ -1,6 +1,6 @@
 // PyTorch binding of the fused one-token NSTM step (the kernel is in nstm_step.cu, ATen-free).
 //
-//   nstm_step_(q, k, v, logits, gate, state_k, state_v, o, w_q, w_k, w_v, s2s_gate, pos_dev,
+//   nstm_step_(q, k, v, logits, gate, state_k, state_v, o, w_q, w_k, s2s_gate, pos_dev,
 //              pos_host, top_k, comm_every, scale)
 //
 // Updates state_k / state_v IN PLACE and writes o. Every tensor must be a contiguous CUDA tensor
@@ -36,7 +36,7 @@ void check_f32(const torch::Tensor& t, const char* name) {
 void nstm_step_(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor logits,
                 torch::Tensor gate, torch::Tensor state_k, torch::Tensor state_v, torch::Tensor o,
                 c10::optional<torch::Tensor> w_q, c10::optional<torch::Tensor> w_k,
-                c10::optional<torch::Tensor> w_v, c10::optional<torch::Tensor> s2s_gate,
+                c10::optional<torch::Tensor> s2s_gate,
                 c10::optional<torch::Tensor> pos_dev, int64_t pos_host, int64_t top_k,
                 int64_t comm_every, double scale) {
   TORCH_CHECK(q.dim() == 3, "nstm_step (CUDA): q must have shape [B, H, K], got ", q.sizes());
@@ -77,11 +77,10 @@ void nstm_step_(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor
   p.state_k = state_k.data_ptr<float>();
   p.state_v = state_v.data_ptr<float>();
   p.o = o.data_ptr();
-  const int n_s2s = (int)w_q.has_value() + w_k.has_value() + w_v.has_value() + s2s_gate.has_value();
-  TORCH_CHECK(n_s2s == 0 || n_s2s == 4, "nstm_step (CUDA): give all of w_q, w_k, w_v, s2s_gate or none");
-  if (n_s2s == 4) {
-    const std::pair<const char*, const torch::Tensor*> ws[] = {
-        {"s2s.w_q", &*w_q}, {"s2s.w_k", &*w_k}, {"s2s.w_v", &*w_v}};
+  const int n_s2s = (int)w_q.has_value() + w_k.has_value() + s2s_gate.has_value();
+  TORCH_CHECK(n_s2s == 0 || n_s2s == 3, "nstm_step (CUDA): give all of w_q, w_k, s2s_gate or none");
+  if (n_s2s == 3) {
+    const std::pair<const char*, const torch::Tensor*> ws[] = {{"s2s.w_q", &*w_q}, {"s2s.w_k", &*w_k}};
     for (const auto& it : ws) {
       check_cuda(*it.second, it.first, q);
       check_f32(*it.second, it.first);
@@ -92,7 +91,6 @@ void nstm_step_(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor
     check_shape(*s2s_gate, "s2s.gate", {H});
     p.w_q = w_q->data_ptr<float>();
     p.w_k = w_k->data_ptr<float>();
-    p.w_v = w_v->data_ptr<float>();
     p.s2s_gate = s2s_gate->data_ptr<float>();
   }
   if (pos_dev.has_value()) {
@@ -133,6 +131,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nstm_step_", &nstm_step_, "one-token NSTM step, state updated in place",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("logits"), py::arg("gate"),
         py::arg("state_k"), py::arg("state_v"), py::arg("o"), py::arg("w_q"), py::arg("w_k"),
-        py::arg("w_v"), py::arg("s2s_gate"), py::arg("pos_dev"), py::arg("pos_host"),
+        py::arg("s2s_gate"), py::arg("pos_dev"), py::arg("pos_host"),
         py::arg("top_k"), py::arg("comm_every"), py::arg("scale"));
 }

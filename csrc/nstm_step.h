@@ -28,8 +28,7 @@ struct StepParams {
   // state-to-state attention, all null when there is none
   const float* w_q;         // [H, V, V] fp32
   const float* w_k;         // [H, V, V] fp32
-  const float* w_v;         // [H, V, V] fp32
-  const float* s2s_gate;    // [H] fp32 (mix = tanh(gate))
+  const float* s2s_gate;    // [H] fp32 (mix = sigmoid(gate))
   // absolute stream position of this token: *pos_dev when pos_dev is not null (decode with CUDA
   // graphs: the position lives on the device), else pos_host. The kernel never changes it.
   const int64_t* pos_dev;

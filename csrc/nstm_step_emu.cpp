@@ -5,14 +5,14 @@
 
 extern "C" int nstm_step_emu(const float* q, const float* k, const float* v, const float* logits,
                              const float* gate, float* state_k, float* state_v, float* o,
-                             const float* w_q, const float* w_k, const float* w_v,
+                             const float* w_q, const float* w_k,
                              const float* s2s_gate, const int64_t* pos_dev, int64_t pos_host,
                              int64_t comm_every, int B, int H, int S, int K, int V, int top_k,
                              float scale) {
   nstm::StepParams p{};
   p.q = q; p.k = k; p.v = v; p.logits = logits; p.gate = gate;
   p.state_k = state_k; p.state_v = state_v; p.o = o;
-  p.w_q = w_q; p.w_k = w_k; p.w_v = w_v; p.s2s_gate = s2s_gate;
+  p.w_q = w_q; p.w_k = w_k; p.s2s_gate = s2s_gate;
   p.pos_dev = pos_dev; p.pos_host = pos_host; p.comm_every = comm_every;
   p.B = B; p.H = H; p.S = S; p.K = K; p.V = V; p.top_k = top_k; p.scale = scale;
   p.dtype = nstm::kFloat32;

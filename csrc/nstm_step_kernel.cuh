@@ -6,11 +6,13 @@
 // __syncwarp, warp_sum/warp_max, the shared-memory macro and load_f/store_f.
 //
 // Per block: (1) load q, k, v and the S route logits; (2) routing: the top_k logits by rank
-// (ties go to the lower slot index), softmax over them, times sigmoid(gate); (3) the gated convex
+// (ties go to the lower slot index; a NaN ranks above every number, as in torch.sort, and makes
+// the token's weights NaN), softmax over them, times sigmoid(gate); (3) the gated convex
 // write into the top_k routed slots only, in place in global memory; (4) the read: scores over all
 // S slots, softmax, o = p V^; (5) when this token ends a period ((pos + 1) % C == 0) and there is
-// an s2s: V^ <- V^ + tanh(g_h) softmax((V^ W_q)(V^ W_k)^T / sqrt(V)) (V^ W_v), with V^ W_k and
-// V^ W_v staged in shared memory and one warp per slot row. Accumulation is fp32 throughout.
+// an s2s: V^ <- (1 - g) V^ + g A V^ with A = softmax((V^ W_q)(V^ W_k)^T / sqrt(V)) and
+// g = sigmoid(gate_h), with V^ W_k and a copy of V^ staged in shared memory and one warp per slot
+// row. Accumulation is fp32 throughout.
 #pragma once
 
 #include <math.h>
@@ -97,7 +99,7 @@ __global__ void __launch_bounds__(256) nstm_step_kernel(StepParams p) {
   const int64_t pos = p.pos_dev != nullptr ? *p.pos_dev : p.pos_host;
   const bool event = p.w_q != nullptr && (pos + 1) % p.comm_every == 0;
 
-  // (1) inputs to fp32 in shared memory; NaN logits rank last
+  // (1) inputs to fp32 in shared memory (NaN logits kept: they rank first and poison the weights)
   for (int i = tid; i < K; i += nt) {
     sq[i] = load_f(q, i);
     sk[i] = load_f(k, i);
@@ -105,7 +107,7 @@ __global__ void __launch_bounds__(256) nstm_step_kernel(StepParams p) {
   for (int i = tid; i < V; i += nt) sv[i] = load_f(v, i);
   for (int i = tid; i < S; i += nt) {
     const float x = logits[i];
-    slog[i] = isnan(x) ? -INFINITY : x;
+    slog[i] = x;
   }
   __syncthreads();
 
@@ -115,7 +117,9 @@ __global__ void __launch_bounds__(256) nstm_step_kernel(StepParams p) {
     int rank = 0;
     for (int j = 0; j < S; ++j) {
       const float xj = slog[j];
-      rank += (xj > xi) || (xj == xi && j < i);
+      // j ranks above i: NaN above any number, then larger, then (a tie) the lower index
+      const bool nj = isnan(xj), ni = isnan(xi);
+      rank += (nj && !ni) || (nj == ni && ((xj > xi) || ((xj == xi || nj) && j < i)));
     }
     if (rank < top_k) sel_idx[rank] = i;
   }
@@ -176,27 +180,22 @@ __global__ void __launch_bounds__(256) nstm_step_kernel(StepParams p) {
     __syncthreads();                                    // every read of V^ above is done
     const int Vp = V + 1;                               // padded rows: no bank conflicts
     float* kk = big;                                    // [S, V+1]  V^ W_k
-    float* vv = kk + (int64_t)S * Vp;                   // [S, V+1]  V^ W_v
+    float* vv = kk + (int64_t)S * Vp;                   // [S, V+1]  a copy of V^
     float* qrow = vv + (int64_t)S * Vp + warp * V;      // [V] this warp's row of V^ W_q
     float* arow = vv + (int64_t)S * Vp + nwarps * V + warp * S;  // [S] its attention row
     const float* wq = p.w_q + (int64_t)h * V * V;
     const float* wk = p.w_k + (int64_t)h * V * V;
-    const float* wv = p.w_v + (int64_t)h * V * V;
     for (int e = tid; e < S * V; e += nt) {
       const int i = e / V, c = e - i * V;
-      float ak = 0.0f, av = 0.0f;
-      for (int d = 0; d < V; ++d) {
-        const float x = Vs[(int64_t)i * V + d];
-        ak += x * wk[d * V + c];
-        av += x * wv[d * V + c];
-      }
+      float ak = 0.0f;
+      for (int d = 0; d < V; ++d) ak += Vs[(int64_t)i * V + d] * wk[d * V + c];
       kk[i * Vp + c] = ak;
-      vv[i * Vp + c] = av;
+      vv[i * Vp + c] = Vs[(int64_t)i * V + c];
     }
     __syncthreads();
-    const float mix = tanhf(p.s2s_gate[h]);
+    const float mix = 1.0f / (1.0f + expf(-p.s2s_gate[h]));
     const float qk_scale = 1.0f / sqrtf((float)V);
-    // row i of V^ is read and then rewritten by one warp only; kk/vv hold the old V^'s products
+    // row i of V^ is read and then rewritten by one warp only; kk/vv hold the old V^ (products, copy)
     for (int i = warp; i < S; i += nwarps) {
       float* vi = Vs + (int64_t)i * V;
       for (int c = lane; c < V; c += 32) {
@@ -225,7 +224,7 @@ __global__ void __launch_bounds__(256) nstm_step_kernel(StepParams p) {
       for (int c = lane; c < V; c += 32) {
         float a = 0.0f;
         for (int j = 0; j < S; ++j) a += arow[j] * vv[j * Vp + c];
-        vi[c] += mix * (a * inv);
+        vi[c] = (1.0f - mix) * vv[i * Vp + c] + mix * (a * inv);
       }
       __syncwarp();
     }

@@ -42,7 +42,7 @@ def nstm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route_logi
                    write_gate: torch.Tensor, top_k: int, s2s: Optional[S2SParams] = None,
                    comm_every: int = 64, initial_state: Optional[NSTMState] = None,
                    output_final_state: bool = False, scale: Optional[float] = None,
-                   backend: Optional[str] = None):
+                   cu_seqlens: Optional[torch.Tensor] = None, backend: Optional[str] = None):
     """The NSTM operator over a sequence (spec §2).
 
     Args:
@@ -53,9 +53,13 @@ def nstm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route_logi
         top_k: slots each token writes to, ``1 <= top_k <= S``.
         s2s: ``S2SParams`` for the state-to-state attention, or None to skip it.
         comm_every: the slots talk after every ``comm_every``-th token of the stream (absolute).
-        initial_state: ``NSTMState(k [B,H,S,K], v [B,H,S,V], pos)`` or None (zeros at pos 0).
+        initial_state: ``NSTMState(k [B,H,S,K], v [B,H,S,V], pos)`` or None (zeros at pos 0);
+            ``pos`` an int, or an int64 tensor ``[B]`` (``[N]`` when packed) of per-row positions.
         output_final_state: also return the state after the last token (fp32; fp64 for fp64 inputs).
         scale: read temperature, default ``K ** -0.5``.
+        cu_seqlens: int64 ``[N + 1]``, cumulative lengths ``[0, l1, l1 + l2, ..., T]``: a packed
+            batch (B = 1) of N independent sequences; equals running each alone. The initial state
+            (if any) and the final state have batch N; the final ``pos`` is a tensor ``[N]``.
         backend: "reference", "chunked", "triton", "cuda" or None (see ``nstm_kernels.dispatch``).
 
     Returns:
@@ -71,11 +75,21 @@ def nstm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route_logi
         (torch.Size([2, 128, 4, 32]), torch.Size([2, 4, 16, 32]), 128)
     """
     validate_operator_inputs(q, k, v, route_logits, write_gate, top_k, s2s, comm_every,
-                             initial_state, scale, step=False, state_name="initial_state")
+                             initial_state, scale, step=False, state_name="initial_state",
+                             cu_seqlens=cu_seqlens)
     _check_flag("output_final_state", output_final_state)
     if not torch.compiler.is_compiling():
         _warn_head_first(q)
     name, fn = lookup("nstm_attention", backend, q.device)
+    varlen = cu_seqlens is not None or (initial_state is not None
+                                        and isinstance(initial_state.pos, torch.Tensor))
+    if varlen:
+        if torch.compiler.is_compiling():
+            raise NotImplementedError("nstm_attention under torch.compile takes an int position and no "
+                                      "cu_seqlens; call it outside the compiled region for packed "
+                                      "batches or per-row positions")
+        return fn(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, initial_state,
+                  output_final_state, scale, cu_seqlens=cu_seqlens)
     if torch.compiler.is_compiling():
         # one opaque custom op for torch.compile (nstm_kernels/compile.py)
         from .compile import compiled_attention
@@ -149,13 +163,13 @@ def sparse_route(route_logits: torch.Tensor, write_gate: torch.Tensor, top_k: in
 def state_attention(v_state: torch.Tensor, s2s: S2SParams, backend: Optional[str] = None):
     """The state-to-state attention on its own: ``v_state [B, H, S, V]`` -> mixed ``v_state``.
 
-    ``V + tanh(gate_h) softmax((V W_q)(V W_k)^T / sqrt(V)) (V W_v)`` per batch row and head, computed
-    in fp32 (fp64 for fp64) and returned in ``v_state``'s dtype.
+    ``(1 - g_h) V + g_h softmax((V W_q)(V W_k)^T / sqrt(V)) V`` with ``g_h = sigmoid(gate_h)``, per
+    batch row and head, computed in fp32 (fp64 for fp64) and returned in ``v_state``'s dtype.
     """
     check_tensor("v_state", v_state, 4, "[B, H, S, V]")
     B, H, S, V = v_state.shape
     if s2s is None:
-        raise TypeError("s2s must be an S2SParams(w_q, w_k, w_v, gate), got None")
+        raise TypeError("s2s must be an S2SParams(w_q, w_k, gate), got None")
     for name, n in (("B", B), ("H", H), ("S", S), ("V", V)):
         if n < 1:
             raise ValueError(f"v_state: every dimension must be >= 1, got {name} = {n}")

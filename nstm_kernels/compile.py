@@ -25,7 +25,7 @@ from .utils import compute_dtype
 Tensor = torch.Tensor
 
 # the positions of the differentiable tensor inputs in the op's argument list
-_N_TENSORS = 11   # q, k, v, route_logits, write_gate, k0, v0, w_q, w_k, w_v, gate
+_N_TENSORS = 10   # q, k, v, route_logits, write_gate, k0, v0, w_q, w_k, gate
 
 
 @contextlib.contextmanager
@@ -68,9 +68,9 @@ def _unaliased(outs, ins):
 
 def _run(tensors: Sequence[Optional[Tensor]], top_k: int, comm_every: int, pos: int,
          scale: float, backend: str):
-    q, k, v, logits, gate, k0, v0, wq, wk, wv, g = tensors
+    q, k, v, logits, gate, k0, v0, wq, wk, g = tensors
     state = None if k0 is None else NSTMState(k0, v0, pos)
-    s2s = None if wq is None else S2SParams(wq, wk, wv, g)
+    s2s = None if wq is None else S2SParams(wq, wk, g)
     fn = dispatch.impl("nstm_attention", backend)
     o, st = fn(q, k, v, logits, gate, top_k, s2s, comm_every, state, True, scale)
     return o, st.k, st.v
@@ -79,19 +79,19 @@ def _run(tensors: Sequence[Optional[Tensor]], top_k: int, comm_every: int, pos: 
 @torch.library.custom_op("nstm_kernels::attention", mutates_args=())
 def attention_op(q: Tensor, k: Tensor, v: Tensor, route_logits: Tensor, write_gate: Tensor,
                  k0: Optional[Tensor], v0: Optional[Tensor], w_q: Optional[Tensor],
-                 w_k: Optional[Tensor], w_v: Optional[Tensor], gate: Optional[Tensor],
+                 w_k: Optional[Tensor], gate: Optional[Tensor],
                  top_k: int, comm_every: int, pos: int, scale: float,
                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """``(o [B,T,H,V], final K̂ [B,H,S,K], final V̂ [B,H,S,V])`` of the operator on ``backend``."""
     with torch.no_grad():
-        o, fk, fv = _run((q, k, v, route_logits, write_gate, k0, v0, w_q, w_k, w_v, gate),
+        o, fk, fv = _run((q, k, v, route_logits, write_gate, k0, v0, w_q, w_k, gate),
                          top_k, comm_every, pos, scale, backend)
-    ins = (q, k, v, route_logits, write_gate, k0, v0, w_q, w_k, w_v, gate)
+    ins = (q, k, v, route_logits, write_gate, k0, v0, w_q, w_k, gate)
     return tuple(_unaliased((o.contiguous(), fk.contiguous(), fv.contiguous()), ins))
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, route_logits, write_gate, k0, v0, w_q, w_k, w_v, gate, top_k,
+def _attention_fake(q, k, v, route_logits, write_gate, k0, v0, w_q, w_k, gate, top_k,
                     comm_every, pos, scale, backend):
     B, T, H, K = q.shape
     V, S = v.shape[-1], route_logits.shape[-1]
@@ -103,12 +103,12 @@ def _attention_fake(q, k, v, route_logits, write_gate, k0, v0, w_q, w_k, w_v, ga
 @torch.library.custom_op("nstm_kernels::attention_backward", mutates_args=())
 def attention_backward_op(q: Tensor, k: Tensor, v: Tensor, route_logits: Tensor,
                           write_gate: Tensor, k0: Optional[Tensor], v0: Optional[Tensor],
-                          w_q: Optional[Tensor], w_k: Optional[Tensor], w_v: Optional[Tensor],
+                          w_q: Optional[Tensor], w_k: Optional[Tensor],
                           gate: Optional[Tensor], d_o: Tensor, d_k: Tensor, d_v: Tensor,
                           top_k: int, comm_every: int, pos: int, scale: float,
                           backend: str) -> List[Tensor]:
-    """Gradients of ``attention_op`` for its 11 tensor inputs (an empty tensor for an absent one)."""
-    ins = (q, k, v, route_logits, write_gate, k0, v0, w_q, w_k, w_v, gate)
+    """Gradients of ``attention_op`` for its 10 tensor inputs (an empty tensor for an absent one)."""
+    ins = (q, k, v, route_logits, write_gate, k0, v0, w_q, w_k, gate)
     with _autograd_below_dispatch():
         leaves = [None if t is None else t.detach().requires_grad_(True) for t in ins]
         outs = _run(leaves, top_k, comm_every, pos, scale, backend)
@@ -126,9 +126,9 @@ def attention_backward_op(q: Tensor, k: Tensor, v: Tensor, route_logits: Tensor,
 
 
 @attention_backward_op.register_fake
-def _attention_backward_fake(q, k, v, route_logits, write_gate, k0, v0, w_q, w_k, w_v, gate,
+def _attention_backward_fake(q, k, v, route_logits, write_gate, k0, v0, w_q, w_k, gate,
                              d_o, d_k, d_v, top_k, comm_every, pos, scale, backend):
-    ins = (q, k, v, route_logits, write_gate, k0, v0, w_q, w_k, w_v, gate)
+    ins = (q, k, v, route_logits, write_gate, k0, v0, w_q, w_k, gate)
     return [q.new_empty(0) if t is None else t.new_empty(t.shape) for t in ins]
 
 
@@ -162,11 +162,11 @@ def compiled_attention(q, k, v, route_logits, write_gate, top_k, s2s, comm_every
     pos = 0
     if initial_state is not None:
         k0, v0, pos = initial_state.k, initial_state.v, int(initial_state.pos)
-    wq = wk = wv = g = None
+    wq = wk = g = None
     if s2s is not None:
-        wq, wk, wv, g = s2s
+        wq, wk, g = s2s
     sc = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    o, fk, fv = attention_op(q, k, v, route_logits, write_gate, k0, v0, wq, wk, wv, g,
+    o, fk, fv = attention_op(q, k, v, route_logits, write_gate, k0, v0, wq, wk, g,
                              top_k, comm_every, pos, sc, backend)
     final = NSTMState(fk, fv, pos + q.shape[1]) if output_final_state else None
     return o, final

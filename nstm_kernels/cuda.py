@@ -155,7 +155,7 @@ def reset() -> None:
 
 def _s2s_args(s2s: Optional[S2SParams]):
     if s2s is None:
-        return None, None, None, None
+        return None, None, None
     return tuple(t.detach().to(torch.float32).contiguous() for t in s2s)
 
 
@@ -179,12 +179,20 @@ def cuda_nstm_step_(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional
     gate = write_gate.detach().to(torch.float32).contiguous()
     if out is None:
         out = torch.empty(B, H, V, dtype=q.dtype, device=q.device)
+    per_row = isinstance(pos, torch.Tensor) and pos.numel() > 1
     if isinstance(pos, torch.Tensor):
-        pos_dev, pos_host = pos, 0
+        pos_dev, pos_host = pos.reshape(-1)[:1].contiguous(), 0
     else:
         pos_dev, pos_host = None, int(pos)
-    ext.nstm_step_(q, k, v, logits, gate, state_k, state_v, out, *_s2s_args(s2s), pos_dev, pos_host,
-                   int(top_k), int(comm_every), scale)
+    ext.nstm_step_(q, k, v, logits, gate, state_k, state_v, out,
+                   *_s2s_args(None if per_row else s2s), pos_dev, pos_host, int(top_k),
+                   int(comm_every), scale)
+    if per_row and s2s is not None:
+        # one position per row: the kernel ran without its s2s; mix the rows whose period ends,
+        # decided on the device (capturable in a CUDA graph)
+        from .s2s import state_attention_torch
+        event = ((pos.reshape(-1, 1, 1, 1) + 1) % comm_every) == 0
+        state_v.copy_(torch.where(event, state_attention_torch(state_v, s2s), state_v))
     return out
 
 
@@ -210,6 +218,6 @@ def cuda_nstm_step(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[
     else:
         sk = state.k.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         sv = state.v.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        pos = int(state.pos)
+        pos = state.pos if isinstance(state.pos, torch.Tensor) else int(state.pos)
     o = cuda_nstm_step_(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, sk, sv, pos, scale)
     return o, NSTMState(sk, sv, pos + 1)

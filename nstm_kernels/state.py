@@ -11,8 +11,9 @@ class NSTMState(NamedTuple):
 
     k:   slot keys   ``[B, H, S, K]``
     v:   slot values ``[B, H, S, V]``
-    pos: absolute stream position of the next token (an ``int``); it decides where the
-         state-to-state periods end, so a stream split anywhere resumes exactly.
+    pos: absolute stream position of the next token: an ``int``, or an int64 tensor ``[B]`` with
+         one position per row; it decides where the state-to-state periods end, so a stream
+         split anywhere resumes exactly.
     """
 
     k: torch.Tensor
@@ -28,20 +29,24 @@ class NSTMState(NamedTuple):
 class S2SParams(NamedTuple):
     """Weights of the state-to-state attention, per head.
 
-    w_q, w_k, w_v: ``[H, V, V]``; gate: ``[H]`` (the mix is ``tanh(gate)``; 0 is the identity).
+    w_q, w_k: ``[H, V, V]``; gate: ``[H]``. At a period end the slot values become
+    ``(1 - g) V + g softmax((V W_q)(V W_k)^T / sqrt(V)) V`` with ``g = sigmoid(gate)``: a convex
+    mix of slot rows, so the state stays in the hull of what was written (``gate -> -inf`` is the
+    identity).
     """
 
     w_q: torch.Tensor
     w_k: torch.Tensor
-    w_v: torch.Tensor
     gate: torch.Tensor
 
 
 def initial_slots(state, B: int, H: int, S: int, K: int, V: int, dtype: torch.dtype, device):
     """``(K̂, V̂, pos)`` before the first token in the compute ``dtype``: the given ``NSTMState``
-    (converted, not copied when already in ``dtype``), or zeros at pos 0."""
+    (converted, not copied when already in ``dtype``), or zeros at pos 0. ``pos`` is an int, or
+    the state's int64 tensor of per-row positions."""
     if state is None:
         zk = torch.zeros(B, H, S, K, dtype=dtype, device=device)
         zv = torch.zeros(B, H, S, V, dtype=dtype, device=device)
         return zk, zv, 0
-    return state.k.to(dtype), state.v.to(dtype), int(state.pos)
+    pos = state.pos if isinstance(state.pos, torch.Tensor) else int(state.pos)
+    return state.k.to(dtype), state.v.to(dtype), pos

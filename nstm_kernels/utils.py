@@ -70,8 +70,8 @@ def check_s2s(s2s, H: int, V: int, device: torch.device, ref: str = "q") -> None
     if s2s is None:
         return
     if not isinstance(s2s, S2SParams):
-        raise TypeError(f"s2s must be an S2SParams(w_q, w_k, w_v, gate) or None, got {type(s2s).__name__}")
-    for name in ("w_q", "w_k", "w_v"):
+        raise TypeError(f"s2s must be an S2SParams(w_q, w_k, gate) or None, got {type(s2s).__name__}")
+    for name in ("w_q", "w_k"):
         t = getattr(s2s, name)
         check_tensor(f"s2s.{name}", t, 3, "[H, V, V]")
         check_dims(f"s2s.{name}", t, (H, V, V), "[H, V, V]")
@@ -90,8 +90,39 @@ def check_state(name: str, state, B: int, H: int, S: int, K: int, V: int, device
     check_dims(f"{name}.k", state.k, (B, H, S, K), "[B, H, S, K]")
     check_tensor(f"{name}.v", state.v, 4, "[B, H, S, V]")
     check_dims(f"{name}.v", state.v, (B, H, S, V), "[B, H, S, V]")
-    check_int(f"{name}.pos", state.pos, 0)
+    check_pos(f"{name}.pos", state.pos, B)
     check_same_device([("q", _probe(device)), (f"{name}.k", state.k), (f"{name}.v", state.v)])
+
+
+def check_pos(name: str, pos, B: int) -> None:
+    """A stream position: an int >= 0, or an int64 tensor ``[B]`` of per-row positions >= 0."""
+    if isinstance(pos, torch.Tensor):
+        if pos.dtype != torch.int64 or pos.dim() != 1 or pos.shape[0] != B:
+            raise ValueError(f"{name} must be an int or an int64 tensor of shape [B = {B}] (one "
+                             f"position per row), got {pos.dtype} of shape {list(pos.shape)}")
+        if pos.numel() and not torch.compiler.is_compiling() and int(pos.min()) < 0:
+            raise ValueError(f"{name} must be >= 0, got a minimum of {int(pos.min())}")
+        return
+    check_int(name, pos, 0)
+
+
+def check_cu_seqlens(cu_seqlens, B: int, T: int, device) -> int:
+    """``cu_seqlens``: int64 ``[N + 1]``, 0 first, T last, strictly increasing, B = 1; returns N."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int64 tensor [N + 1] or None, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int64 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be an int64 tensor of shape [N + 1] with N >= 1, got "
+                         f"{cu_seqlens.dtype} of shape {list(cu_seqlens.shape)}")
+    if B != 1:
+        raise ValueError(f"a packed batch (cu_seqlens) must have B = 1 (the sequences laid end to end "
+                         f"in time), got B = {B}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != T:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T = {T}, got {cu[0]} ... {cu[-1]}")
+    if any(b <= a for a, b in zip(cu[:-1], cu[1:])):
+        raise ValueError(f"cu_seqlens must be strictly increasing (every sequence holds at least one "
+                         f"token), got {cu}")
+    return len(cu) - 1
 
 
 def _probe(device) -> torch.Tensor:
@@ -100,10 +131,11 @@ def _probe(device) -> torch.Tensor:
 
 
 def validate_operator_inputs(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, state,
-                             scale, *, step: bool, state_name: str):
+                             scale, *, step: bool, state_name: str, cu_seqlens=None):
     """Validate the operator's arguments (sequence form, or the one-token form when ``step``).
 
-    Returns the dimensions ``(B, T, H, K, V, S)`` (T is 1 for a step).
+    Returns the dimensions ``(B, T, H, K, V, S)`` (T is 1 for a step). With ``cu_seqlens`` the
+    state's batch is the number of sequences N.
     """
     if step:
         check_tensor("q", q, 3, "[B, H, K]")
@@ -144,6 +176,9 @@ def validate_operator_inputs(q, k, v, route_logits, write_gate, top_k, s2s, comm
     check_int("top_k", top_k, 1, S)
     check_int("comm_every", comm_every, 1)
     check_s2s(s2s, H, V, q.device)
-    check_state(state_name, state, B, H, S, K, V, q.device)
+    rows = B
+    if cu_seqlens is not None:
+        rows = check_cu_seqlens(cu_seqlens, B, T, q.device)
+    check_state(state_name, state, rows, H, S, K, V, q.device)
     check_scale(scale)
     return B, T, H, K, V, S

@@ -23,7 +23,7 @@ def _step(q, k, v, route_logits, write_gate, top_k: int, s2s, comm_every: int, K
     V = v.shape[-1]
     dt = Ks.dtype
     scale = K ** -0.5 if scale is None else scale
-    idx, wts = route_torch(route_logits, write_gate, top_k)           # [B, H, top_k]
+    idx, wts = route_torch(route_logits, write_gate, top_k, dtype=dt)  # [B, H, top_k]
     w = wts.unsqueeze(-1).to(dt)
     ik = idx.unsqueeze(-1).expand(B, H, top_k, K)
     iv = idx.unsqueeze(-1).expand(B, H, top_k, V)
@@ -38,8 +38,9 @@ def _step(q, k, v, route_logits, write_gate, top_k: int, s2s, comm_every: int, K
     o = torch.einsum("bhs,bhsv->bhv", p, Vs)
     if s2s is not None:
         if isinstance(pos, torch.Tensor):
-            # decided on the device (CUDA graphs): mix every token, keep it only at a period end
-            event = ((pos.reshape(()) + 1) % comm_every) == 0
+            # one position per row ([B]) or for all ([1]), decided on the device (CUDA graphs):
+            # mix every row, keep it only where this token ends that row's period
+            event = ((pos.reshape(-1, 1, 1, 1).to(Vs.device) + 1) % comm_every) == 0
             mixed = torch.where(event, state_attention_torch(Vs, s2s), Vs)
         elif (int(pos) + 1) % comm_every == 0:
             mixed = state_attention_torch(Vs, s2s)
@@ -76,8 +77,8 @@ def recurrent_nstm_step_(q, k, v, route_logits, write_gate, top_k: int, s2s, com
     """The same step with the slot memory ``state_k [B,H,S,K]`` / ``state_v [B,H,S,V]`` updated IN
     PLACE (their dtype is the compute dtype); returns ``o [B, H, V]`` in q's dtype.
 
-    ``pos``: an int (the period end is decided on the host) or an int64 tensor of one element
-    (decided on the device, so that a CUDA graph replays it); it is not incremented.
+    ``pos``: an int (the period end is decided on the host) or an int64 tensor of one element or
+    of one per row (decided on the device, so that a CUDA graph replays it); not incremented.
     """
     return _step(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, state_k, state_v, pos,
                  scale, inplace=True)[0]

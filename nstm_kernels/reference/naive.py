@@ -12,20 +12,28 @@ from ..routing import dense_weights, route_torch
 from ..s2s import apply_s2s, pack_s2s
 from ..state import NSTMState, S2SParams, initial_slots
 from ..utils import compute_dtype
+from ..varlen import loop_segments, needs_segments
 
 
 def naive_recurrent_nstm(q, k, v, route_logits, write_gate, top_k: int,
                          s2s: Optional[S2SParams] = None, comm_every: int = 64,
                          initial_state: Optional[NSTMState] = None,
                          output_final_state: bool = False, scale: Optional[float] = None,
-                         return_maps: bool = False):
+                         return_maps: bool = False, cu_seqlens=None):
     """Token-by-token NSTM. Shapes as ``nstm_attention``; returns ``(o, final_state_or_None)``,
-    plus a dict of maps when ``return_maps`` (``read [B,T,H,S]``, ``s2s [E,B,H,S,S]``, ``s2s_pos``)."""
+    plus a dict of maps when ``return_maps`` (``read [B,T,H,S]``, ``s2s [E,B,H,S,S]``, ``s2s_pos``).
+    A packed batch or per-row positions run one sequence at a time (``varlen.loop_segments``)."""
+    if needs_segments(initial_state, cu_seqlens):
+        if return_maps:
+            raise ValueError("return_maps is not available for packed batches (cu_seqlens) or "
+                             "per-row positions; call each sequence on its own for its maps")
+        return loop_segments(naive_recurrent_nstm, q, k, v, route_logits, write_gate, top_k, s2s,
+                             comm_every, initial_state, output_final_state, scale, cu_seqlens)
     B, T, H, K = q.shape
     V, S = v.shape[-1], route_logits.shape[-1]
     dt = compute_dtype(q.dtype)
     scale = K ** -0.5 if scale is None else scale
-    idx, wts = route_torch(route_logits, write_gate, top_k)
+    idx, wts = route_torch(route_logits, write_gate, top_k, dtype=dt)
     w = dense_weights(idx, wts, S)  # [B, T, H, S]
     qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
     Ks, Vs, pos = initial_slots(initial_state, B, H, S, K, V, dt, q.device)

@@ -1,7 +1,7 @@
 """The chunk-parallel NSTM forward in Triton (spec §4).
 
 Within a chunk of tokens the slot update is linear in the state entering the chunk. With
-``lw[t, i] = log(1 - w[t, i])`` (w clamped to ``1 - eps``, as ``routing.log_retain``) and
+``lw[t, i] = log(1 - w[t, i])`` (``utils.log_retain``: -FULL for a full write, w = 1) and
 ``lc = cumsum_t lw`` inside the chunk:
 
     K̂_t[i] = exp(lc[t, i]) K̂_in[i] + sum_{s <= t} w[s, i] exp(lc[t, i] - lc[s, i]) k_s     (V̂ alike)
@@ -47,7 +47,7 @@ from .utils import advance, chunk_meta, chunk_starts, dense_weights, log_retain,
 
 @triton.jit
 def _chunk_nstm_fwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_ptr,
-                             bk_ptr, bv_ptr, fk_ptr, fv_ptr, wq_ptr, wk_ptr, wv_ptr, mix_ptr,
+                             bk_ptr, bv_ptr, fk_ptr, fv_ptr, wq_ptr, wk_ptr, mix_ptr,
                              T, H, S, K, V, NC, pos_mod, C, qk_scale,
                              TOP_K: tl.constexpr, HAS_S2S: tl.constexpr, EPS: tl.constexpr,
                              BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -81,7 +81,7 @@ def _chunk_nstm_fwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_p
         Ks, Vs = advance(Ks, Vs, W, lw, lc, kc, vc, PREC)
         if HAS_S2S:
             if (pos_mod + t1) % C == 0:   # the chunk's last token ends a period
-                Vs = s2s_forward_tile(Vs, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V, qk_scale, PREC)
+                Vs = s2s_forward_tile(Vs, wq_ptr, wk_ptr, mix, h, S, V, qk_scale, PREC)
         c += 1
     tl.store(fk_ptr + pid64 * S * K + sk_off, Ks.to(fk_ptr.dtype.element_ty), mask=mk)
     tl.store(fv_ptr + pid64 * S * V + sv_off, Vs.to(fv_ptr.dtype.element_ty), mask=mv)
@@ -138,7 +138,7 @@ def _chunk_nstm_fwd_kernel_o(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, seg_ptr, bk_pt
         u += SUB
 
 
-def chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, wv, mix, top_k, pos, comm_every, scale,
+def chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, mix, top_k, pos, comm_every, scale,
                   prec: str):
     """Launch the two chunk passes. ``q, k, v`` contiguous ``[B, T, H, *]`` (any float dtype),
     ``w, idx [B, T, H, top_k]`` from the routing kernel, ``k0, v0`` the entry state in the compute
@@ -167,7 +167,7 @@ def chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, wv, mix, top_k, pos, comm_eve
     C = comm_every
     _chunk_nstm_fwd_kernel_h[(B * H,)](
         k, v, idx, w, k0, v0, seg, bk, bv, fk, fv,
-        wq if has_s2s else dummy, wk if has_s2s else dummy, wv if has_s2s else dummy,
+        wq if has_s2s else dummy, wk if has_s2s else dummy,
         mix if has_s2s else dummy,
         T, H, S, K, V, NC, pos % C, C, 1.0 / math.sqrt(V),
         HAS_S2S=has_s2s, BLOCK_L=L, num_warps=state_warps(BS, max(BK, BV)), **meta)

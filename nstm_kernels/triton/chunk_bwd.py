@@ -219,8 +219,8 @@ def _chunk_bwd_kernel_c(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk
 
 @triton.jit
 def _chunk_bwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, seg_ptr, bk_ptr, bv_ptr, dkf_ptr, dvf_ptr,
-                        ak_ptr, av_ptr, dk0_ptr, dv0_ptr, wq_ptr, wk_ptr, wv_ptr, mix_ptr,
-                        dwq_ptr, dwk_ptr, dwv_ptr, dmix_ptr,
+                        ak_ptr, av_ptr, dk0_ptr, dv0_ptr, wq_ptr, wk_ptr, mix_ptr,
+                        dwq_ptr, dwk_ptr, dmix_ptr,
                         T, H, S, K, V, NC, pos_mod, C, qk_scale,
                         TOP_K: tl.constexpr, HAS_S2S: tl.constexpr, EPS: tl.constexpr,
                         SUB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -265,9 +265,9 @@ def _chunk_bwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, seg_ptr, bk_ptr, bv_ptr, d
                                               K, V, m, tl.minimum(t1 - m, SUB), TOP_K, EPS, SUB,
                                               BLOCK_S, BLOCK_K, BLOCK_V, DT, PREC)
                     m += SUB
-                dV, dm = s2s_backward_tile(Vs, dV, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V,
+                dV, dm = s2s_backward_tile(Vs, dV, wq_ptr, wk_ptr, mix, h, S, V,
                                            qk_scale, dwq_ptr + pid64 * V * V,
-                                           dwk_ptr + pid64 * V * V, dwv_ptr + pid64 * V * V,
+                                           dwk_ptr + pid64 * V * V,
                                            PREC)
                 dmix += dm
         lK = tl.load(ak_ptr + bo * K + sk_off, mask=mk, other=0.0).to(DT)

@@ -23,6 +23,7 @@ import torch
 from .. import settings
 from ..state import NSTMState, S2SParams
 from ..utils import compute_dtype
+from ..varlen import loop_segments, needs_segments
 from .chunk import chunk_forward
 from .chunk_bwd import chunk_backward
 from .recurrent import NSTMRecurrentFunction, recurrent_backward
@@ -41,12 +42,12 @@ class NSTMChunkFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, w, k0, v0, wq, wk, wv, mix, idx, top_k, pos, comm_every, scale,
+    def forward(ctx, q, k, v, w, k0, v0, wq, wk, mix, idx, top_k, pos, comm_every, scale,
                 store, opts):
-        o, fk, fv, seg, bk, bv, lmax = chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, wv, mix,
+        o, fk, fv, seg, bk, bv, lmax = chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, mix,
                                                      top_k, pos, comm_every, scale, opts[1])
         if store:
-            ctx.save_for_backward(q, k, v, w, idx, seg, bk, bv, wq, wk, wv, mix)
+            ctx.save_for_backward(q, k, v, w, idx, seg, bk, bv, wq, wk, mix)
             ctx.cfg = (top_k, pos, comm_every, scale, k0.shape[2], lmax)
         ctx.stored = store
         ctx.opts = opts
@@ -63,7 +64,7 @@ def triton_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2S
                 comm_every: int = 64, initial_state: Optional[NSTMState] = None,
                 output_final_state: bool = False, scale: Optional[float] = None,
                 forward: Optional[str] = None, backward: Optional[str] = None,
-                dot_precision: Optional[str] = None):
+                dot_precision: Optional[str] = None, cu_seqlens=None):
     """The NSTM operator in Triton; same signature and results as ``naive_recurrent_nstm``
     (without ``return_maps``). Differentiable wrt q, k, v, route_logits, write_gate, the initial
     state and every field of ``s2s``.
@@ -77,7 +78,13 @@ def triton_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2S
         dot_precision: fp32 ``tl.dot`` precision, "ieee", "tf32" or "tf32x3"; None reads
             ``NSTM_TRITON_DOT``, else "tf32x3" for the recurrent kernels and "ieee" for the chunk
             passes (``utils.resolve_dot_precision``).
+        cu_seqlens: a packed batch; with it, or with per-row positions, the kernels run once per
+            sequence for now (``varlen.loop_segments``; a single varlen launch is still to do).
     """
+    if needs_segments(initial_state, cu_seqlens):
+        return loop_segments(triton_nstm, q, k, v, route_logits, write_gate, top_k, s2s, comm_every,
+                             initial_state, output_final_state, scale, cu_seqlens, forward=forward,
+                             backward=backward, dot_precision=dot_precision)
     fwd = settings.triton_forward(forward)
     bwd = settings.triton_backward(backward) if fwd == "chunk" else "recurrent"
     B, T, H, K = q.shape
@@ -96,14 +103,14 @@ def triton_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2S
         k0 = torch.zeros(B, H, S, K, dtype=dt, device=dev)
         v0 = torch.zeros(B, H, S, V, dtype=dt, device=dev)
     if s2s is not None:
-        wq, wk, wv, mix = pack_weights(s2s, dt)
+        wq, wk, mix = pack_weights(s2s, dt)
     else:
-        wq = wk = wv = mix = None
-    tensors = [q, k, v, w, k0, v0] + ([wq, wk, wv, mix] if s2s is not None else [])
+        wq = wk = mix = None
+    tensors = [q, k, v, w, k0, v0] + ([wq, wk, mix] if s2s is not None else [])
     store = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     fn = NSTMChunkFunction if fwd == "chunk" else NSTMRecurrentFunction
     o, fk, fv = fn.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), w, k0, v0, wq, wk, wv, mix, idx,
+        q.contiguous(), k.contiguous(), v.contiguous(), w, k0, v0, wq, wk, mix, idx,
         top_k, pos, comm_every, scale, store, opts)
     final = NSTMState(fk, fv, pos + T) if output_final_state else None
     return o, final

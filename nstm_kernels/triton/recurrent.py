@@ -55,7 +55,7 @@ def _token_routing(idx_ptr, w_ptr, tok, rs, TOP_K: tl.constexpr, BLOCK_TK: tl.co
 
 @triton.jit
 def _nstm_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_ptr,
-                     o_ptr, bk_ptr, bv_ptr, fk_ptr, fv_ptr, wq_ptr, wk_ptr, wv_ptr, mix_ptr,
+                     o_ptr, bk_ptr, bv_ptr, fk_ptr, fv_ptr, wq_ptr, wk_ptr, mix_ptr,
                      T, H, S, K, V, NS, pos_mod, C, scale, qk_scale,
                      TOP_K: tl.constexpr, HAS_INIT: tl.constexpr, HAS_S2S: tl.constexpr,
                      STORE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -100,7 +100,7 @@ def _nstm_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_pt
             t += 1
         if HAS_S2S:
             if (pos_mod + t1) % C == 0:   # the segment's last token ends a period
-                Vs = s2s_forward_tile(Vs, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V, qk_scale, PREC)
+                Vs = s2s_forward_tile(Vs, wq_ptr, wk_ptr, mix, h, S, V, qk_scale, PREC)
         sg += 1
     tl.store(fk_ptr + pid64 * S * K + sk_off, Ks.to(fk_ptr.dtype.element_ty), mask=mk)
     tl.store(fv_ptr + pid64 * S * V + sv_off, Vs.to(fv_ptr.dtype.element_ty), mask=mv)
@@ -108,9 +108,9 @@ def _nstm_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_pt
 
 @triton.jit
 def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk_ptr, bv_ptr,
-                     dkf_ptr, dvf_ptr, sck_ptr, scv_ptr, wq_ptr, wk_ptr, wv_ptr, mix_ptr,
+                     dkf_ptr, dvf_ptr, sck_ptr, scv_ptr, wq_ptr, wk_ptr, mix_ptr,
                      dq_ptr, dk_ptr, dv_ptr, dw_ptr, dk0_ptr, dv0_ptr,
-                     dwq_ptr, dwk_ptr, dwv_ptr, dmix_ptr,
+                     dwq_ptr, dwk_ptr, dmix_ptr,
                      T, H, S, K, V, NS, LMAX, pos_mod, C, scale, qk_scale,
                      TOP_K: tl.constexpr, HAS_S2S: tl.constexpr,
                      BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -154,9 +154,9 @@ def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk_pt
             t += 1
         if HAS_S2S:
             if (pos_mod + t1) % C == 0:
-                dV, dm = s2s_backward_tile(Vs, dV, wq_ptr, wk_ptr, wv_ptr, mix, h, S, V,
+                dV, dm = s2s_backward_tile(Vs, dV, wq_ptr, wk_ptr, mix, h, S, V,
                                            qk_scale, dwq_ptr + pid64 * V * V,
-                                           dwk_ptr + pid64 * V * V, dwv_ptr + pid64 * V * V,
+                                           dwk_ptr + pid64 * V * V,
                                            PREC)
                 dmix += dm
         tl.debug_barrier()  # the scratch rows stored above are visible to every thread
@@ -205,7 +205,7 @@ def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk_pt
 
 
 class NSTMRecurrentFunction(torch.autograd.Function):
-    """``(q, k, v, weights, k0, v0, w_q, w_k, w_v, mix) -> (o, final K̂, final V̂)``.
+    """``(q, k, v, weights, k0, v0, w_q, w_k, mix) -> (o, final K̂, final V̂)``.
 
     ``k0``/``v0`` (the state before the first token, compute dtype) are always tensors (zeros when
     the caller has no state); ``w_q .. mix`` are None without s2s. ``idx`` (the routed slots),
@@ -215,7 +215,7 @@ class NSTMRecurrentFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, w, k0, v0, wq, wk, wv, mix, idx, top_k, pos, comm_every, scale,
+    def forward(ctx, q, k, v, w, k0, v0, wq, wk, mix, idx, top_k, pos, comm_every, scale,
                 store, opts):
         B, T, H, K = q.shape
         V, S = v.shape[-1], k0.shape[2]
@@ -239,12 +239,12 @@ class NSTMRecurrentFunction(torch.autograd.Function):
         _nstm_fwd_kernel[(B * H,)](
             q, k, v, idx, w, k0, v0,
             seg, o, bk, bv, fk, fv,
-            wq if has_s2s else dummy, wk if has_s2s else dummy, wv if has_s2s else dummy,
+            wq if has_s2s else dummy, wk if has_s2s else dummy,
             mix if has_s2s else dummy,
             T, H, S, K, V, NS, pos % C, C, scale, 1.0 / math.sqrt(V),
             HAS_INIT=True, HAS_S2S=has_s2s, STORE=store, **meta)
         if store:
-            ctx.save_for_backward(q, k, v, w, idx, seg, bk, bv, wq, wk, wv, mix)
+            ctx.save_for_backward(q, k, v, w, idx, seg, bk, bv, wq, wk, mix)
             ctx.cfg = (top_k, pos, comm_every, scale, S,
                        max(b - a for a, b in zip(starts[:-1], starts[1:])))
         ctx.stored = store

@@ -21,11 +21,15 @@ def _topk_rows(x, offs, S, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
     ignored; ``offs`` = ``tl.arange(0, BLOCK_S)``).
 
     Returns ``(vals, idx)``, both ``[BLOCK_N, BLOCK_K]`` (idx int32), in descending order of value;
-    ties go to the lowest index; columns ``>= TOP_K`` are -inf / 0.
+    ties go to the lowest index; columns ``>= TOP_K`` are -inf / 0. A row with a NaN logit selects
+    it first and returns NaN values (its weights become NaN, as in the PyTorch paths).
     """
     BLOCK_S: tl.constexpr = x.shape[1]
     kk = tl.arange(0, BLOCK_K)[None, :]
     cols = offs[None, :]
+    isnan = (x != x) & (cols < S)
+    row_nan = tl.max(isnan.to(tl.int32), axis=1)[:, None] > 0
+    x = tl.where(isnan, float("inf"), x)          # a NaN ranks first (as in torch.sort) ...
     taken = tl.broadcast_to(cols >= S, [x.shape[0], BLOCK_S])   # loop-carried: full shape
     vals = tl.full([x.shape[0], BLOCK_K], float("-inf"), x.dtype)
     idx = tl.zeros([x.shape[0], BLOCK_K], tl.int32)
@@ -33,11 +37,11 @@ def _topk_rows(x, offs, S, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
         xm = tl.where(taken, float("-inf"), x)
         m = tl.max(xm, axis=1)[:, None]
         i = tl.min(tl.where((~taken) & (xm == m), cols, BLOCK_S), axis=1)[:, None]
-        i = tl.minimum(i, S - 1)   # only NaN logits leave no candidate; stay in bounds
+        i = tl.minimum(i, S - 1)   # stay in bounds
         taken = taken | (cols == i)
         vals = tl.where(kk == j, m, vals)
         idx = tl.where(kk == j, i, idx)
-    return vals, idx
+    return tl.where(row_nan, float("nan"), vals), idx   # ... and makes the token's weights NaN
 
 
 @triton.jit

@@ -128,13 +128,21 @@ def dense_weights(idx_ptr, w_ptr, tok, rmask, BLOCK_S: tl.constexpr, TOP_K: tl.c
 
 @triton.jit
 def log_retain(W, EPS: tl.constexpr):
-    """``log(1 - min(w, 1 - eps))``, accurate for small w too (log1p through ``log(u) x / (u - 1)``
-    with ``u = 1 + x`` rounded, Goldberg's trick), exactly 0 at w = 0, finite at w = 1."""
+    """``log(1 - w)``, accurate for small w too (log1p through ``log(u) x / (u - 1)`` with
+    ``u = 1 + x`` rounded, Goldberg's trick), exactly 0 at w = 0.
+
+    A full write (w = 1 exactly) gets ``-FULL`` with FULL = 110 (fp32) or 750 (fp64): finite, so
+    differences of cumulative sums never meet inf - inf, and large enough that every decay across
+    it, ``exp(<= -FULL)``, underflows to exactly 0: the slot is replaced, nothing of the old content
+    survives. (The price: decays between two later tokens of the same chunk carry the rounding of
+    a sum near -FULL, about 1e-5 relative in fp32.) Below 1, w is clamped to ``1 - eps``."""
+    FULL: tl.constexpr = 750.0 if W.dtype == tl.float64 else 110.0
     eps = tl.full([], EPS, W.dtype)
     x = -tl.minimum(W, 1.0 - eps)
     u = 1.0 + x
     den = tl.where(u == 1.0, 1.0, u - 1.0)
-    return tl.where(u == 1.0, x, tl.log(u) * (x / den))
+    lw = tl.where(u == 1.0, x, tl.log(u) * (x / den))
+    return tl.where(W >= 1.0, -FULL, lw)
 
 
 @triton.jit
@@ -190,7 +198,7 @@ def backward_setup(ctx, do, dkf, dvf) -> SimpleNamespace:
     an unused final state), and the gradient buffers they fill."""
     if not ctx.stored:
         raise RuntimeError("triton_nstm: the forward ran without grad; no states were stored")
-    q, k, v, w, idx, seg, bk, bv, wq, wk, wv, mix = ctx.saved_tensors
+    q, k, v, w, idx, seg, bk, bv, wq, wk, mix = ctx.saved_tensors
     top_k, pos, C, scale, S, lmax = ctx.cfg
     seq_prec, chunk_prec, _ = ctx.opts
     B, T, H, K = q.shape
@@ -201,11 +209,11 @@ def backward_setup(ctx, do, dkf, dvf) -> SimpleNamespace:
     dvf = torch.zeros(B, H, S, V, dtype=dt, device=dev) if dvf is None else dvf.contiguous().to(dt)
     dk0 = torch.empty(B, H, S, K, dtype=dt, device=dev)
     if has_s2s:
-        dws = [torch.zeros(B, H, V, V, dtype=dt, device=dev) for _ in range(3)]
+        dws = [torch.zeros(B, H, V, V, dtype=dt, device=dev) for _ in range(2)]
         dmix = torch.zeros(B, H, dtype=dt, device=dev)
-        s2s_args = (wq, wk, wv, mix)
+        s2s_args = (wq, wk, mix)
     else:   # placeholders the kernels never touch (HAS_S2S=False)
-        dws, dmix, s2s_args = [dk0, dk0, dk0], dk0, (dk0,) * 4
+        dws, dmix, s2s_args = [dk0, dk0], dk0, (dk0,) * 3
     return SimpleNamespace(
         q=q, k=k, v=v, w=w, idx=idx, seg=seg, bk=bk, bv=bv, s2s_args=s2s_args, has_s2s=has_s2s,
         top_k=top_k, pos=pos, C=C, scale=scale, lmax=lmax, B=B, T=T, H=H, S=S, K=K, V=V, dt=dt,
@@ -218,8 +226,8 @@ def backward_setup(ctx, do, dkf, dvf) -> SimpleNamespace:
 def backward_result(g: SimpleNamespace) -> tuple:
     """The gradient tuple of the sequence Functions' ``forward`` arguments."""
     if g.has_s2s:
-        g_s2s = (g.dws[0].sum(0), g.dws[1].sum(0), g.dws[2].sum(0), g.dmix.sum(0))
+        g_s2s = (g.dws[0].sum(0), g.dws[1].sum(0), g.dmix.sum(0))
     else:
-        g_s2s = (None, None, None, None)
+        g_s2s = (None, None, None)
     # no gradients for the constants: idx, top_k, pos, comm_every, scale, store, opts
     return (g.dq, g.dk, g.dv, g.dw, g.dk0, g.dv0, *g_s2s) + (None,) * 7
