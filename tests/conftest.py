@@ -1,15 +1,14 @@
-"""Test setup: tests import their helpers by name, and fresh allocations in our code start as NaN.
+"""Test setup: fresh allocations in our code start as NaN.
+
+The tests are a package that mirrors the code (``tests/ops``, ``tests/layers``, ``tests/models``,
+``tests/train``, ``tests/tools``); shared helpers are imported as ``tests.helpers`` (pytest puts
+the repository root on ``sys.path`` because ``tests/`` has an ``__init__.py``).
 
 Filling torch.empty / empty_like with NaN (as fla's conftest does) makes a path that forgets to
 write an element fail loudly instead of passing on leftover zeros.
 """
-import os
-import sys
-
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))
 
 _empty, _empty_like = torch.empty, torch.empty_like
 

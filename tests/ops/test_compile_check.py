@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO_ROOT as ROOT
 TOOL = os.path.join(ROOT, "bench", "compile_check.py")
 
 

@@ -22,7 +22,7 @@ from nstm_kernels.reference import naive_recurrent_nstm  # noqa: E402
 from nstm_kernels.triton import chunk_bwd, triton_nstm  # noqa: E402
 from nstm_kernels.triton.chunk import backward_kind  # noqa: E402
 
-from test_triton_chunk import _grads, check, make_inputs  # noqa: E402
+from tests.ops.test_triton_chunk import _grads, check, make_inputs  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
 
