@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
 
 from nstm_kernels import NSTMState, S2SParams
+
+# the repository root (bench/, csrc/, nstm_kernels/ are found from here)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Inputs(NamedTuple):

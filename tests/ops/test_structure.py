@@ -13,7 +13,7 @@ import torch
 import nstm_kernels
 from nstm_kernels import dispatch, nstm_attention, settings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKAGES = ("nstm_kernels", "nstm")
 
 

@@ -44,7 +44,7 @@ def test_demo_runs_and_writes_outputs(tmp_path):
 
 
 def test_cpu_bench_checks_then_times(tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
     import cpu_paths
     out = tmp_path / "rows.json"
     rows = cpu_paths.main(["--T", "40", "--B", "1", "--H", "2", "--D", "8", "--top-k", "2", "--C", "16",
@@ -54,7 +54,7 @@ def test_cpu_bench_checks_then_times(tmp_path):
 
 
 def test_operator_sweep_on_cpu_writes_table_json_and_plot(tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
     import sweep
     rows = sweep.main(["--device", "cpu", "--T", "32", "600", "--reps", "1", "--no-progress",
                        "--out", str(tmp_path)])
@@ -76,7 +76,7 @@ def test_operator_sweep_on_cpu_writes_table_json_and_plot(tmp_path):
 
 def test_sweep_flags_a_disagreeing_path(monkeypatch):
     """A fast path that disagrees with the chunked path is reported, not timed."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
     import sweep
     real = sweep.nstm_fn
 

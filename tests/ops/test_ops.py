@@ -12,7 +12,7 @@ from nstm_kernels import NSTMState, S2SParams, nstm_attention, nstm_step, sparse
 from nstm_kernels.chunked import chunk_nstm
 from nstm_kernels.reference import naive_recurrent_nstm
 
-from helpers import grad_leaves, make_inputs, rel_err, run_with_grads
+from tests.helpers import grad_leaves, make_inputs, rel_err, run_with_grads
 
 TOL64 = 1e-9
 

@@ -24,7 +24,7 @@ from nstm_kernels import dispatch
 from nstm_kernels.chunked import recurrent_nstm_step
 from nstm_kernels.reference import naive_nstm_step
 
-from helpers import make_inputs
+from tests.helpers import make_inputs
 
 CSRC = ncuda.CSRC
 

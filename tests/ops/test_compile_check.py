@@ -2,8 +2,9 @@
 
 The interpreter tests check what the kernels compute; this checks that the same kernels get
 through Triton's GPU compiler and ptxas (block shapes, dot dims, register allocation), which the
-interpreter never exercises. It runs in a subprocess: the interpreter tests set
-``TRITON_INTERPRET=1`` in this process, and the recorder needs compiled-mode ``JITFunction``s.
+interpreter never exercises. It runs in a subprocess without ``TRITON_INTERPRET``: tests/conftest.py
+sets ``TRITON_INTERPRET=1`` in this process on a CPU-only machine, and the recorder needs
+compiled-mode ``JITFunction``s.
 """
 import glob
 import json
@@ -14,7 +15,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO_ROOT as ROOT
 TOOL = os.path.join(ROOT, "bench", "compile_check.py")
 
 

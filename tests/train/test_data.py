@@ -539,7 +539,7 @@ def test_cli_fetch_and_info(tmp_path, monkeypatch, capsys):
 def test_python_dash_m_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "nstm.data", "info", "--root", str(tmp_path),
                         "--no-verify"], capture_output=True, text=True, timeout=60,
-                       cwd=Path(__file__).resolve().parents[1])
+                       cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr
     assert "mnist        missing" in r.stdout and "nstm.data fetch" in r.stdout
 

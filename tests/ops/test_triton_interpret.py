@@ -7,24 +7,21 @@ representative subset of T in {1, 63, 130}, S in {16, 32}, K = V in {16, 32}, to
 comm_every in {16, 64}, pos in {0, 7}, with and without s2s (plus a few ragged sizes, fp64 and the
 w -> 1 edge).
 """
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported anywhere
-
 import math
 
 import pytest
+import torch
+
+from nstm_kernels import NSTMState, S2SParams, nstm_attention, nstm_step, sparse_route
+from nstm_kernels import state_attention
+from nstm_kernels.chunked import recurrent_nstm_step
+from nstm_kernels.reference import naive_recurrent_nstm
+from nstm_kernels.routing import route_torch
+from nstm_kernels.s2s import state_attention_torch
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.interpret   # CPU tensors: TRITON_INTERPRET=1 from tests/conftest.py
 
-import torch  # noqa: E402
-
-from nstm_kernels import NSTMState, S2SParams, nstm_attention, nstm_step, sparse_route  # noqa: E402
-from nstm_kernels import state_attention  # noqa: E402
-from nstm_kernels.chunked import recurrent_nstm_step  # noqa: E402
-from nstm_kernels.reference import naive_recurrent_nstm  # noqa: E402
-from nstm_kernels.routing import route_torch  # noqa: E402
-from nstm_kernels.s2s import state_attention_torch  # noqa: E402
 from nstm_kernels.triton import (triton_nstm, triton_nstm_step, triton_sparse_route,  # noqa: E402
                                  triton_state_attention)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from nstm import NSTMBlock, NSTMClassifier, NSTMLayer, NSTMLM
 from nstm.tasks import IGNORE, copy_batch, masked_accuracy, mqar_batch
 
-from helpers import rel_err
+from tests.helpers import rel_err
 
 
 def small_layer(**kw):

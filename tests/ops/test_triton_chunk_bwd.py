@@ -8,21 +8,18 @@ K = V in {16, 32}, top_k in {1, 4}, C in {16, 64}, pos in {0, 7}, s2s on/off (pl
 K != V, a period that is no multiple of the chunk, dense writes); fp64; w -> 1 and w = 0; a stream
 split in two calls passing the state on; the switch. Shapes are tiny (the interpreter is serial).
 """
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported anywhere
-
 import pytest
+import torch
+
+from nstm_kernels.reference import naive_recurrent_nstm
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.interpret   # CPU tensors: TRITON_INTERPRET=1 from tests/conftest.py
 
-import torch  # noqa: E402
-
-from nstm_kernels.reference import naive_recurrent_nstm  # noqa: E402
-from nstm_kernels.triton import chunk_bwd, ops, triton_nstm  # noqa: E402
 from nstm_kernels.settings import triton_backward as backward_kind  # noqa: E402
+from nstm_kernels.triton import chunk_bwd, ops, triton_nstm  # noqa: E402
 
-from test_triton_chunk import _grads, check, make_inputs  # noqa: E402
+from tests.ops.test_triton_chunk import _grads, check, make_inputs  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
 

@@ -349,7 +349,7 @@ def test_lr_schedule():
 
 def test_module_help_runs():
     r = subprocess.run([sys.executable, "-m", "nstm.train", "--help"], capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), timeout=120)
     assert r.returncode == 0 and "--task" in r.stdout and "shakespeare" in r.stdout
 
 

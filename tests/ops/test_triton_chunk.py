@@ -7,20 +7,17 @@ fp64; w -> 1 and w = 0 exactly; bf16 inputs; gradients through ``triton_nstm`` w
 forward feeding the reverse-segment backward; streaming; the forward switch. Shapes are tiny:
 the interpreter runs every program serially in numpy.
 """
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported anywhere
-
 import math
 
 import pytest
+import torch
+
+from nstm_kernels import NSTMState, S2SParams
+from nstm_kernels.reference import naive_recurrent_nstm
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.interpret   # CPU tensors: TRITON_INTERPRET=1 from tests/conftest.py
 
-import torch  # noqa: E402
-
-from nstm_kernels import NSTMState, S2SParams  # noqa: E402
-from nstm_kernels.reference import naive_recurrent_nstm  # noqa: E402
 from nstm_kernels.triton import triton_nstm  # noqa: E402
 from nstm_kernels.settings import triton_forward as forward_kind  # noqa: E402
 from nstm_kernels.triton.device import chunk_length  # noqa: E402

@@ -16,7 +16,7 @@ from nstm.decode import StaticDecoder
 from nstm_kernels import nstm_step_
 from nstm_kernels.chunked import recurrent_nstm_step
 
-from helpers import make_inputs
+from tests.helpers import REPO_ROOT, make_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -270,7 +270,7 @@ def _bench_models_module():
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "models.py")
+    path = os.path.join(REPO_ROOT, "bench", "models.py")
     spec = importlib.util.spec_from_file_location("bench_models_cfg", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
