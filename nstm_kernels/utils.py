@@ -97,9 +97,12 @@ def check_state(name: str, state, B: int, H: int, S: int, K: int, V: int, device
 def check_pos(name: str, pos, B: int) -> None:
     """A stream position: an int >= 0, or an int64 tensor ``[B]`` of per-row positions >= 0."""
     if isinstance(pos, torch.Tensor):
-        if pos.dtype != torch.int64 or pos.dim() != 1 or pos.shape[0] != B:
-            raise ValueError(f"{name} must be an int or an int64 tensor of shape [B = {B}] (one "
-                             f"position per row), got {pos.dtype} of shape {list(pos.shape)}")
+        if pos.dtype != torch.int64 or pos.dim() != 1:
+            raise TypeError(f"{name} must be an int or an int64 tensor of shape [B = {B}] (one "
+                            f"position per row), got {pos.dtype} of shape {list(pos.shape)}")
+        if pos.shape[0] != B:
+            raise ValueError(f"{name} must have one position per row, shape [B = {B}], got "
+                             f"{list(pos.shape)}")
         if pos.numel() and not torch.compiler.is_compiling() and int(pos.min()) < 0:
             raise ValueError(f"{name} must be >= 0, got a minimum of {int(pos.min())}")
         return

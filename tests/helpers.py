@@ -50,7 +50,7 @@ def make_inputs(B=2, T=16, H=2, K=8, V=8, S=8, *, dtype=torch.float64, s2s=True,
     p = None
     if s2s:
         p = S2SParams(rn(H, V, V, scale=V ** -0.5), rn(H, V, V, scale=V ** -0.5),
-                      rn(H, V, V, scale=V ** -0.5), (torch.full((H,), s2s_gate) + torch.randn(H, generator=g) * 0.1).to(dtype))
+                      (torch.full((H,), s2s_gate) + torch.randn(H, generator=g) * 0.1).to(dtype))
     st = NSTMState(rn(B, H, S, K), rn(B, H, S, V), pos) if state else None
     tensors = [q, k, v, logits, gate] + (list(p) if p else []) + ([st.k, st.v] if st else [])
     if requires_grad:

@@ -95,6 +95,8 @@ def triton_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2S
             resolve_dot_precision(dt, dev, chunk=True, kind=dot_precision), bwd)
     scale = K ** -0.5 if scale is None else float(scale)
     pos = 0 if initial_state is None else int(initial_state.pos)
+    if dt == torch.float64:   # float64 q, k, v: everything in float64, the routing too
+        route_logits, write_gate = route_logits.to(dt), write_gate.to(dt)
     idx, w = SparseRouteFunction.apply(route_logits.reshape(-1, S), write_gate.reshape(-1), top_k)
     idx, w = idx.view(B, T, H, top_k), w.view(B, T, H, top_k)
     if initial_state is not None:

@@ -95,6 +95,8 @@ def triton_nstm_step(q, k, v, route_logits, write_gate, top_k: int, s2s: Optiona
     dev = q.device
     with torch.no_grad():
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if dt == torch.float64:   # float64 q, k, v: the routing in float64 too
+            route_logits, write_gate = route_logits.to(dt), write_gate.to(dt)
         logits, gate = route_logits.contiguous(), write_gate.contiguous()
         if state is not None:
             sk, sv = state.k.contiguous(), state.v.contiguous()

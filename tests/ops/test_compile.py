@@ -19,7 +19,7 @@ def _inputs(dtype=torch.float32, s2s=True, state=True, seed=0):
 
     ins = dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, V), route_logits=r(B, T, H, S),
                write_gate=r(B, T, H))
-    ins["s2s"] = S2SParams(r(H, V, V), r(H, V, V), r(H, V, V), r(H)) if s2s else None
+    ins["s2s"] = S2SParams(r(H, V, V), r(H, V, V), r(H)) if s2s else None
     ins["initial_state"] = NSTMState(r(B, H, S, K), r(B, H, S, V), 5) if state else None
     return ins
 
@@ -65,7 +65,7 @@ def test_custom_op_passes_opcheck():
             *s2s, 3, 16, 5, K ** -0.5, "chunked")
     torch.library.opcheck(attention_op, args)
     no_opt = (ins["q"], ins["k"], ins["v"], ins["route_logits"], ins["write_gate"],
-              None, None, None, None, None, None, 2, 7, 0, 0.3, "chunked")
+              None, None, None, None, None, 2, 7, 0, 0.3, "chunked")
     torch.library.opcheck(attention_op, no_opt)
 
 

@@ -164,7 +164,7 @@ def emu_step_(lib, q, k, v, lg, g, top_k, s2s, C, sk, sv, pos, scale=None):
     B, H, K = q.shape
     V, S = v.shape[-1], lg.shape[-1]
     ins = [t.float().contiguous() for t in (q, k, v, lg, g)]
-    ws = [None] * 4 if s2s is None else [t.float().contiguous() for t in s2s]
+    ws = [None] * 3 if s2s is None else [t.float().contiguous() for t in s2s]
     o = torch.empty(B, H, V)
     ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
     pos_dev = pos if isinstance(pos, torch.Tensor) else None
@@ -219,7 +219,7 @@ class EmuExt:
     def __init__(self, lib):
         self.lib, self.calls = lib, 0
 
-    def nstm_step_(self, q, k, v, logits, gate, state_k, state_v, o, w_q, w_k, w_v, s2s_gate,
+    def nstm_step_(self, q, k, v, logits, gate, state_k, state_v, o, w_q, w_k, s2s_gate,
                    pos_dev, pos_host, top_k, comm_every, scale):
         self.calls += 1
         for t in (q, k, v, logits, gate, state_k, state_v, o):
@@ -227,7 +227,7 @@ class EmuExt:
         B, H, K = q.shape
         ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
         rc = self.lib.nstm_step_emu(ptr(q), ptr(k), ptr(v), ptr(logits), ptr(gate), ptr(state_k),
-                                    ptr(state_v), ptr(o), ptr(w_q), ptr(w_k), ptr(w_v), ptr(s2s_gate),
+                                    ptr(state_v), ptr(o), ptr(w_q), ptr(w_k), ptr(s2s_gate),
                                     ptr(pos_dev), ctypes.c_int64(pos_host), ctypes.c_int64(comm_every),
                                     B, H, logits.shape[-1], K, v.shape[-1], top_k, ctypes.c_float(scale))
         assert rc == 0
@@ -351,7 +351,7 @@ def test_cuda_long_decode_loop_in_place(dtype):
     _need_kernel()
     B, H, K, S, top_k, C = 2, 4, 64, 64, 8, 64
     (q, k, v, lg, g), p, st = step_inputs(B=B, H=H, K=K, V=K, S=S, dtype=dtype, device="cuda")
-    p = S2SParams(p.w_q, p.w_k, p.w_v, torch.full((H,), 0.3, device="cuda"))
+    p = S2SParams(p.w_q, p.w_k, torch.full((H,), 0.3, device="cuda"))
     sk, sv = st.k.clone(), st.v.clone()
     pos = torch.zeros(1, dtype=torch.int64, device="cuda")
     ref = st

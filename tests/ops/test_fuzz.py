@@ -76,9 +76,10 @@ def test_a_full_write_replaces_the_slot_exactly(backend, dtype, request):
     st = NSTMState(old.clone(), old.clone(), 0)
     o, fin = nstm_attention(q, k, v, torch.zeros(1, 3, 1, 1), torch.full((1, 3, 1), math.inf), 1,
                             initial_state=st, output_final_state=True, backend=backend)
-    assert torch.equal(fin.v, v[:, -1].float().reshape(1, 1, 1, 4)) if dtype != torch.float64 else \
-        torch.equal(fin.v, v[:, -1].reshape(1, 1, 1, 4))
-    assert torch.equal(fin.k.to(dtype), k[:, -1].reshape(1, 1, 1, 4))
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert fin.v.dtype == state_dtype
+    assert torch.equal(fin.v, v[:, -1].to(state_dtype).reshape(1, 1, 1, 4))
+    assert torch.equal(fin.k, k[:, -1].to(state_dtype).reshape(1, 1, 1, 4))
     # gate 17: sigmoid rounds to 1 in fp32, top_k = 1 -> w = 1: the step and the sequence agree
     _, s1 = nstm_step(q[:, 0], k[:, 0], v[:, 0], torch.zeros(1, 1, 1), torch.full((1, 1), 17.0), 1,
                       None, 64, st, backend=backend)

@@ -41,7 +41,7 @@ def chunk_bwd_on(monkeypatch):
 
 def _names(use_s2s):
     names = ["q", "k", "v", "route_logits", "write_gate", "initial_state.k", "initial_state.v"]
-    return names + (["w_q", "w_k", "w_v", "gate"] if use_s2s else [])
+    return names + (["w_q", "w_k", "gate"] if use_s2s else [])
 
 
 def compare_grads(args, top_k, C, tol, calls):

@@ -24,7 +24,7 @@ SIZES = dict(B=B, T=T, H=H, K=K, V=V, S=S)
 INT_DTYPES = [torch.int64, torch.int32, torch.bool]
 
 # layouts (one letter per dim) of every tensor argument, per function; dotted names are fields
-S2S_LAYOUT = {"s2s.w_q": "HVV", "s2s.w_k": "HVV", "s2s.w_v": "HVV", "s2s.gate": "H"}
+S2S_LAYOUT = {"s2s.w_q": "HVV", "s2s.w_k": "HVV", "s2s.gate": "H"}
 ATTN_LAYOUT = {"q": "BTHK", "k": "BTHK", "v": "BTHV", "route_logits": "BTHS", "write_gate": "BTH",
                "initial_state.k": "BHSK", "initial_state.v": "BHSV", **S2S_LAYOUT}
 STEP_LAYOUT = {"q": "BHK", "k": "BHK", "v": "BHV", "route_logits": "BHS", "write_gate": "BH",
@@ -54,7 +54,7 @@ def rand(layout: str, dtype=torch.float32, bump: str = "") -> torch.Tensor:
 
 
 def make_s2s() -> S2SParams:
-    return S2SParams(rand("HVV") * 0.3, rand("HVV") * 0.3, rand("HVV") * 0.3, rand("H"))
+    return S2SParams(rand("HVV") * 0.3, rand("HVV") * 0.3, rand("H"))
 
 
 def make_state() -> NSTMState:
@@ -156,8 +156,8 @@ BAD_BACKENDS = ["bogus", "Triton", "CHUNKED", "naive", ""]
 BAD_ENV_BACKENDS = ["bogus", "Triton", "naive"]
 S2S_BAD_SHAPES = [("s2s.w_q", (H + 1, V, V)), ("s2s.w_q", (H, V + 1, V)),
                   ("s2s.w_q", (H, V, V + 1)), ("s2s.w_k", (H, V + 1, V)),
-                  ("s2s.w_v", (H + 1, V, V))]
-S2S_BAD_SHAPE_IDS = ["w_q-H", "w_q-V_in", "w_q-V_out", "w_k-V", "w_v-H"]
+                  ("s2s.w_k", (H + 1, V, V))]
+S2S_BAD_SHAPE_IDS = ["w_q-H", "w_q-V_in", "w_q-V_out", "w_k-V", "w_k-H"]
 GATE_BAD_SHAPES = [(H + 1,), (H, 1), (1, H), ()]
 
 
@@ -774,7 +774,7 @@ def test_state_attention_unknown_backend_env(monkeypatch, backend):
 
 
 @pytest.mark.parametrize("over", [{"backend": "bogus"}, {"s2s.gate": torch.randn(H, 1)},
-                                  {"s2s.w_v": rand("HVV").to(torch.int64)}],
+                                  {"s2s.w_k": rand("HVV").to(torch.int64)}],
                          ids=lambda o: next(iter(o)))
 def test_state_attention_failed_call_leaves_inputs_unchanged(over):
     args = sa_args()
