@@ -9,10 +9,11 @@ state entering the chunk is computed for all chunks at once:
 s <= t *before* the exp, so nothing is ever divided by a cumulative product and w = 0 or w -> 1 stay
 finite. A write with w = 1 exactly (``routing.log_retain``'s ``full``) cuts every decay across it
 to exactly 0, so it replaces the slot as the token-by-token form does; the masks are applied
-before any product, so a NaN at token s never reaches an output before s. Only the hand-off of the slot state from one chunk to the next is sequential; the
-state-to-state attention runs there, at every period end. Chunks are laid out on absolute stream
-positions, so that every period end (tau + 1) % C == 0 falls on a chunk end; padding tokens write
-nothing (w = 0) and their outputs are dropped.
+before any product, so a NaN at token s never reaches an output before s. Only the hand-off of
+the slot state from one chunk to the next is sequential; the state-to-state attention runs
+there, at every period end. Chunks are laid out on absolute stream positions (``ChunkLayout``),
+so that every period end (tau + 1) % C == 0 falls on a block end; padding tokens write nothing
+(w = 0) and their outputs are dropped.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ class ChunkLayout:
             L = min(chunk, max(length for _, length, _ in segs))
             n = min(BLOCK_CHUNKS, math.ceil(max(length for _, length, _ in segs) / L))
         parts, offset = [], 0                             # offset: blocks before this segment
-        for i, (start, length, p0) in enumerate(segs):
+        for i, (_, length, p0) in enumerate(segs):
             tau = torch.arange(p0, p0 + length)
             if has_s2s:
                 def block_of(t):                          # block index of absolute position t

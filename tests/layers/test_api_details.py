@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import nstm
-from nstm import (LayerOutput, LMOutput, NSTMBlock, NSTMConfig, NSTMLayer, NSTMLayerState, NSTMLM,
-                  detach_state)
+from nstm import NSTMLM, LayerOutput, LMOutput, NSTMBlock, NSTMConfig, NSTMLayer, NSTMLayerState, detach_state
 from nstm_kernels import nstm_attention
 
 

@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nstm import NSTMBlock, NSTMClassifier, NSTMLayer, NSTMLM
+from nstm import NSTMLM, NSTMBlock, NSTMClassifier, NSTMLayer
 from nstm.tasks import IGNORE, copy_batch, masked_accuracy, mqar_batch
-
 from tests.helpers import rel_err
 
 

@@ -3,9 +3,16 @@ positions are relative, parameter matching, classifier padding."""
 import pytest
 import torch
 
-from nstm import NSTMClassifier, NSTMLM
-from nstm.baseline import (KVCache, TransformerClassifier, TransformerLM, apply_rotary,
-                           count_parameters, matched_transformer_config, rotary_cos_sin)
+from nstm import NSTMLM, NSTMClassifier
+from nstm.baseline import (
+    KVCache,
+    TransformerClassifier,
+    TransformerLM,
+    apply_rotary,
+    count_parameters,
+    matched_transformer_config,
+    rotary_cos_sin,
+)
 
 
 def tiny_lm(**kw):

@@ -15,7 +15,6 @@ from nstm import NSTMLM
 from nstm.decode import StaticDecoder
 from nstm_kernels import nstm_step_
 from nstm_kernels.chunked import recurrent_nstm_step
-
 from tests.helpers import REPO_ROOT, make_inputs
 
 

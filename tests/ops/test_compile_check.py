@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from tests.helpers import REPO_ROOT as ROOT
+
 TOOL = os.path.join(ROOT, "bench", "compile_check.py")
 
 

@@ -19,11 +19,9 @@ import pytest
 import torch
 
 import nstm_kernels.cuda as ncuda
-from nstm_kernels import NSTMState, S2SParams, nstm_step
-from nstm_kernels import dispatch
+from nstm_kernels import NSTMState, S2SParams, dispatch, nstm_step
 from nstm_kernels.chunked import recurrent_nstm_step
 from nstm_kernels.reference import naive_nstm_step
-
 from tests.helpers import make_inputs
 
 CSRC = ncuda.CSRC
@@ -357,7 +355,7 @@ def test_cuda_long_decode_loop_in_place(dtype):
     ref = st
     gen = torch.Generator(device="cuda").manual_seed(0)
     worst = 0.0
-    for t in range(2000):
+    for _ in range(2000):
         q, k, v = (torch.randn(B, H, K, generator=gen, device="cuda").to(dtype) for _ in range(3))
         lg = torch.randn(B, H, S, generator=gen, device="cuda") * 2
         g = torch.randn(B, H, generator=gen, device="cuda")

@@ -17,9 +17,7 @@ import pkgutil
 import pytest
 import torch
 
-from nstm_kernels import (dispatch, nstm_attention, nstm_attention_with_maps, nstm_step, sparse_route,
-                          state_attention)
-
+from nstm_kernels import dispatch, nstm_attention, nstm_attention_with_maps, nstm_step, sparse_route, state_attention
 from tests.helpers import make_inputs
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None

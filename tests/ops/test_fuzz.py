@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from nstm_kernels import NSTMState, S2SParams, nstm_attention, nstm_step
-
 from tests.ops import fuzz
 
 CHUNKED_CASES = 300

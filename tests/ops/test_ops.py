@@ -11,7 +11,6 @@ import torch
 from nstm_kernels import NSTMState, S2SParams, nstm_attention, nstm_step, sparse_route, state_attention
 from nstm_kernels.chunked import chunk_nstm
 from nstm_kernels.reference import naive_recurrent_nstm
-
 from tests.helpers import grad_leaves, make_inputs, rel_err, run_with_grads
 
 TOL64 = 1e-9

@@ -18,8 +18,8 @@ from nstm_kernels.reference import naive_recurrent_nstm
 pytest.importorskip("triton")
 pytestmark = pytest.mark.interpret   # CPU tensors: TRITON_INTERPRET=1 from tests/conftest.py
 
-from nstm_kernels.triton import triton_nstm  # noqa: E402
 from nstm_kernels.settings import triton_forward as forward_kind  # noqa: E402
+from nstm_kernels.triton import triton_nstm  # noqa: E402
 from nstm_kernels.triton.device import chunk_length  # noqa: E402
 from nstm_kernels.triton.utils import chunk_starts  # noqa: E402
 

@@ -18,7 +18,6 @@ pytestmark = pytest.mark.interpret   # CPU tensors: TRITON_INTERPRET=1 from test
 
 from nstm_kernels.settings import triton_backward as backward_kind  # noqa: E402
 from nstm_kernels.triton import chunk_bwd, ops, triton_nstm  # noqa: E402
-
 from tests.ops.test_triton_chunk import _grads, check, make_inputs  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-9}

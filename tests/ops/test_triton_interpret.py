@@ -12,8 +12,7 @@ import math
 import pytest
 import torch
 
-from nstm_kernels import NSTMState, S2SParams, nstm_attention, nstm_step, sparse_route
-from nstm_kernels import state_attention
+from nstm_kernels import NSTMState, S2SParams, nstm_attention, nstm_step, sparse_route, state_attention
 from nstm_kernels.chunked import recurrent_nstm_step
 from nstm_kernels.reference import naive_recurrent_nstm
 from nstm_kernels.routing import route_torch
@@ -22,8 +21,7 @@ from nstm_kernels.s2s import state_attention_torch
 pytest.importorskip("triton")
 pytestmark = pytest.mark.interpret   # CPU tensors: TRITON_INTERPRET=1 from tests/conftest.py
 
-from nstm_kernels.triton import (triton_nstm, triton_nstm_step, triton_sparse_route,  # noqa: E402
-                                 triton_state_attention)
+from nstm_kernels.triton import triton_nstm, triton_nstm_step, triton_sparse_route, triton_state_attention  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 

@@ -14,8 +14,15 @@ import re
 import pytest
 import torch
 
-from nstm_kernels import (NSTMState, S2SParams, nstm_attention, nstm_attention_with_maps, nstm_step,
-                          sparse_route, state_attention)
+from nstm_kernels import (
+    NSTMState,
+    S2SParams,
+    nstm_attention,
+    nstm_attention_with_maps,
+    nstm_step,
+    sparse_route,
+    state_attention,
+)
 
 B, T, H, K, V, S = 2, 5, 3, 4, 6, 7      # all different, so that any mix-up shows
 TOP_K = 2

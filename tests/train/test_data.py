@@ -21,11 +21,24 @@ import torch
 import nstm.data as data
 import nstm.data.mnist as mnist_mod
 import nstm.data.shakespeare as shk_mod
-from nstm.data import (CharVocab, FetchError, fetch_mnist, fetch_shakespeare, load_cifar10,
-                       load_lra_listops, load_lra_pathfinder, load_lra_retrieval, load_mnist,
-                       load_shakespeare, load_wikitext2, read_idx, shakespeare_works, split_works)
-from nstm.data.wikitext import WIKITEXT_MIN_COUNT, encode_words, wikitext_words, word_vocab
+from nstm.data import (
+    CharVocab,
+    FetchError,
+    fetch_mnist,
+    fetch_shakespeare,
+    load_cifar10,
+    load_lra_listops,
+    load_lra_pathfinder,
+    load_lra_retrieval,
+    load_mnist,
+    load_shakespeare,
+    load_wikitext2,
+    read_idx,
+    shakespeare_works,
+    split_works,
+)
 from nstm.data.__main__ import main as cli_main
+from nstm.data.wikitext import WIKITEXT_MIN_COUNT, encode_words, wikitext_words, word_vocab
 from nstm.tasks import evaluate_listops, generate_listops
 
 

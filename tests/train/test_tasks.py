@@ -5,10 +5,25 @@ import numpy as np
 import pytest
 import torch
 
-from nstm.tasks import (IGNORE, LISTOPS_PAD, LISTOPS_VOCAB, PASSKEY_DIGIT0, PASSKEY_FILLER,
-                        PASSKEY_KEY, PASSKEY_QUERY, PASSKEY_VOCAB, copy_batch, detokenize_listops,
-                        evaluate_listops, generate_listops, listops_batch, mqar_batch,
-                        pad_listops, passkey_batch, tokenize_listops)
+from nstm.tasks import (
+    IGNORE,
+    LISTOPS_PAD,
+    LISTOPS_VOCAB,
+    PASSKEY_DIGIT0,
+    PASSKEY_FILLER,
+    PASSKEY_KEY,
+    PASSKEY_QUERY,
+    PASSKEY_VOCAB,
+    copy_batch,
+    detokenize_listops,
+    evaluate_listops,
+    generate_listops,
+    listops_batch,
+    mqar_batch,
+    pad_listops,
+    passkey_batch,
+    tokenize_listops,
+)
 
 
 def gen(seed=0):

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from nstm import checkpoint as ckpt_mod
-from nstm.checkpoint import (CheckpointError, check_resume_config, load_checkpoint,
-                             save_checkpoint)
+from nstm.checkpoint import CheckpointError, check_resume_config, load_checkpoint, save_checkpoint
 from nstm.tasks import registry
 from nstm.tasks.registry import build_task
 from nstm.train import lr_factor, main
@@ -242,7 +241,8 @@ def test_resume_equals_straight_run(tmp_path, model):
     assert rb["status"] == "stopped" and rb["steps_done"] == 3
     b = run(tmp_path / "b", *args, "--resume", "auto", steps=6)
     assert b["step"] == a["step"] == 6
-    ra, rb = results(tmp_path / "a", "mqar", f"{model}-d16-l1-s0"), results(tmp_path / "b", "mqar", f"{model}-d16-l1-s0")
+    name = f"{model}-d16-l1-s0"
+    ra, rb = results(tmp_path / "a", "mqar", name), results(tmp_path / "b", "mqar", name)
     assert [h["loss"] for h in ra["history"]["train"]] == [h["loss"] for h in rb["history"]["train"]]
     assert rb["resumed_at_step"] == 3
     pa = load_checkpoint(tmp_path / "a" / "mqar" / f"{model}-d16-l1-s0" / "ckpt.pt")
@@ -366,6 +366,7 @@ def test_mqar_loss_decreases(tmp_path):
 # ---- NSTMConfig through the CLI and the checkpoint ------------------------------------------------
 def test_model_flags_are_nstm_config_fields_with_aliases():
     import dataclasses
+
     from nstm.config import NSTMConfig
     from nstm.train import build_parser, nstm_config
     ap = build_parser()
