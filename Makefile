@@ -5,11 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast lint demo bench bench-gpu bench-wheels compile-check data clean help
+.PHONY: test test-fast lint fuzz demo bench bench-gpu bench-wheels compile-check data clean help
 
 help:
 	@echo "make test   - set up .venv, lint, and run the whole test suite (CPU; Triton kernels via the interpreter)"
 	@echo "make lint   - ruff (rules in pyproject.toml)"
+	@echo "make fuzz N=10000 - N random configurations of the operator against the reference (chunked; BACKEND=triton too)"
 	@echo "make demo   - train a small NSTM language model on associative recall on the CPU (<= 3 min)"
 	@echo "make bench  - operator sweep and model throughput (GPU when present, else small CPU runs)"
 	@echo "make data   - download MNIST and Shakespeare into data/ (idempotent, checksummed)"
@@ -28,6 +29,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q tests
+
+N ?= 2000
+BACKEND ?= chunked
+fuzz: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m tests.ops.fuzz --n $(N) --backend $(BACKEND)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x tests -m "not slow"

@@ -21,7 +21,7 @@ from .api import (
 from .dispatch import BACKENDS, resolve_backend
 from .state import NSTMState, S2SParams
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "nstm_attention", "nstm_step", "nstm_step_", "sparse_route", "state_attention",
