@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from nstm import NSTMBlock, NSTMClassifier, NSTMLayer, NSTMLM
 from nstm.tasks import IGNORE, copy_batch, masked_accuracy, mqar_batch
 
-from tests.helpers import rel_err
+from tests.helpers import assert_close
 
 
 def small_layer(**kw):
@@ -57,8 +57,9 @@ def test_layer_streaming_prefix_and_steps_equal_full_forward(conv_size, use_s2s)
     for t in range(14, 23):
         yt, st = layer.step(x[:, t], st)
         ys.append(yt[:, None])
-    assert rel_err(torch.cat(ys, 1), full) < 1e-10
-    assert rel_err(st.op.v, st_full.op.v) < 1e-10 and st.op.pos == 23
+    assert_close(torch.cat(ys, 1), full, name="y (prefix, chunk, steps)")     # fp64: TOL 1e-10
+    assert_close(st.op.v, st_full.op.v, name="state.v")
+    assert st.op.pos == 23
 
 
 def test_layer_init_state_equals_no_state():
