@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from nstm import NSTMLM, NSTMBlock, NSTMClassifier, NSTMLayer
 from nstm.tasks import IGNORE, copy_batch, masked_accuracy, mqar_batch
-from tests.helpers import rel_err
+from tests.helpers import assert_close
 
 
 def small_layer(**kw):
@@ -56,8 +56,9 @@ def test_layer_streaming_prefix_and_steps_equal_full_forward(conv_size, use_s2s)
     for t in range(14, 23):
         yt, st = layer.step(x[:, t], st)
         ys.append(yt[:, None])
-    assert rel_err(torch.cat(ys, 1), full) < 1e-10
-    assert rel_err(st.op.v, st_full.op.v) < 1e-10 and st.op.pos == 23
+    assert_close(torch.cat(ys, 1), full, name="y (prefix, chunk, steps)")     # fp64: TOL 1e-10
+    assert_close(st.op.v, st_full.op.v, name="state.v")
+    assert st.op.pos == 23
 
 
 def test_layer_init_state_equals_no_state():
@@ -227,20 +228,21 @@ def test_layer_constructor_errors(kwargs, match):
         small_layer(**kwargs)
 
 
-def test_layer_forward_errors_leave_input_untouched():
+@pytest.mark.parametrize("x,state,exc,match", [
+    pytest.param(lambda: torch.randn(2, 5, 31), None, ValueError, r"x must have shape \[B, T, D\]", id="x-D=31"),
+    pytest.param(lambda: torch.zeros(2, 5, 32, dtype=torch.long), None, TypeError, "floating", id="x-int64"),
+    pytest.param(lambda: torch.randn(2, 5, 32), lambda layer: (1, 2), TypeError, "NSTMLayerState",
+                 id="state-tuple"),
+    pytest.param(lambda: torch.randn(2, 5, 32), lambda layer: layer.init_state(3), ValueError, "batch",
+                 id="state-batch-3-for-2"),
+])
+def test_layer_forward_errors_leave_input_untouched(x, state, exc, match):
     layer = small_layer()
-    x = torch.randn(2, 5, 31)
+    x = x()
     x0 = x.clone()
-    with pytest.raises(ValueError, match=r"x must have shape \[B, T, D\]"):
-        layer(x)
+    with pytest.raises(exc, match=match):
+        layer(x) if state is None else layer(x, state=state(layer))
     assert torch.equal(x, x0)
-    with pytest.raises(TypeError, match="floating"):
-        layer(torch.zeros(2, 5, 32, dtype=torch.long))
-    with pytest.raises(TypeError, match="NSTMLayerState"):
-        layer(torch.randn(2, 5, 32), state=(1, 2))
-    st = layer.init_state(3)
-    with pytest.raises(ValueError, match="batch"):
-        layer(torch.randn(2, 5, 32), state=st)
 
 
 def test_tasks_generators():

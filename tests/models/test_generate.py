@@ -15,7 +15,7 @@ from nstm import NSTMLM
 from nstm.decode import StaticDecoder
 from nstm_kernels import nstm_step_
 from nstm_kernels.chunked import recurrent_nstm_step
-from tests.helpers import REPO_ROOT, make_inputs
+from tests.helpers import REPO_ROOT, as_step, make_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -134,9 +134,8 @@ def test_prefill_in_pieces_equals_one_pass():
 
 @pytest.mark.parametrize("pos", [3, torch.tensor([3])])
 def test_in_place_torch_step_equals_recurrent_step(pos):
-    inp = make_inputs(B=2, T=1, H=2, K=8, V=8, S=6, dtype=torch.float32, pos=3)
-    args = (inp.q[:, 0], inp.k[:, 0], inp.v[:, 0], inp.route_logits[:, 0], inp.write_gate[:, 0], 2,
-            inp.s2s, 4)
+    inp = as_step(make_inputs(B=2, T=1, H=2, K=8, V=8, S=6, dtype=torch.float32, pos=3))
+    args = (*inp[:5], 2, inp.s2s, 4)
     sk, sv = inp.initial_state.k.clone(), inp.initial_state.v.clone()
     o = nstm_step_(*args, sk, sv, pos)                      # pos 3 ends a period (C = 4)
     eo, es = recurrent_nstm_step(*args, inp.initial_state)

@@ -5,37 +5,26 @@ import pytest
 import torch
 
 from nstm import NSTMLM
-from nstm_kernels import NSTMState, S2SParams, nstm_attention
+from nstm_kernels import nstm_attention
 from nstm_kernels.compile import attention_op
+from tests.helpers import grad_leaves, make_inputs
 
 B, T, H, K, V, S = 2, 37, 2, 8, 8, 8
 
 
 def _inputs(dtype=torch.float32, s2s=True, state=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
-
-    ins = dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, V), route_logits=r(B, T, H, S),
-               write_gate=r(B, T, H))
-    ins["s2s"] = S2SParams(r(H, V, V), r(H, V, V), r(H)) if s2s else None
-    ins["initial_state"] = NSTMState(r(B, H, S, K), r(B, H, S, V), 5) if state else None
-    return ins
+    """Leaf inputs that take gradients; logits without a gap and s2s gates ~ N(0, 1)."""
+    return make_inputs(B=B, T=T, H=H, K=K, V=V, S=S, dtype=dtype, s2s=s2s, state=state, pos=5,
+                       gap=False, s2s_gate=None, seed=seed, requires_grad=True)
 
 
 def _leaves(ins):
-    out = [ins[n] for n in ("q", "k", "v", "route_logits", "write_gate")]
-    if ins["s2s"] is not None:
-        out += list(ins["s2s"])
-    if ins["initial_state"] is not None:
-        out += [ins["initial_state"].k, ins["initial_state"].v]
-    return out
+    return [t for _, t in grad_leaves(ins)]
 
 
 def _loss(ins, final):
-    o, st = nstm_attention(ins["q"] * 1.5, ins["k"], ins["v"], ins["route_logits"],
-                           ins["write_gate"], 3, ins["s2s"], 16, ins["initial_state"], final)
+    o, st = nstm_attention(ins.q * 1.5, ins.k, ins.v, ins.route_logits, ins.write_gate, 3, ins.s2s, 16,
+                           ins.initial_state, final)
     loss = o.sin().sum()
     if final:
         loss = loss + 0.1 * st.v.square().sum() + 0.01 * st.k.sum()
@@ -60,23 +49,19 @@ def test_compiled_operator_matches_eager(s2s, state, final):
 
 def test_custom_op_passes_opcheck():
     ins = _inputs(s2s=True, state=True, seed=1)
-    st, s2s = ins["initial_state"], ins["s2s"]
-    args = (ins["q"], ins["k"], ins["v"], ins["route_logits"], ins["write_gate"], st.k, st.v,
-            *s2s, 3, 16, 5, K ** -0.5, "chunked")
+    st, s2s = ins.initial_state, ins.s2s
+    args = (*ins[:5], st.k, st.v, *s2s, 3, 16, 5, K ** -0.5, "chunked")
     torch.library.opcheck(attention_op, args)
-    no_opt = (ins["q"], ins["k"], ins["v"], ins["route_logits"], ins["write_gate"],
-              None, None, None, None, None, 2, 7, 0, 0.3, "chunked")
+    no_opt = (*ins[:5], None, None, None, None, None, 2, 7, 0, 0.3, "chunked")
     torch.library.opcheck(attention_op, no_opt)
 
 
 def test_custom_op_backward_equals_backend_autograd():
     """The op's backward (a recompute) gives the gradients the backend's own autograd gives."""
     ins = _inputs(dtype=torch.float64, seed=2)
-    st, s2s = ins["initial_state"], ins["s2s"]
-    o, fk, fv = attention_op(ins["q"], ins["k"], ins["v"], ins["route_logits"], ins["write_gate"],
-                             st.k, st.v, *s2s, 3, 16, st.pos, K ** -0.5, "chunked")
-    want_o, want_st = nstm_attention(ins["q"], ins["k"], ins["v"], ins["route_logits"],
-                                     ins["write_gate"], 3, s2s, 16, st, True)
+    st, s2s = ins.initial_state, ins.s2s
+    o, fk, fv = attention_op(*ins[:5], st.k, st.v, *s2s, 3, 16, st.pos, K ** -0.5, "chunked")
+    want_o, want_st = nstm_attention(*ins[:5], 3, s2s, 16, st, True)
     torch.testing.assert_close(o, want_o, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fv, want_st.v, rtol=1e-12, atol=1e-12)
     leaves = _leaves(ins)

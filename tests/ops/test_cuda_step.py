@@ -22,7 +22,7 @@ import nstm_kernels.cuda as ncuda
 from nstm_kernels import NSTMState, S2SParams, dispatch, nstm_step
 from nstm_kernels.chunked import recurrent_nstm_step
 from nstm_kernels.reference import naive_nstm_step
-from tests.helpers import make_inputs
+from tests.helpers import as_step, make_inputs
 
 CSRC = ncuda.CSRC
 
@@ -38,12 +38,14 @@ def _one_thread():
 
 def step_inputs(B=2, H=2, K=16, V=16, S=8, dtype=torch.float32, s2s=True, pos=0, seed=0,
                 device="cpu"):
-    inp = make_inputs(B=B, T=1, H=H, K=K, V=V, S=S, dtype=torch.float32, s2s=s2s, pos=pos, seed=seed)
+    """One token of ``make_inputs`` (fp32) on ``device``: q, k, v in ``dtype``, the rest fp32."""
+    inp = as_step(make_inputs(B=B, T=1, H=H, K=K, V=V, S=S, dtype=torch.float32, s2s=s2s, pos=pos,
+                              seed=seed))
     to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     p = None if inp.s2s is None else S2SParams(*(t.to(device) for t in inp.s2s))
     st = NSTMState(inp.initial_state.k.to(device), inp.initial_state.v.to(device), pos)
-    return (to(inp.q[:, 0]), to(inp.k[:, 0]), to(inp.v[:, 0]), inp.route_logits[:, 0].to(device),
-            inp.write_gate[:, 0].to(device)), p, st
+    return (to(inp.q), to(inp.k), to(inp.v), inp.route_logits.to(device),
+            inp.write_gate.to(device)), p, st
 
 
 @pytest.fixture

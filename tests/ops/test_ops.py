@@ -11,9 +11,11 @@ import torch
 from nstm_kernels import NSTMState, S2SParams, nstm_attention, nstm_step, sparse_route, state_attention
 from nstm_kernels.chunked import chunk_nstm
 from nstm_kernels.reference import naive_recurrent_nstm
-from tests.helpers import grad_leaves, make_inputs, rel_err, run_with_grads
+from tests.helpers import assert_close, assert_grads_close, grad_leaves, make_inputs, run_with_grads
 
-TOL64 = 1e-9
+# The pairwise grid reaches T = 200 with an s2s step at every token (C = 1): its worst gradient
+# error is 2.5e-10 here, above the fp64 table value (1e-10), so the grid keeps 1e-9.
+GRID_TOL64 = 1e-9
 
 # ---- the grid of issue 2, covered pairwise ---------------------------------------------------------
 AXES = {
@@ -65,12 +67,11 @@ def test_chunked_matches_reference_fp64(case):
     o_r, st_r, g_r = run_with_grads(naive_recurrent_nstm, inp, top_k, case["C"])
     o_c, st_c, g_c = run_with_grads(chunk_nstm, inp, top_k, case["C"])
     assert o_c.dtype == torch.float64 and st_c.k.dtype == torch.float64
-    assert rel_err(o_c, o_r) < TOL64
-    assert rel_err(st_c.k, st_r.k) < TOL64 and rel_err(st_c.v, st_r.v) < TOL64
+    assert_close(o_c, o_r, GRID_TOL64, "o")
+    assert_close(st_c.k, st_r.k, GRID_TOL64, "final.k")
+    assert_close(st_c.v, st_r.v, GRID_TOL64, "final.v")
     assert st_c.pos == st_r.pos == case["pos"] + case["T"]
-    for name in g_r:
-        assert torch.isfinite(g_c[name]).all(), name
-        assert rel_err(g_c[name], g_r[name]) < TOL64, name
+    assert_grads_close(g_c, g_r, GRID_TOL64)
 
 
 def test_strong_s2s_at_every_token_stays_bounded_with_finite_gradients():
@@ -88,10 +89,10 @@ def test_strong_s2s_at_every_token_stays_bounded_with_finite_gradients():
     lo, hi = seen.amin(2, keepdim=True), seen.amax(2, keepdim=True)
     assert (st_r.v >= lo - 1e-12).all() and (st_r.v <= hi + 1e-12).all()
     assert (st_c.v >= lo - 1e-12).all() and (st_c.v <= hi + 1e-12).all()
-    assert rel_err(o_c, o_r) < 1e-9
+    assert_close(o_c, o_r, 1e-9, "o")
     for name in g_r:
-        assert torch.isfinite(g_r[name]).all() and torch.isfinite(g_c[name]).all(), name
-        assert rel_err(g_c[name], g_r[name]) < 1e-6, name
+        assert torch.isfinite(g_r[name]).all(), f"reference d {name}"
+    assert_grads_close(g_c, g_r, 1e-6)
 
 
 def test_grid_covers_every_value():
@@ -118,8 +119,9 @@ def test_streaming_random_splits(backend, seed):
         o, st = nstm_attention(inp.q[:, a:b], inp.k[:, a:b], inp.v[:, a:b], inp.route_logits[:, a:b],
                                inp.write_gate[:, a:b], 4, inp.s2s, C, st, True, backend=backend)
         outs.append(o)
-    assert rel_err(torch.cat(outs, 1), full) < TOL64
-    assert rel_err(st.k, st_full.k) < TOL64 and rel_err(st.v, st_full.v) < TOL64
+    assert_close(torch.cat(outs, 1), full, name="o pieces")
+    assert_close(st.k, st_full.k, name="final.k pieces")
+    assert_close(st.v, st_full.v, name="final.v pieces")
     assert st.pos == st_full.pos == 3 + T
 
 
@@ -134,8 +136,9 @@ def test_step_token_by_token_equals_one_call(backend):
         o, st = nstm_step(inp.q[:, t], inp.k[:, t], inp.v[:, t], inp.route_logits[:, t],
                           inp.write_gate[:, t], 3, inp.s2s, C, st, backend=backend)
         outs.append(o)
-    assert rel_err(torch.stack(outs, 1), full) < TOL64
-    assert rel_err(st.k, st_full.k) < TOL64 and rel_err(st.v, st_full.v) < TOL64
+    assert_close(torch.stack(outs, 1), full, name="o steps")
+    assert_close(st.k, st_full.k, name="state.k steps")
+    assert_close(st.v, st_full.v, name="state.v steps")
     assert st.pos == 5 + T
 
 
@@ -193,8 +196,8 @@ def test_extreme_gates_stay_finite(gate, dtype):
     assert torch.isfinite(o_c.float()).all() and torch.isfinite(st_c.k).all() and torch.isfinite(st_c.v).all()
     for name, g in g_c.items():
         assert torch.isfinite(g.float()).all(), name
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    assert rel_err(o_c, o_r) < tol and rel_err(st_c.v, st_r.v) < tol
+    assert_close(o_c, o_r, name="o")               # bf16 o: one ulp; the fp32 state: TOL fp32
+    assert_close(st_c.v, st_r.v, name="final.v")
 
 
 def test_bf16_inputs_keep_dtype_and_fp32_state():
@@ -202,7 +205,7 @@ def test_bf16_inputs_keep_dtype_and_fp32_state():
     o, st = nstm_attention(*inp[:5], 2, inp.s2s, 8, inp.initial_state, True)
     assert o.dtype == torch.bfloat16 and st.k.dtype == torch.float32 and st.v.dtype == torch.float32
     ref, _ = nstm_attention(*inp[:5], 2, inp.s2s, 8, inp.initial_state, True, backend="reference")
-    assert rel_err(o, ref) < 1e-2
+    assert_close(o, ref, name="o bf16")
 
 
 def test_convex_update_keeps_state_bounded():
@@ -232,7 +235,7 @@ def test_dense_routing_without_s2s_is_gated_slot_attention():
         Vt = decay * Vt + w[:, t].unsqueeze(-1) * inp.v[:, t].unsqueeze(2)
         p = torch.softmax((inp.q[:, t].unsqueeze(2) * Kt).sum(-1) * 8 ** -0.5, -1)
         outs.append((p.unsqueeze(-1) * Vt).sum(2))
-    assert rel_err(o, torch.stack(outs, 1)) < TOL64
+    assert_close(o, torch.stack(outs, 1), name="o vs GSA")
 
 
 # ---- routing and state attention ---------------------------------------------------------------------
@@ -258,7 +261,7 @@ def test_state_attention_closed_gate_is_identity_and_matches_formula():
     a = torch.softmax((vs @ wq.unsqueeze(0)) @ (vs @ wk.unsqueeze(0)).transpose(-1, -2) / 6 ** 0.5, -1)
     m = torch.sigmoid(g)[None, :, None, None]
     expect = (1 - m) * vs + m * (a @ vs)
-    assert rel_err(state_attention(vs, inp.s2s), expect) < 1e-12
+    assert_close(state_attention(vs, inp.s2s), expect, 1e-12, "s2s formula")   # one small product
     # every row is a convex mix of the old rows: no coordinate leaves [min, max] over the slots
     big = S2SParams(wq * 100, wk * 100, g + 5)
     out = state_attention(vs, big)
@@ -271,5 +274,6 @@ def test_maps_agree_between_paths():
     _, _, mr = nstm_attention_with_maps(*inp[:5], 2, inp.s2s, 8, inp.initial_state, backend="reference")
     _, _, mc = nstm_attention_with_maps(*inp[:5], 2, inp.s2s, 8, inp.initial_state, backend="chunked")
     assert mr["s2s_pos"] == mc["s2s_pos"] == [7, 15, 23, 31]
-    assert rel_err(mc["read"], mr["read"]) < TOL64 and rel_err(mc["s2s"], mr["s2s"]) < TOL64
+    assert_close(mc["read"], mr["read"], name="read maps")
+    assert_close(mc["s2s"], mr["s2s"], name="s2s maps")
     assert torch.allclose(mc["read"].sum(-1), torch.ones(2, 30, 2, dtype=torch.float64))

@@ -7,13 +7,11 @@ fp64; w -> 1 and w = 0 exactly; bf16 inputs; gradients through ``triton_nstm`` w
 forward feeding the reverse-segment backward; streaming; the forward switch. Shapes are tiny:
 the interpreter runs every program serially in numpy.
 """
-import math
-
 import pytest
 import torch
 
-from nstm_kernels import NSTMState, S2SParams
 from nstm_kernels.reference import naive_recurrent_nstm
+from tests.helpers import F32_INPUTS, TOL, assert_close, assert_grads_close, grad_names, make_inputs, run_with_grads
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.interpret   # CPU tensors: TRITON_INTERPRET=1 from tests/conftest.py
@@ -23,53 +21,16 @@ from nstm_kernels.triton import triton_nstm  # noqa: E402
 from nstm_kernels.triton.device import chunk_length  # noqa: E402
 from nstm_kernels.triton.utils import chunk_starts  # noqa: E402
 
-TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 
-
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    den = b.norm().item()
-    return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
-
-
-def check(name, a, b, tol):
-    assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
-    assert torch.isfinite(a).all(), f"{name}: non-finite values"
-    r = rel(a, b)
-    assert r <= tol, f"{name}: relative error {r:.3e} > {tol:.0e}"
-
-
-def make_inputs(B, T, H, S, K, V, *, seed, dtype=torch.float32, s2s=False, pos=None):
-    """Random operator inputs; route logits with a clear gap (no top-k ties); a random initial
-    state at ``pos`` (None: no state)."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, K, generator=g, dtype=dtype)
-    k = torch.randn(B, T, H, K, generator=g, dtype=dtype)
-    v = torch.randn(B, T, H, V, generator=g, dtype=dtype)
-    n = B * T * H
-    perm = torch.stack([torch.randperm(S, generator=g) for _ in range(n)]).to(dtype)
-    logits = (perm * 0.5 + 0.01 * torch.rand(n, S, generator=g, dtype=dtype)).view(B, T, H, S)
-    gate = torch.randn(B, T, H, generator=g, dtype=dtype)
-    p = None
-    if s2s:
-        w = [torch.randn(H, V, V, generator=g, dtype=dtype) / math.sqrt(V) for _ in range(2)]
-        p = S2SParams(*w, torch.randn(H, generator=g, dtype=dtype))
-    st = None
-    if pos is not None:
-        st = NSTMState(torch.randn(B, H, S, K, generator=g, dtype=dtype),
-                       torch.randn(B, H, S, V, generator=g, dtype=dtype), pos)
-    return q, k, v, logits, gate, p, st
-
-
-def compare_forward(args, top_k, C, tol, fwd="chunk"):
-    q, k, v, logits, gate, s2s, st = args
+def compare_forward(inp, top_k, C, tol=None, fwd="chunk"):
+    """``triton_nstm`` with the ``fwd`` forward against the reference: o and the final state."""
     with torch.no_grad():
-        o, fin = triton_nstm(q, k, v, logits, gate, top_k, s2s, C, st, True, None, forward=fwd)
-        ro, rfin = naive_recurrent_nstm(q, k, v, logits, gate, top_k, s2s, C, st, True, None)
-    assert o.dtype == q.dtype and fin.pos == rfin.pos
-    check("o", o, ro, tol)
-    check("final.k", fin.k, rfin.k, tol)
-    check("final.v", fin.v, rfin.v, tol)
+        o, fin = triton_nstm(*inp[:5], top_k, inp.s2s, C, inp.initial_state, True, None, forward=fwd)
+        ro, rfin = naive_recurrent_nstm(*inp[:5], top_k, inp.s2s, C, inp.initial_state, True, None)
+    assert o.dtype == inp.q.dtype and fin.pos == rfin.pos
+    assert_close(o, ro, tol, "o")
+    assert_close(fin.k, rfin.k, tol, "final.k")
+    assert_close(fin.v, rfin.v, tol, "final.v")
     return o, fin
 
 
@@ -116,15 +77,17 @@ FWD_CASES = [
 
 @pytest.mark.parametrize("B,T,H,S,K,V,top_k,C,pos,use_s2s", FWD_CASES)
 def test_chunk_forward_matches_reference(B, T, H, S, K, V, top_k, C, pos, use_s2s):
-    args = make_inputs(B, T, H, S, K, V, seed=T * 7 + S + (pos or 0), s2s=use_s2s, pos=pos)
-    o, fin = compare_forward(args, top_k, C, TOL[torch.float32])
+    inp = make_inputs(B=B, T=T, H=H, K=K, V=V, S=S, s2s=use_s2s, pos=pos or 0, state=pos is not None,
+                      seed=T * 7 + S + (pos or 0), **F32_INPUTS)
+    o, fin = compare_forward(inp, top_k, C)
     assert fin.k.dtype == fin.v.dtype == torch.float32
     assert fin.pos == (pos or 0) + T
 
 
 def test_chunk_forward_fp64():
-    args = make_inputs(1, 40, 1, 16, 16, 16, seed=4, dtype=torch.float64, s2s=True, pos=7)
-    o, fin = compare_forward(args, 4, 16, TOL[torch.float64])
+    inp = make_inputs(B=1, T=40, H=1, K=16, V=16, S=16, dtype=torch.float64, s2s_gate=None, pos=7,
+                      seed=4)
+    o, fin = compare_forward(inp, 4, 16)
     assert o.dtype == fin.k.dtype == torch.float64
 
 
@@ -132,60 +95,39 @@ def test_chunk_forward_fp64():
 def test_chunk_forward_write_weight_one(top_k):
     """write_gate = +30: beta == 1 in fp32; with top_k = 1, w = 1 exactly (a full overwrite).
     log(1 - w) is clamped at w = 1 - eps: finite, and the state moves by at most eps."""
-    q, k, v, logits, _, s2s, st = make_inputs(1, 70, 1, 16, 16, 16, seed=6, s2s=True, pos=7)
-    gate = torch.full(q.shape[:3], 30.0)
-    compare_forward((q, k, v, logits, gate, s2s, st), top_k, 16, TOL[torch.float32])
+    inp = make_inputs(B=1, T=70, H=1, K=16, V=16, S=16, pos=7, seed=6, **F32_INPUTS)
+    compare_forward(inp._replace(write_gate=torch.full((1, 70, 1), 30.0)), top_k, 16)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")   # the routing's sigmoid(-200)
 def test_chunk_forward_write_weight_zero():
     """write_gate = -200: beta == 0 exactly, so every w is 0: nothing is written, log(1 - w) = 0,
     and every read sees the initial state (s2s still mixes it at period ends)."""
-    q, k, v, logits, _, s2s, st = make_inputs(1, 40, 1, 32, 16, 16, seed=3, s2s=True, pos=7)
-    gate = torch.full(q.shape[:3], -200.0)
-    o, fin = compare_forward((q, k, v, logits, gate, None, st), 4, 16, TOL[torch.float32])
-    assert torch.equal(fin.k, st.k) and torch.equal(fin.v, st.v)
-    compare_forward((q, k, v, logits, gate, s2s, st), 1, 16, TOL[torch.float32])
+    inp = make_inputs(B=1, T=40, H=1, K=16, V=16, S=32, pos=7, seed=3, **F32_INPUTS)
+    inp = inp._replace(write_gate=torch.full((1, 40, 1), -200.0))
+    o, fin = compare_forward(inp._replace(s2s=None), 4, 16)
+    assert torch.equal(fin.k, inp.initial_state.k) and torch.equal(fin.v, inp.initial_state.v)
+    compare_forward(inp, 1, 16)
 
 
 def test_chunk_forward_bf16():
     """bf16 q, k, v load and upcast: the reference on the same bf16 values in fp32 differs only by
     the rounding of o to bf16 (at most one bf16 ulp, 2^-7 relative)."""
-    q, k, v, logits, gate, s2s, st = make_inputs(1, 40, 2, 16, 16, 16, seed=9, s2s=True, pos=7)
+    q, k, v, logits, gate, s2s, st = make_inputs(B=1, T=40, H=2, K=16, V=16, S=16, pos=7, seed=9,
+                                                 **F32_INPUTS)
     q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
     with torch.no_grad():
         o, fin = triton_nstm(q, k, v, logits, gate, 4, s2s, 16, st, True, None, forward="chunk")
         ro, rfin = naive_recurrent_nstm(q.float(), k.float(), v.float(), logits, gate, 4, s2s, 16,
                                         st, True, None)
     assert o.dtype == torch.bfloat16 and fin.k.dtype == torch.float32
-    check("o bf16", o.float(), ro, 2 ** -7)
-    check("final.k", fin.k, rfin.k, TOL[torch.float32])
-    check("final.v", fin.v, rfin.v, TOL[torch.float32])
+    assert_close(o, ro, TOL[torch.bfloat16], "o bf16")
+    assert_close(fin.k, rfin.k, name="final.k")
+    assert_close(fin.v, rfin.v, name="final.v")
 
 
 # ---------------------------------------------------------------------------------------------
 # gradients: the chunk forward's stored chunk-entry states feed the reverse-segment backward
-
-
-def _grads(fn, args, top_k, C, seed, **kw):
-    q, k, v, logits, gate, s2s, st = args
-    leaves = [q, k, v, logits, gate]
-    if st is not None:
-        leaves += [st.k, st.v]
-    if s2s is not None:
-        leaves += list(s2s)
-    leaves = [x.detach().clone().requires_grad_() for x in leaves]
-    rest = leaves[5:]
-    st2 = None
-    if st is not None:
-        st2, rest = NSTMState(rest[0], rest[1], st.pos), rest[2:]
-    p = S2SParams(*rest) if s2s is not None else None
-    o, fin = fn(*leaves[:5], top_k, p, C, st2, True, None, **kw)
-    g = torch.Generator().manual_seed(seed)
-    loss = sum((x * torch.randn(x.shape, generator=g, dtype=x.dtype)).sum()
-               for x in (o, fin.k, fin.v))
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    return o, fin, [torch.zeros_like(x) if d is None else d for x, d in zip(leaves, grads)]
 
 
 GRAD_CASES = [
@@ -199,19 +141,15 @@ GRAD_CASES = [
 
 @pytest.mark.parametrize("B,T,H,S,K,V,top_k,C,pos,use_s2s,dtype,gate", GRAD_CASES)
 def test_chunk_forward_gradients(B, T, H, S, K, V, top_k, C, pos, use_s2s, dtype, gate):
-    args = make_inputs(B, T, H, S, K, V, seed=T + S, dtype=dtype, s2s=use_s2s, pos=pos)
+    inp = make_inputs(B=B, T=T, H=H, K=K, V=V, S=S, dtype=dtype, s2s=use_s2s, s2s_gate=None, pos=pos,
+                      seed=T + S)
     if gate is not None:
-        args = args[:4] + (torch.full(args[0].shape[:3], gate, dtype=dtype),) + args[5:]
-    o, fin, grads = _grads(triton_nstm, args, top_k, C, 1, forward="chunk")
-    ro, rfin, rgrads = _grads(naive_recurrent_nstm, args, top_k, C, 1)
-    tol = TOL[dtype]
-    check("o", o, ro, tol)
-    check("final.v", fin.v, rfin.v, tol)
-    names = ["q", "k", "v", "route_logits", "write_gate", "initial_state.k", "initial_state.v"]
-    names += ["w_q", "w_k", "gate"] if use_s2s else []
-    assert len(grads) == len(rgrads) == len(names)
-    for name, a, b in zip(names, grads, rgrads):
-        check(f"d {name}", a, b, tol)
+        inp = inp._replace(write_gate=torch.full((B, T, H), gate, dtype=dtype))
+    o, fin, grads = run_with_grads(triton_nstm, inp, top_k, C, forward="chunk")
+    ro, rfin, rgrads = run_with_grads(naive_recurrent_nstm, inp, top_k, C)
+    assert_close(o, ro, name="o")
+    assert_close(fin.v, rfin.v, name="final.v")
+    assert_grads_close(grads, rgrads, names=grad_names(use_s2s, state=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +159,7 @@ def test_chunk_forward_gradients(B, T, H, S, K, V, top_k, C, pos, use_s2s, dtype
 def test_chunk_forward_streaming_split_mid_period():
     """One call == two calls passing the state on, split inside a C-period and inside a chunk."""
     B, T, H, S, KV, C = 1, 100, 1, 16, 16, 32
-    q, k, v, logits, gate, s2s, st0 = make_inputs(B, T, H, S, KV, KV, seed=5, s2s=True, pos=5)
+    q, k, v, logits, gate, s2s, st0 = make_inputs(B=B, T=T, H=H, K=KV, V=KV, S=S, pos=5, seed=5, **F32_INPUTS)
     cut = 45                                   # tau 50: inside a period, inside a chunk
     with torch.no_grad():
         o, fin = triton_nstm(q, k, v, logits, gate, 4, s2s, C, st0, True, None, forward="chunk")
@@ -231,11 +169,11 @@ def test_chunk_forward_streaming_split_mid_period():
                                gate[:, cut:], 4, s2s, C, mid, True, None, forward="chunk")
         ro, rfin = naive_recurrent_nstm(q, k, v, logits, gate, 4, s2s, C, st0, True, None)
     assert mid.pos == 5 + cut and fin2.pos == fin.pos == 5 + T
-    check("o split", torch.cat([o1, o2], 1), o, 1e-5)
-    check("final.k split", fin2.k, fin.k, 1e-5)
-    check("final.v split", fin2.v, fin.v, 1e-5)
-    check("o", o, ro, TOL[torch.float32])
-    check("final.v", fin.v, rfin.v, TOL[torch.float32])
+    assert_close(torch.cat([o1, o2], 1), o, 1e-5, "o split")       # the same kernel: tighter
+    assert_close(fin2.k, fin.k, 1e-5, "final.k split")
+    assert_close(fin2.v, fin.v, 1e-5, "final.v split")
+    assert_close(o, ro, name="o")
+    assert_close(fin.v, rfin.v, name="final.v")
 
 
 def test_forward_switch(monkeypatch):
@@ -244,11 +182,11 @@ def test_forward_switch(monkeypatch):
     assert forward_kind() == "chunk"
     monkeypatch.setenv("NSTM_TRITON_FWD", "recurrent")
     assert forward_kind() == "recurrent" and forward_kind("chunk") == "chunk"
-    args = make_inputs(1, 63, 1, 16, 16, 16, seed=12, s2s=True, pos=7)
-    oc, fc = compare_forward(args, 4, 16, TOL[torch.float32], fwd="chunk")
-    orr, fr = compare_forward(args, 4, 16, TOL[torch.float32], fwd=None)   # recurrent, from env
-    check("chunk vs recurrent o", oc, orr, 1e-5)
-    check("chunk vs recurrent final.v", fc.v, fr.v, 1e-5)
+    inp = make_inputs(B=1, T=63, H=1, K=16, V=16, S=16, pos=7, seed=12, **F32_INPUTS)
+    oc, fc = compare_forward(inp, 4, 16, fwd="chunk")
+    orr, fr = compare_forward(inp, 4, 16, fwd=None)   # recurrent, from env
+    assert_close(oc, orr, 1e-5, "chunk vs recurrent o")
+    assert_close(fc.v, fr.v, 1e-5, "chunk vs recurrent final.v")
     monkeypatch.setenv("NSTM_TRITON_FWD", "parallel")
     with pytest.raises(ValueError, match="NSTM_TRITON_FWD"):
-        triton_nstm(*args[:5], 4, None, 16, None, False, None)
+        triton_nstm(*inp[:5], 4, None, 16, None, False, None)

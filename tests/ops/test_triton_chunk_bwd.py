@@ -12,15 +12,13 @@ import pytest
 import torch
 
 from nstm_kernels.reference import naive_recurrent_nstm
+from tests.helpers import F32_INPUTS, assert_close, assert_grads_close, grad_names, make_inputs, run_with_grads
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.interpret   # CPU tensors: TRITON_INTERPRET=1 from tests/conftest.py
 
 from nstm_kernels.settings import triton_backward as backward_kind  # noqa: E402
 from nstm_kernels.triton import chunk_bwd, ops, triton_nstm  # noqa: E402
-from tests.ops.test_triton_chunk import _grads, check, make_inputs  # noqa: E402
-
-TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
 
 
 @pytest.fixture
@@ -38,22 +36,15 @@ def chunk_bwd_on(monkeypatch):
     return calls
 
 
-def _names(use_s2s):
-    names = ["q", "k", "v", "route_logits", "write_gate", "initial_state.k", "initial_state.v"]
-    return names + (["w_q", "w_k", "gate"] if use_s2s else [])
-
-
-def compare_grads(args, top_k, C, tol, calls):
-    o, fin, grads = _grads(triton_nstm, args, top_k, C, 1, forward="chunk")
-    ro, rfin, rgrads = _grads(naive_recurrent_nstm, args, top_k, C, 1)
+def compare_grads(inp, top_k, C, calls):
+    """Every input gradient of ``triton_nstm`` (chunk forward, chunk backward) against autograd
+    through the reference."""
+    o, fin, grads = run_with_grads(triton_nstm, inp, top_k, C, forward="chunk")
+    ro, rfin, rgrads = run_with_grads(naive_recurrent_nstm, inp, top_k, C)
     assert calls, "the chunk backward did not run"
-    check("o", o, ro, tol)
-    names = _names(args[5] is not None)
-    if args[6] is None:
-        names = [n for n in names if not n.startswith("initial")]
-    assert len(grads) == len(rgrads) == len(names)
-    for name, a, b in zip(names, grads, rgrads):
-        check(f"d {name}", a, b, tol)
+    assert_close(o, ro, name="o")
+    assert_grads_close(grads, rgrads,
+                       names=grad_names(inp.s2s is not None, inp.initial_state is not None))
 
 
 CASES = [
@@ -74,13 +65,15 @@ CASES = [
 @pytest.mark.parametrize("B,T,H,S,K,V,top_k,C,pos,use_s2s", CASES)
 def test_chunk_backward_matches_reference(chunk_bwd_on, B, T, H, S, K, V, top_k, C, pos,
                                           use_s2s):
-    args = make_inputs(B, T, H, S, K, V, seed=T * 3 + S + (pos or 0), s2s=use_s2s, pos=pos)
-    compare_grads(args, top_k, C, TOL[torch.float32], chunk_bwd_on)
+    inp = make_inputs(B=B, T=T, H=H, K=K, V=V, S=S, s2s=use_s2s, pos=pos or 0, state=pos is not None,
+                      seed=T * 3 + S + (pos or 0), **F32_INPUTS)
+    compare_grads(inp, top_k, C, chunk_bwd_on)
 
 
 def test_chunk_backward_fp64(chunk_bwd_on):
-    args = make_inputs(1, 40, 1, 16, 16, 16, seed=4, dtype=torch.float64, s2s=True, pos=7)
-    compare_grads(args, 4, 16, TOL[torch.float64], chunk_bwd_on)
+    inp = make_inputs(B=1, T=40, H=1, K=16, V=16, S=16, dtype=torch.float64, s2s_gate=None, pos=7,
+                      seed=4)
+    compare_grads(inp, 4, 16, chunk_bwd_on)   # TOL fp64: 1e-10 (this file had 1e-9)
 
 
 @pytest.mark.parametrize("top_k,g", [(1, 30.0), (4, 30.0), (1, 9.0)])
@@ -88,41 +81,38 @@ def test_chunk_backward_write_weight_one(chunk_bwd_on, top_k, g):
     """write_gate = +30: beta == 1 in fp32; with top_k = 1, w = 1 exactly (a full overwrite):
     the decay is clamped at 1 - eps in the forward, and dw is formed without dividing by 1 - w.
     write_gate = +9, top_k = 1: 1 - w = 1.2e-4 with a live gate gradient (dw matters)."""
-    q, k, v, logits, _, s2s, st = make_inputs(1, 40, 1, 16, 16, 16, seed=6, s2s=True, pos=7)
-    gate = torch.full(q.shape[:3], g)
-    compare_grads((q, k, v, logits, gate, s2s, st), top_k, 16, TOL[torch.float32], chunk_bwd_on)
+    inp = make_inputs(B=1, T=40, H=1, K=16, V=16, S=16, pos=7, seed=6, **F32_INPUTS)
+    compare_grads(inp._replace(write_gate=torch.full((1, 40, 1), g)), top_k, 16, chunk_bwd_on)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")   # the routing's sigmoid(-200)
 def test_chunk_backward_write_weight_zero(chunk_bwd_on):
     """write_gate = -200: every w is 0 (nothing written, log(1 - w) = 0); dq and the state
     gradients are still nonzero, dk = dv = 0, and dw is finite."""
-    q, k, v, logits, _, s2s, st = make_inputs(1, 40, 1, 32, 16, 16, seed=3, s2s=True, pos=7)
-    gate = torch.full(q.shape[:3], -200.0)
-    compare_grads((q, k, v, logits, gate, None, st), 4, 16, TOL[torch.float32], chunk_bwd_on)
-    compare_grads((q, k, v, logits, gate, s2s, st), 1, 16, TOL[torch.float32], chunk_bwd_on)
+    inp = make_inputs(B=1, T=40, H=1, K=16, V=16, S=32, pos=7, seed=3, **F32_INPUTS)
+    inp = inp._replace(write_gate=torch.full((1, 40, 1), -200.0))
+    compare_grads(inp._replace(s2s=None), 4, 16, chunk_bwd_on)
+    compare_grads(inp, 1, 16, chunk_bwd_on)
 
 
 def test_chunk_backward_streaming(chunk_bwd_on):
     """Two calls passing the state on (split inside a period and a chunk), differentiated through
     both, equal the reference on the whole sequence."""
     B, T, H, S, KV, C, cut = 1, 70, 1, 16, 16, 32, 45
-    args = make_inputs(B, T, H, S, KV, KV, seed=5, s2s=True, pos=5)
-    q, k, v, logits, gate, s2s, st = args
+    inp = make_inputs(B=B, T=T, H=H, K=KV, V=KV, S=S, pos=5, seed=5, **F32_INPUTS)
 
-    def two_calls(q, k, v, logits, gate, top_k, s2s, C, st, out_final, scale, **kw):
+    def two_calls(q, k, v, logits, gate, top_k, s2s, C, st, out_final, scale=None):
         o1, mid = triton_nstm(q[:, :cut], k[:, :cut], v[:, :cut], logits[:, :cut],
                               gate[:, :cut], top_k, s2s, C, st, True, scale, forward="chunk")
         o2, fin = triton_nstm(q[:, cut:], k[:, cut:], v[:, cut:], logits[:, cut:],
                               gate[:, cut:], top_k, s2s, C, mid, True, scale, forward="chunk")
         return torch.cat([o1, o2], 1), fin
 
-    o, fin, grads = _grads(two_calls, args, 4, C, 1)
-    ro, rfin, rgrads = _grads(naive_recurrent_nstm, args, 4, C, 1)
+    o, fin, grads = run_with_grads(two_calls, inp, 4, C)
+    ro, rfin, rgrads = run_with_grads(naive_recurrent_nstm, inp, 4, C)
     assert len(chunk_bwd_on) == 2
-    check("o", o, ro, TOL[torch.float32])
-    for name, a, b in zip(_names(True), grads, rgrads):
-        check(f"d {name}", a, b, TOL[torch.float32])
+    assert_close(o, ro, name="o")
+    assert_grads_close(grads, rgrads, names=grad_names(True, True))
 
 
 def test_backward_switch(monkeypatch):
@@ -134,10 +124,9 @@ def test_backward_switch(monkeypatch):
     with pytest.raises(ValueError, match="NSTM_TRITON_BWD"):
         backward_kind()
     # both backwards give the same gradients
-    args = make_inputs(1, 20, 1, 16, 16, 16, seed=8, s2s=True, pos=7)
+    inp = make_inputs(B=1, T=20, H=1, K=16, V=16, S=16, pos=7, seed=8, **F32_INPUTS)
     monkeypatch.setenv("NSTM_TRITON_BWD", "recurrent")
-    _, _, gr = _grads(triton_nstm, args, 4, 16, 1, forward="chunk")
+    _, _, gr = run_with_grads(triton_nstm, inp, 4, 16, forward="chunk")
     monkeypatch.setenv("NSTM_TRITON_BWD", "chunk")
-    _, _, gc = _grads(triton_nstm, args, 4, 16, 1, forward="chunk")
-    for name, a, b in zip(_names(True), gc, gr):
-        check(f"chunk vs recurrent d {name}", a, b, 1e-5)
+    _, _, gc = run_with_grads(triton_nstm, inp, 4, 16, forward="chunk")
+    assert_grads_close(gc, gr, 1e-5, names=grad_names(True, True))   # chunk vs recurrent backward

@@ -1,15 +1,18 @@
 """Bad input gets a clear error (spec §3), and no call changes its inputs.
 
-One test per public function per kind of mistake, for ``nstm_attention``, ``nstm_step``,
-``sparse_route``, ``state_attention`` and for the backend choice (``backend=`` and
-``NSTM_BACKEND``). Every test checks the exception type (ValueError for shapes, ranges and
-devices; TypeError for wrong types) and that the message names the argument at fault. A second
-device is simulated with the "meta" device, so all of this runs on CPU in a few seconds.
+The public functions ``nstm_attention``, ``nstm_attention_with_maps``, ``nstm_step``,
+``sparse_route`` and ``state_attention`` share their checks, so the mistakes are tables: one row per
+(function, argument, mistake), with an id that says which (``attention-q-int64``,
+``step-top_k=0``). Every row checks the exception type (ValueError for shapes, ranges and devices;
+TypeError for wrong types), that the message names the argument at fault (and, for a wrong shape,
+shows the shape it got), and that the failed call left the caller's tensors as they were. A
+second device is simulated with the "meta" device, so all of this runs on CPU in a few seconds.
 """
 from __future__ import annotations
 
 import math
 import re
+from typing import Callable, NamedTuple, Optional
 
 import pytest
 import torch
@@ -46,7 +49,7 @@ def _no_backend_env(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# helpers
+# arguments
 # ----------------------------------------------------------------------------------------------
 
 _gen = torch.Generator().manual_seed(0)
@@ -88,6 +91,24 @@ def sa_args() -> dict:
     return dict(v_state=rand("BHSV"), s2s=make_s2s(), backend=None)
 
 
+class Api(NamedTuple):
+    """A public function, its valid arguments, and the layouts of its tensor arguments."""
+    id: str
+    fn: Callable
+    args: Callable[[], dict]
+    layout: dict
+
+    def __repr__(self):
+        return self.id
+
+
+ATTN = Api("attention", nstm_attention, attention_args, ATTN_LAYOUT)
+MAPS = Api("attention_with_maps", nstm_attention_with_maps, attention_args, ATTN_LAYOUT)
+STEP = Api("step", nstm_step, step_args, STEP_LAYOUT)
+ROUTE = Api("route", sparse_route, route_args, ROUTE_LAYOUT)
+SA = Api("state_attention", state_attention, sa_args, SA_LAYOUT)
+
+
 def get(args: dict, name: str):
     if "." in name:
         parent, field = name.split(".")
@@ -121,14 +142,6 @@ def named(name: str, rest: str) -> str:
     return "^" + re.escape(name) + rest
 
 
-def expect_bad_tensor(fn, args, name, bad, exc, rest):
-    """``fn`` with ``name`` set to ``bad`` raises ``exc`` naming ``name`` (and the bad shape)."""
-    with pytest.raises(exc, match=named(name, rest)) as info:
-        call(fn, args, **{name: bad})
-    if exc is ValueError and isinstance(bad, torch.Tensor) and "must have shape" in rest:
-        assert shape_str(bad) in str(info.value), "the message should show the shape it got"
-
-
 def tensors_in(args: dict) -> dict:
     out = {}
     for name, val in args.items():
@@ -154,653 +167,312 @@ def assert_unchanged(snap: dict) -> None:
         assert torch.equal(t, copy), f"{name}: values changed"
 
 
-# the tensor arguments of each function, and typical mistakes, as parameter lists
-ATTN_TENSORS = list(ATTN_LAYOUT)
-STEP_TENSORS = list(STEP_LAYOUT)
-NOT_INTS = [2.0, True, False, "2", None]
-NOT_INTS_IDS = ["float", "True", "False", "str", "None"]
-BAD_BACKENDS = ["bogus", "Triton", "CHUNKED", "naive", ""]
-BAD_ENV_BACKENDS = ["bogus", "Triton", "naive"]
-S2S_BAD_SHAPES = [("s2s.w_q", (H + 1, V, V)), ("s2s.w_q", (H, V + 1, V)),
-                  ("s2s.w_q", (H, V, V + 1)), ("s2s.w_k", (H, V + 1, V)),
-                  ("s2s.w_k", (H + 1, V, V))]
-S2S_BAD_SHAPE_IDS = ["w_q-H", "w_q-V_in", "w_q-V_out", "w_k-V", "w_k-H"]
-GATE_BAD_SHAPES = [(H + 1,), (H, 1), (1, H), ()]
+# ----------------------------------------------------------------------------------------------
+# the table of mistakes: one row per (function, argument, mistake)
+# ----------------------------------------------------------------------------------------------
+
+class Bad(NamedTuple):
+    """``over(args)``: the arguments to replace; ``shows``: the argument whose wrong shape the
+    message must show (None: no such check)."""
+    api: Api
+    over: Callable[[dict], dict]
+    exc: type
+    pattern: str
+    shows: Optional[str] = None
 
 
-def rank_cases(names):
-    """(name, how) pairs: drop the first dim, or add a trailing one."""
-    return [(n, how) for n in names for how in ("drop", "add")]
+def bad(id_, api, over, exc, pattern, shows=None):
+    return pytest.param(Bad(api, over, exc, pattern, shows), id=f"{api.id}-{id_}")
+
+
+def bad_tensor(id_, api, name, make, exc, rest):
+    """``name`` set to ``make(args)``: the message begins with ``name`` (and shows a wrong shape)."""
+    shows = name if exc is ValueError and "must have shape" in rest else None
+    return bad(id_, api, lambda args: {name: make(args)}, exc, named(name, rest), shows)
+
+
+def bad_value(api, name, value, exc, pattern, id_=None):
+    """``name`` set to the plain value ``value`` (or ``value()`` when it is a maker)."""
+    return bad(id_ or f"{name}={value!r}", api,
+               lambda args: {name: value() if callable(value) else value}, exc, pattern)
+
+
+def not_a_tensor(api):
+    return [bad_tensor(f"{n}-list", api, n, lambda a, n=n: get(a, n).tolist(), TypeError,
+                       " must be a torch\\.Tensor") for n in api.layout]
+
+
+def integer_dtype(api):
+    return [bad_tensor(f"{n}-{str(dt).split('.')[1]}", api, n, lambda a, n=n, dt=dt: get(a, n).to(dt),
+                       TypeError, " must be a floating tensor")
+            for n in api.layout for dt in INT_DTYPES]
 
 
 def change_rank(t: torch.Tensor, how: str) -> torch.Tensor:
-    return t[0] if how == "drop" else t.unsqueeze(-1)
+    """Drop the first dim, add a trailing one, or (``seq``) insert a T = 1 dim: [B, 1, H, *]."""
+    return {"drop": lambda: t[0], "add": lambda: t.unsqueeze(-1), "seq": lambda: t.unsqueeze(1)}[how]()
 
 
-# ----------------------------------------------------------------------------------------------
-# nstm_attention
-# ----------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name", ATTN_TENSORS)
-def test_attention_not_a_tensor(name):
-    args = attention_args()
-    expect_bad_tensor(nstm_attention, args, name, get(args, name).tolist(), TypeError,
-                      " must be a torch\\.Tensor")
+def wrong_rank(api, names, hows=("drop", "add"), rest=None):
+    return [bad_tensor(f"{n}-rank-{how}", api, n, lambda a, n=n, how=how: change_rank(get(a, n), how),
+                       ValueError, rest or rf" must have shape \[.*\] \({len(api.layout[n])} dims\)")
+            for n in names for how in hows]
 
 
-@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
-@pytest.mark.parametrize("name", ATTN_TENSORS)
-def test_attention_integer_dtype(name, dtype):
-    args = attention_args()
-    expect_bad_tensor(nstm_attention, args, name, get(args, name).to(dtype), TypeError,
-                      " must be a floating tensor")
+def bumped(api, pairs, rest=" must have shape"):
+    """(name, dim) pairs: ``name`` with dim ``dim`` one too large."""
+    return [bad_tensor(f"{n}-{d}+1", api, n, lambda a, n=n, d=d: rand(api.layout[n], bump=d), ValueError,
+                       rest) for n, d in pairs]
 
 
-@pytest.mark.parametrize("name,how", rank_cases([n for n in ATTN_TENSORS if n != "s2s.gate"]))
-def test_attention_wrong_rank(name, how):
-    args = attention_args()
-    expect_bad_tensor(nstm_attention, args, name, change_rank(get(args, name), how), ValueError,
-                      rf" must have shape \[.*\] \({len(ATTN_LAYOUT[name])} dims\)")
+def other_device(api, names, pattern=None):
+    return [bad(f"{n}-meta", api, lambda a, n=n: {n: get(a, n).to("meta")}, ValueError,
+                pattern(n) if pattern else rf"\b{re.escape(n)} is on meta\b.*same device")
+            for n in names]
 
 
-@pytest.mark.parametrize("name,dim", [("k", d) for d in "BTHK"] + [("v", d) for d in "BTH"]
-                         + [("route_logits", d) for d in "BTH"]
-                         + [("write_gate", d) for d in "BTH"])
-def test_attention_shape_disagreement(name, dim):
-    args = attention_args()
-    expect_bad_tensor(nstm_attention, args, name, rand(ATTN_LAYOUT[name], bump=dim), ValueError,
-                      " must have shape")
+S2S_BAD_SHAPES = [("s2s.w_q", (H + 1, V, V), "w_q-H"), ("s2s.w_q", (H, V + 1, V), "w_q-V_in"),
+                  ("s2s.w_q", (H, V, V + 1), "w_q-V_out"), ("s2s.w_k", (H, V + 1, V), "w_k-V"),
+                  ("s2s.w_k", (H + 1, V, V), "w_k-H")]
+GATE_BAD_SHAPES = [(H + 1,), (H, 1), (1, H), ()]
 
 
-@pytest.mark.parametrize("name", ["k", "v"])
-def test_attention_qkv_dtype_mismatch(name):
-    args = attention_args()
-    expect_bad_tensor(nstm_attention, args, name, get(args, name).double(), TypeError,
-                      " has dtype torch.float64 but q has torch.float32")
+def s2s_shapes(api):
+    return ([bad_tensor(f"s2s-{i}", api, n, lambda a, shape=shape: torch.randn(shape), ValueError,
+                        r" must have shape \[H, V, V\]") for n, shape, i in S2S_BAD_SHAPES]
+            + [bad_tensor(f"s2s.gate-shape{shape}", api, "s2s.gate", lambda a, shape=shape: torch.randn(shape),
+                          ValueError, r" must have shape \[H\]") for shape in GATE_BAD_SHAPES])
 
 
-@pytest.mark.parametrize("name", ATTN_TENSORS)
-def test_attention_different_devices(name):
-    args = attention_args()
-    with pytest.raises(ValueError, match=rf"\b{re.escape(name)} is on meta\b.*same device"):
-        call(nstm_attention, args, **{name: get(args, name).to("meta")})
+def s2s_types(api, makers):
+    return [bad_value(api, "s2s", make, TypeError, r"^s2s must be an S2SParams", id_=f"s2s-{i}")
+            for i, make in makers.items()]
 
 
-def test_attention_empty_dimension():
-    args = attention_args()
-    for name, layout in list(ATTN_LAYOUT.items())[:5]:       # q, k, v, route_logits, write_gate
-        args = put(args, name, rand(layout)[:, :0])
-    with pytest.raises(ValueError, match=r"every dimension must be >= 1, got T = 0"):
-        nstm_attention(**args)
+def state_cases(api, st):
+    """The initial state (``initial_state`` / ``state``): type, K and V shapes, position."""
+    makers = {"tuple": lambda: tuple(make_state()), "dict": lambda: make_state()._asdict(),
+              "S2SParams": make_s2s, "tensor": lambda: rand("BHSK")}
+    neg = {"initial_state": -1, "state": -5}[st]
+    return ([bad_value(api, st, make, TypeError, rf"^{st} must be an NSTMState", id_=f"{st}-{i}")
+             for i, make in makers.items()]
+            + bumped(api, [(f"{st}.k", d) for d in "BHSK"], r" must have shape \[B, H, S, K\]")
+            + bumped(api, [(f"{st}.v", d) for d in "BHSV"], r" must have shape \[B, H, S, V\]")
+            + [bad_value(api, f"{st}.pos", neg, ValueError, rf"^{st}\.pos must be >= 0, got {neg}")]
+            + [bad_value(api, f"{st}.pos", p, TypeError, rf"^{st}\.pos must be an int", id_=f"{st}.pos-{i}")
+               for p, i in [(3.0, "float"), (True, "bool"), ("3", "str"), (None, "None"),
+                            (lambda: torch.tensor(3), "tensor")]])
 
 
-@pytest.mark.parametrize("top_k", [0, -1])
-def test_attention_top_k_too_small(top_k):
-    with pytest.raises(ValueError, match=rf"^top_k must be in \[1, {S}\], got {top_k}"):
-        call(nstm_attention, attention_args(), top_k=top_k)
+NOT_INTS = [(2.0, "float"), (True, "True"), (False, "False"), ("2", "str"), (None, "None")]
 
 
-@pytest.mark.parametrize("top_k", [S + 1, 100])
-def test_attention_top_k_larger_than_num_slots(top_k):
-    with pytest.raises(ValueError, match=rf"^top_k must be in \[1, {S}\], got {top_k}"):
-        call(nstm_attention, attention_args(), top_k=top_k)
+def top_k_cases(api):
+    return ([bad_value(api, "top_k", k, ValueError, rf"^top_k must be in \[1, {S}\], got {k}")
+             for k in (0, -1, S + 1, 100)]
+            + [bad_value(api, "top_k", k, TypeError, r"^top_k must be an int", id_=f"top_k-{i}")
+               for k, i in NOT_INTS])
 
 
-@pytest.mark.parametrize("top_k", NOT_INTS, ids=NOT_INTS_IDS)
-def test_attention_top_k_not_int(top_k):
-    with pytest.raises(TypeError, match=r"^top_k must be an int"):
-        call(nstm_attention, attention_args(), top_k=top_k)
+def comm_every_cases(api):
+    return ([bad_value(api, "comm_every", c, ValueError, rf"^comm_every must be >= 1, got {c}")
+             for c in (0, -2)]
+            + [bad_value(api, "comm_every", c, TypeError, r"^comm_every must be an int", id_=f"comm_every-{i}")
+               for c, i in NOT_INTS])
 
 
-@pytest.mark.parametrize("comm_every", [0, -2])
-def test_attention_comm_every_not_positive(comm_every):
-    with pytest.raises(ValueError, match=rf"^comm_every must be >= 1, got {comm_every}"):
-        call(nstm_attention, attention_args(), comm_every=comm_every)
+def scale_cases(api):
+    return ([bad_value(api, "scale", s, ValueError, r"^scale must be a finite positive number")
+             for s in (0, 0.0, -0.5, math.nan, math.inf, -math.inf)]
+            + [bad_value(api, "scale", s, TypeError, r"^scale must be a float or None", id_=f"scale-{i}")
+               for s, i in [("0.5", "str"), (True, "bool"), ([0.5], "list")]])
 
 
-@pytest.mark.parametrize("comm_every", NOT_INTS, ids=NOT_INTS_IDS)
-def test_attention_comm_every_not_int(comm_every):
-    with pytest.raises(TypeError, match=r"^comm_every must be an int"):
-        call(nstm_attention, attention_args(), comm_every=comm_every)
+BAD_BACKENDS = ["bogus", "Triton", "CHUNKED", "naive", ""]
+BAD_ENV_BACKENDS = ["bogus", "Triton", "naive"]
 
 
-@pytest.mark.parametrize("make", [lambda: tuple(make_s2s()), lambda: list(make_s2s()), make_state,
-                                  lambda: "s2s", lambda: rand("HVV")],
-                         ids=["tuple", "list", "NSTMState", "str", "tensor"])
-def test_attention_s2s_wrong_type(make):
-    with pytest.raises(TypeError, match=r"^s2s must be an S2SParams"):
-        call(nstm_attention, attention_args(), s2s=make())
+def backend_cases(api):
+    return [bad_value(api, "backend", b, ValueError, r"^backend must be one of .*'chunked'.*" + repr(b))
+            for b in BAD_BACKENDS]
 
 
-@pytest.mark.parametrize("name,shape", S2S_BAD_SHAPES, ids=S2S_BAD_SHAPE_IDS)
-def test_attention_s2s_wrong_weight_shape(name, shape):
-    expect_bad_tensor(nstm_attention, attention_args(), name, torch.randn(shape), ValueError,
-                      r" must have shape \[H, V, V\]")
+QKV5 = ("q", "k", "v", "route_logits", "write_gate")
 
 
-@pytest.mark.parametrize("shape", GATE_BAD_SHAPES, ids=str)
-def test_attention_s2s_wrong_gate_shape(shape):
-    expect_bad_tensor(nstm_attention, attention_args(), "s2s.gate", torch.randn(shape), ValueError,
-                      r" must have shape \[H\]")
+def empty_t(a):
+    return {n: a[n][:, :0] for n in QKV5}
 
 
-@pytest.mark.parametrize("make", [lambda: tuple(make_state()), lambda: make_state()._asdict(),
-                                  make_s2s, lambda: rand("BHSK")],
-                         ids=["tuple", "dict", "S2SParams", "tensor"])
-def test_attention_initial_state_wrong_type(make):
-    with pytest.raises(TypeError, match=r"^initial_state must be an NSTMState"):
-        call(nstm_attention, attention_args(), initial_state=make())
+BAD_INPUTS = [
+    # ---- nstm_attention
+    *not_a_tensor(ATTN),
+    *integer_dtype(ATTN),
+    *wrong_rank(ATTN, [n for n in ATTN_LAYOUT if n != "s2s.gate"]),
+    *bumped(ATTN, [("k", d) for d in "BTHK"] + [(n, d) for n in ("v", "route_logits", "write_gate")
+                                               for d in "BTH"]),
+    *[bad_tensor(f"{n}-float64", ATTN, n, lambda a, n=n: a[n].double(), TypeError,
+                 " has dtype torch.float64 but q has torch.float32") for n in ("k", "v")],
+    *other_device(ATTN, ATTN_LAYOUT),
+    bad("T=0", ATTN, empty_t, ValueError, r"every dimension must be >= 1, got T = 0"),
+    *top_k_cases(ATTN),
+    *comm_every_cases(ATTN),
+    *s2s_types(ATTN, {"tuple": lambda: tuple(make_s2s()), "list": lambda: list(make_s2s()),
+                      "NSTMState": make_state, "str": lambda: "s2s", "tensor": lambda: rand("HVV")}),
+    *s2s_shapes(ATTN),
+    *state_cases(ATTN, "initial_state"),
+    *scale_cases(ATTN),
+    *[bad_value(ATTN, "output_final_state", f, TypeError, r"^output_final_state must be a bool",
+                id_=f"output_final_state-{i}") for f, i in [(1, "1"), (0, "0"), ("True", "str"), (None, "None")]],
+    *backend_cases(ATTN),
+    # ---- nstm_attention_with_maps resolves backends the same way (it used to ignore an unknown name)
+    bad_value(MAPS, "backend", "bogus", ValueError, r"^backend must be one of .*'bogus'"),
+    # ---- nstm_step
+    *not_a_tensor(STEP),
+    *integer_dtype(STEP),
+    *wrong_rank(STEP, [n for n in STEP_LAYOUT if n != "s2s.gate"]),
+    *wrong_rank(STEP, QKV5, hows=("seq",)),                 # the [B, 1, H, *] form
+    *bumped(STEP, [("k", d) for d in "BHK"] + [(n, d) for n in ("v", "route_logits", "write_gate")
+                                              for d in "BH"]),
+    *[bad_tensor(f"{n}-float16", STEP, n, lambda a, n=n: a[n].to(torch.float16), TypeError,
+                 " has dtype torch.float16 but q has torch.float32") for n in ("k", "v")],
+    *other_device(STEP, STEP_LAYOUT),
+    *top_k_cases(STEP),
+    *comm_every_cases(STEP),
+    *s2s_types(STEP, {"tuple": lambda: tuple(make_s2s()), "NSTMState": make_state, "str": lambda: "s2s"}),
+    *s2s_shapes(STEP),
+    *state_cases(STEP, "state"),
+    *scale_cases(STEP),
+    *backend_cases(STEP),
+    # ---- sparse_route: route_logits may have any leading dims; write_gate must have exactly those
+    *not_a_tensor(ROUTE),
+    *integer_dtype(ROUTE),
+    *wrong_rank(ROUTE, ["write_gate"], rest=r" must have shape \[B, T, H\] \(3 dims\)"),
+    bad("route_logits-scalar", ROUTE, lambda a: {"route_logits": torch.tensor(1.0), "write_gate": torch.tensor(0.0),
+                                                 "top_k": 1},
+        ValueError, r"^route_logits must have shape \[B, T, H, S\]"),
+    *bumped(ROUTE, [("write_gate", d) for d in "BTH"]),
+    bad("S=0", ROUTE, lambda a: {"route_logits": a["route_logits"][..., :0], "top_k": 1}, ValueError,
+        r"^route_logits must have at least one slot"),
+    *other_device(ROUTE, ROUTE_LAYOUT),
+    *top_k_cases(ROUTE),
+    *backend_cases(ROUTE),
+    # ---- state_attention
+    *not_a_tensor(SA),
+    *integer_dtype(SA),
+    *wrong_rank(SA, [n for n in SA_LAYOUT if n != "s2s.gate"]),
+    bad("S=0", SA, lambda a: {"v_state": a["v_state"][:, :, :0]}, ValueError,
+        r"^v_state: every dimension must be >= 1, got S = 0"),
+    bad("V=0", SA, lambda a: {"v_state": a["v_state"][..., :0]}, ValueError,
+        r"^v_state: every dimension must be >= 1, got V = 0"),
+    *s2s_types(SA, {"None": lambda: None, "tuple": lambda: tuple(make_s2s()), "NSTMState": make_state,
+                    "dict": lambda: make_s2s()._asdict()}),
+    *s2s_shapes(SA),
+    # v_state's H or V disagrees with the s2s weights: the message names the weights (they are
+    # checked against v_state's H and V)
+    *[bad(f"v_state-{d}+1", SA, lambda a, d=d: {"v_state": rand("BHSV", bump=d)}, ValueError,
+          r"^s2s\.w_q must have shape \[H, V, V\]") for d in "HV"],
+    # the message names both tensors: the one on meta, and v_state (there is no q here)
+    *other_device(SA, SA_LAYOUT, lambda n: (r"is on cpu but v_state is on meta" if n == "v_state" else
+                                            rf"^{re.escape(n)} is on meta but v_state is on cpu") + ".*same device"),
+    *backend_cases(SA),
+]
 
 
-@pytest.mark.parametrize("dim", "BHSK")
-def test_attention_initial_state_wrong_k_shape(dim):
-    expect_bad_tensor(nstm_attention, attention_args(), "initial_state.k", rand("BHSK", bump=dim),
-                      ValueError, r" must have shape \[B, H, S, K\]")
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input(case):
+    args = case.api.args()
+    snap = snapshot(args)                  # the caller's valid tensors
+    over = case.over(args)
+    with pytest.raises(case.exc, match=case.pattern) as info:
+        call(case.api.fn, args, **over)
+    if case.shows is not None:
+        assert shape_str(over[case.shows]) in str(info.value), "the message should show the shape it got"
+    assert_unchanged(snap)
 
 
-@pytest.mark.parametrize("dim", "BHSV")
-def test_attention_initial_state_wrong_v_shape(dim):
-    expect_bad_tensor(nstm_attention, attention_args(), "initial_state.v", rand("BHSV", bump=dim),
-                      ValueError, r" must have shape \[B, H, S, V\]")
-
-
-def test_attention_initial_state_negative_pos():
-    with pytest.raises(ValueError, match=r"^initial_state\.pos must be >= 0, got -1"):
-        call(nstm_attention, attention_args(), **{"initial_state.pos": -1})
-
-
-@pytest.mark.parametrize("pos", [3.0, True, "3", None, torch.tensor(3)],
-                         ids=["float", "bool", "str", "None", "tensor"])
-def test_attention_initial_state_pos_not_int(pos):
-    with pytest.raises(TypeError, match=r"^initial_state\.pos must be an int"):
-        call(nstm_attention, attention_args(), **{"initial_state.pos": pos})
-
-
-@pytest.mark.parametrize("scale", [0, 0.0, -0.5])
-def test_attention_scale_not_positive(scale):
-    with pytest.raises(ValueError, match=r"^scale must be a finite positive number"):
-        call(nstm_attention, attention_args(), scale=scale)
-
-
-@pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf])
-def test_attention_scale_not_finite(scale):
-    with pytest.raises(ValueError, match=r"^scale must be a finite positive number"):
-        call(nstm_attention, attention_args(), scale=scale)
-
-
-@pytest.mark.parametrize("scale", ["0.5", True, [0.5]], ids=["str", "bool", "list"])
-def test_attention_scale_wrong_type(scale):
-    with pytest.raises(TypeError, match=r"^scale must be a float or None"):
-        call(nstm_attention, attention_args(), scale=scale)
-
-
-@pytest.mark.parametrize("flag", [1, 0, "True", None], ids=["1", "0", "str", "None"])
-def test_attention_output_final_state_not_bool(flag):
-    with pytest.raises(TypeError, match=r"^output_final_state must be a bool"):
-        call(nstm_attention, attention_args(), output_final_state=flag)
-
-
-@pytest.mark.parametrize("backend", BAD_BACKENDS)
-def test_attention_unknown_backend(backend):
-    with pytest.raises(ValueError, match=r"^backend must be one of .*'chunked'.*" + repr(backend)):
-        call(nstm_attention, attention_args(), backend=backend)
-
-
-@pytest.mark.parametrize("backend", BAD_ENV_BACKENDS)
-def test_attention_unknown_backend_env(monkeypatch, backend):
+@pytest.mark.parametrize("api,backend,pattern", [
+    *[pytest.param(api, b, r"^NSTM_BACKEND must be one of .*'chunked'.*" + repr(b), id=f"{api.id}-{b}")
+      for api in (ATTN, STEP, ROUTE, SA) for b in BAD_ENV_BACKENDS],
+    pytest.param(MAPS, "bogus", r"^NSTM_BACKEND must be one of .*'bogus'", id="attention_with_maps-bogus"),
+])
+def test_unknown_backend_env(monkeypatch, api, backend, pattern):
     monkeypatch.setenv("NSTM_BACKEND", backend)
-    with pytest.raises(ValueError,
-                       match=r"^NSTM_BACKEND must be one of .*'chunked'.*" + repr(backend)):
-        call(nstm_attention, attention_args())
+    with pytest.raises(ValueError, match=pattern):
+        call(api.fn, api.args())
 
 
-# nstm_attention_with_maps (the attention op that also returns the maps) resolves backends the
-# same way; it used to ignore an unknown name
-def test_attention_with_maps_unknown_backend():
-    with pytest.raises(ValueError, match=r"^backend must be one of .*'bogus'"):
-        call(nstm_attention_with_maps, attention_args(), backend="bogus")
+# ----------------------------------------------------------------------------------------------
+# no call changes its inputs, the bad arguments included
+# ----------------------------------------------------------------------------------------------
+
+FAILED_CALLS = [
+    (ATTN, [{"top_k": S + 1}, {"scale": -1.0}, {"output_final_state": 1}, {"backend": "bogus"},
+            {"initial_state.pos": -1}, {"comm_every": 0}, {"write_gate": rand("BTH", bump="H")},
+            {"s2s.gate": torch.randn(H + 1)}]),
+    (STEP, [{"top_k": 0}, {"scale": math.nan}, {"backend": "bogus"}, {"state.pos": 1.0},
+            {"comm_every": 2.0}, {"state.v": rand("BHSV", bump="V")}, {"s2s": tuple(make_s2s())}]),
+    (ROUTE, [{"top_k": S + 1}, {"top_k": 1.0}, {"backend": "bogus"}, {"write_gate": rand("BTH", bump="T")}]),
+    (SA, [{"backend": "bogus"}, {"s2s.gate": torch.randn(H, 1)}, {"s2s.w_k": rand("HVV").to(torch.int64)}]),
+]
 
 
-def test_attention_with_maps_unknown_backend_env(monkeypatch):
-    monkeypatch.setenv("NSTM_BACKEND", "bogus")
-    with pytest.raises(ValueError, match=r"^NSTM_BACKEND must be one of .*'bogus'"):
-        call(nstm_attention_with_maps, attention_args())
+def _failed_id(api, over):
+    name, value = next(iter(over.items()))
+    return f"{api.id}-{name}" + (f"={value!r}" if name == "top_k" else "")
 
 
-FAILURES_ATTN = [{"top_k": S + 1}, {"scale": -1.0}, {"output_final_state": 1}, {"backend": "bogus"},
-                 {"initial_state.pos": -1}, {"comm_every": 0},
-                 {"write_gate": rand("BTH", bump="H")}, {"s2s.gate": torch.randn(H + 1)}]
-
-
-@pytest.mark.parametrize("over", FAILURES_ATTN, ids=lambda o: next(iter(o)))
-def test_attention_failed_call_leaves_inputs_unchanged(over):
-    args = attention_args()
+@pytest.mark.parametrize("api,over", [pytest.param(api, over, id=_failed_id(api, over))
+                                      for api, overs in FAILED_CALLS for over in overs])
+def test_failed_call_leaves_inputs_unchanged(api, over):
+    args = api.args()
     for name, value in over.items():
         args = put(args, name, value)
-    snap = snapshot(args)
+    snap = snapshot(args)                  # the bad tensor too
     with pytest.raises((ValueError, TypeError)):
-        nstm_attention(**args)
+        api.fn(**args)
     assert_unchanged(snap)
 
 
-@pytest.mark.parametrize("backend", [None, "reference", "chunked"])
-def test_attention_success_does_not_modify_inputs(backend):
-    args = attention_args()
-    args["backend"] = backend
-    snap = snapshot(args)
-    o, final = nstm_attention(**args)
-    assert_unchanged(snap)
+def _attention_result(args, out):
+    o, final = out
     assert o.shape == (B, T, H, V) and final.pos == POS + T and args["initial_state"].pos == POS
     assert final.k.data_ptr() != args["initial_state"].k.data_ptr()
     assert final.v.data_ptr() != args["initial_state"].v.data_ptr()
 
 
-# ----------------------------------------------------------------------------------------------
-# nstm_step
-# ----------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name", STEP_TENSORS)
-def test_step_not_a_tensor(name):
-    args = step_args()
-    expect_bad_tensor(nstm_step, args, name, get(args, name).tolist(), TypeError,
-                      " must be a torch\\.Tensor")
-
-
-@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
-@pytest.mark.parametrize("name", STEP_TENSORS)
-def test_step_integer_dtype(name, dtype):
-    args = step_args()
-    expect_bad_tensor(nstm_step, args, name, get(args, name).to(dtype), TypeError,
-                      " must be a floating tensor")
-
-
-@pytest.mark.parametrize("name,how", rank_cases([n for n in STEP_TENSORS if n != "s2s.gate"])
-                         + [(n, "seq") for n in ("q", "k", "v", "route_logits", "write_gate")])
-def test_step_wrong_rank(name, how):
-    args = step_args()
-    t = get(args, name)
-    bad = t.unsqueeze(1) if how == "seq" else change_rank(t, how)   # "seq": the [B, 1, H, *] form
-    expect_bad_tensor(nstm_step, args, name, bad, ValueError,
-                      rf" must have shape \[.*\] \({len(STEP_LAYOUT[name])} dims\)")
-
-
-@pytest.mark.parametrize("name,dim", [("k", d) for d in "BHK"] + [("v", d) for d in "BH"]
-                         + [("route_logits", d) for d in "BH"] + [("write_gate", d) for d in "BH"])
-def test_step_shape_disagreement(name, dim):
-    args = step_args()
-    expect_bad_tensor(nstm_step, args, name, rand(STEP_LAYOUT[name], bump=dim), ValueError,
-                      " must have shape")
-
-
-@pytest.mark.parametrize("name", ["k", "v"])
-def test_step_qkv_dtype_mismatch(name):
-    args = step_args()
-    expect_bad_tensor(nstm_step, args, name, get(args, name).to(torch.float16), TypeError,
-                      " has dtype torch.float16 but q has torch.float32")
-
-
-@pytest.mark.parametrize("name", STEP_TENSORS)
-def test_step_different_devices(name):
-    args = step_args()
-    with pytest.raises(ValueError, match=rf"\b{re.escape(name)} is on meta\b.*same device"):
-        call(nstm_step, args, **{name: get(args, name).to("meta")})
-
-
-@pytest.mark.parametrize("top_k", [0, -1])
-def test_step_top_k_too_small(top_k):
-    with pytest.raises(ValueError, match=rf"^top_k must be in \[1, {S}\], got {top_k}"):
-        call(nstm_step, step_args(), top_k=top_k)
-
-
-@pytest.mark.parametrize("top_k", [S + 1, 100])
-def test_step_top_k_larger_than_num_slots(top_k):
-    with pytest.raises(ValueError, match=rf"^top_k must be in \[1, {S}\], got {top_k}"):
-        call(nstm_step, step_args(), top_k=top_k)
-
-
-@pytest.mark.parametrize("top_k", NOT_INTS, ids=NOT_INTS_IDS)
-def test_step_top_k_not_int(top_k):
-    with pytest.raises(TypeError, match=r"^top_k must be an int"):
-        call(nstm_step, step_args(), top_k=top_k)
-
-
-@pytest.mark.parametrize("comm_every", [0, -2])
-def test_step_comm_every_not_positive(comm_every):
-    with pytest.raises(ValueError, match=rf"^comm_every must be >= 1, got {comm_every}"):
-        call(nstm_step, step_args(), comm_every=comm_every)
-
-
-@pytest.mark.parametrize("comm_every", NOT_INTS, ids=NOT_INTS_IDS)
-def test_step_comm_every_not_int(comm_every):
-    with pytest.raises(TypeError, match=r"^comm_every must be an int"):
-        call(nstm_step, step_args(), comm_every=comm_every)
-
-
-@pytest.mark.parametrize("make", [lambda: tuple(make_s2s()), make_state, lambda: "s2s"],
-                         ids=["tuple", "NSTMState", "str"])
-def test_step_s2s_wrong_type(make):
-    with pytest.raises(TypeError, match=r"^s2s must be an S2SParams"):
-        call(nstm_step, step_args(), s2s=make())
-
-
-@pytest.mark.parametrize("name,shape", S2S_BAD_SHAPES, ids=S2S_BAD_SHAPE_IDS)
-def test_step_s2s_wrong_weight_shape(name, shape):
-    expect_bad_tensor(nstm_step, step_args(), name, torch.randn(shape), ValueError,
-                      r" must have shape \[H, V, V\]")
-
-
-@pytest.mark.parametrize("shape", GATE_BAD_SHAPES, ids=str)
-def test_step_s2s_wrong_gate_shape(shape):
-    expect_bad_tensor(nstm_step, step_args(), "s2s.gate", torch.randn(shape), ValueError,
-                      r" must have shape \[H\]")
-
-
-@pytest.mark.parametrize("make", [lambda: tuple(make_state()), lambda: make_state()._asdict(),
-                                  make_s2s, lambda: rand("BHSK")],
-                         ids=["tuple", "dict", "S2SParams", "tensor"])
-def test_step_state_wrong_type(make):
-    with pytest.raises(TypeError, match=r"^state must be an NSTMState"):
-        call(nstm_step, step_args(), state=make())
-
-
-@pytest.mark.parametrize("dim", "BHSK")
-def test_step_state_wrong_k_shape(dim):
-    expect_bad_tensor(nstm_step, step_args(), "state.k", rand("BHSK", bump=dim), ValueError,
-                      r" must have shape \[B, H, S, K\]")
-
-
-@pytest.mark.parametrize("dim", "BHSV")
-def test_step_state_wrong_v_shape(dim):
-    expect_bad_tensor(nstm_step, step_args(), "state.v", rand("BHSV", bump=dim), ValueError,
-                      r" must have shape \[B, H, S, V\]")
-
-
-def test_step_state_negative_pos():
-    with pytest.raises(ValueError, match=r"^state\.pos must be >= 0, got -5"):
-        call(nstm_step, step_args(), **{"state.pos": -5})
-
-
-@pytest.mark.parametrize("pos", [3.0, True, "3", None, torch.tensor(3)],
-                         ids=["float", "bool", "str", "None", "tensor"])
-def test_step_state_pos_not_int(pos):
-    with pytest.raises(TypeError, match=r"^state\.pos must be an int"):
-        call(nstm_step, step_args(), **{"state.pos": pos})
-
-
-@pytest.mark.parametrize("scale", [0, 0.0, -0.5])
-def test_step_scale_not_positive(scale):
-    with pytest.raises(ValueError, match=r"^scale must be a finite positive number"):
-        call(nstm_step, step_args(), scale=scale)
-
-
-@pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf])
-def test_step_scale_not_finite(scale):
-    with pytest.raises(ValueError, match=r"^scale must be a finite positive number"):
-        call(nstm_step, step_args(), scale=scale)
-
-
-@pytest.mark.parametrize("scale", ["0.5", True, [0.5]], ids=["str", "bool", "list"])
-def test_step_scale_wrong_type(scale):
-    with pytest.raises(TypeError, match=r"^scale must be a float or None"):
-        call(nstm_step, step_args(), scale=scale)
-
-
-@pytest.mark.parametrize("backend", BAD_BACKENDS)
-def test_step_unknown_backend(backend):
-    with pytest.raises(ValueError, match=r"^backend must be one of .*'chunked'.*" + repr(backend)):
-        call(nstm_step, step_args(), backend=backend)
-
-
-@pytest.mark.parametrize("backend", BAD_ENV_BACKENDS)
-def test_step_unknown_backend_env(monkeypatch, backend):
-    monkeypatch.setenv("NSTM_BACKEND", backend)
-    with pytest.raises(ValueError,
-                       match=r"^NSTM_BACKEND must be one of .*'chunked'.*" + repr(backend)):
-        call(nstm_step, step_args())
-
-
-FAILURES_STEP = [{"top_k": 0}, {"scale": math.nan}, {"backend": "bogus"}, {"state.pos": 1.0},
-                 {"comm_every": 2.0}, {"state.v": rand("BHSV", bump="V")},
-                 {"s2s": tuple(make_s2s())}]
-
-
-@pytest.mark.parametrize("over", FAILURES_STEP, ids=lambda o: next(iter(o)))
-def test_step_failed_call_leaves_inputs_unchanged(over):
-    args = step_args()
-    for name, value in over.items():
-        args = put(args, name, value)
-    snap = snapshot(args)
-    with pytest.raises((ValueError, TypeError)):
-        nstm_step(**args)
-    assert_unchanged(snap)
-
-
-@pytest.mark.parametrize("backend", [None, "reference", "chunked"])
-def test_step_success_does_not_modify_inputs(backend):
-    args = step_args()
-    args["backend"] = backend
-    snap = snapshot(args)          # includes state.k, state.v and the s2s weights
-    o, new = nstm_step(**args)
-    assert_unchanged(snap)
+def _step_result(args, out):
+    o, new = out
     assert o.shape == (B, H, V) and new.pos == POS + 1 and args["state"].pos == POS
     assert new.k.data_ptr() != args["state"].k.data_ptr()
     assert new.v.data_ptr() != args["state"].v.data_ptr()
 
 
-# ----------------------------------------------------------------------------------------------
-# sparse_route
-# ----------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name", list(ROUTE_LAYOUT))
-def test_route_not_a_tensor(name):
-    args = route_args()
-    expect_bad_tensor(sparse_route, args, name, get(args, name).tolist(), TypeError,
-                      " must be a torch\\.Tensor")
-
-
-@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
-@pytest.mark.parametrize("name", list(ROUTE_LAYOUT))
-def test_route_integer_dtype(name, dtype):
-    args = route_args()
-    expect_bad_tensor(sparse_route, args, name, get(args, name).to(dtype), TypeError,
-                      " must be a floating tensor")
-
-
-@pytest.mark.parametrize("how", ["drop", "add"])
-def test_route_wrong_rank_write_gate(how):
-    # route_logits may have any leading dims; write_gate must have exactly those
-    args = route_args()
-    expect_bad_tensor(sparse_route, args, "write_gate", change_rank(args["write_gate"], how),
-                      ValueError, r" must have shape \[B, T, H\] \(3 dims\)")
-
-
-def test_route_wrong_rank_route_logits_scalar():
-    with pytest.raises(ValueError, match=r"^route_logits must have shape \[B, T, H, S\]"):
-        sparse_route(torch.tensor(1.0), torch.tensor(0.0), 1)
-
-
-@pytest.mark.parametrize("dim", "BTH")
-def test_route_shape_disagreement(dim):
-    expect_bad_tensor(sparse_route, route_args(), "write_gate", rand("BTH", bump=dim), ValueError,
-                      " must have shape")
-
-
-def test_route_no_slots():
-    with pytest.raises(ValueError, match=r"^route_logits must have at least one slot"):
-        sparse_route(rand("BTHS")[..., :0], rand("BTH"), 1)
-
-
-@pytest.mark.parametrize("name", list(ROUTE_LAYOUT))
-def test_route_different_devices(name):
-    args = route_args()
-    with pytest.raises(ValueError, match=rf"\b{re.escape(name)} is on meta\b.*same device"):
-        call(sparse_route, args, **{name: get(args, name).to("meta")})
-
-
-@pytest.mark.parametrize("top_k", [0, -1])
-def test_route_top_k_too_small(top_k):
-    with pytest.raises(ValueError, match=rf"^top_k must be in \[1, {S}\], got {top_k}"):
-        call(sparse_route, route_args(), top_k=top_k)
-
-
-@pytest.mark.parametrize("top_k", [S + 1, 100])
-def test_route_top_k_larger_than_num_slots(top_k):
-    with pytest.raises(ValueError, match=rf"^top_k must be in \[1, {S}\], got {top_k}"):
-        call(sparse_route, route_args(), top_k=top_k)
-
-
-@pytest.mark.parametrize("top_k", NOT_INTS, ids=NOT_INTS_IDS)
-def test_route_top_k_not_int(top_k):
-    with pytest.raises(TypeError, match=r"^top_k must be an int"):
-        call(sparse_route, route_args(), top_k=top_k)
-
-
-@pytest.mark.parametrize("backend", BAD_BACKENDS)
-def test_route_unknown_backend(backend):
-    with pytest.raises(ValueError, match=r"^backend must be one of .*'chunked'.*" + repr(backend)):
-        call(sparse_route, route_args(), backend=backend)
-
-
-@pytest.mark.parametrize("backend", BAD_ENV_BACKENDS)
-def test_route_unknown_backend_env(monkeypatch, backend):
-    monkeypatch.setenv("NSTM_BACKEND", backend)
-    with pytest.raises(ValueError,
-                       match=r"^NSTM_BACKEND must be one of .*'chunked'.*" + repr(backend)):
-        call(sparse_route, route_args())
-
-
-@pytest.mark.parametrize("over", [{"top_k": S + 1}, {"top_k": 1.0}, {"backend": "bogus"},
-                                  {"write_gate": rand("BTH", bump="T")}],
-                         ids=lambda o: next(iter(o)))
-def test_route_failed_call_leaves_inputs_unchanged(over):
-    args = route_args()
-    for name, value in over.items():
-        args = put(args, name, value)
-    snap = snapshot(args)
-    with pytest.raises((ValueError, TypeError)):
-        sparse_route(**args)
-    assert_unchanged(snap)
-
-
-@pytest.mark.parametrize("backend", [None, "reference", "chunked"])
-def test_route_success_does_not_modify_inputs(backend):
-    args = route_args()
-    args["backend"] = backend
-    snap = snapshot(args)
-    idx, w = sparse_route(**args)
-    assert_unchanged(snap)
+def _route_result(args, out):
+    idx, w = out
     assert idx.shape == w.shape == (B, T, H, TOP_K)
 
 
-# ----------------------------------------------------------------------------------------------
-# state_attention
-# ----------------------------------------------------------------------------------------------
-
-SA_TENSORS = list(SA_LAYOUT)
-
-
-@pytest.mark.parametrize("name", SA_TENSORS)
-def test_state_attention_not_a_tensor(name):
-    args = sa_args()
-    expect_bad_tensor(state_attention, args, name, get(args, name).tolist(), TypeError,
-                      " must be a torch\\.Tensor")
-
-
-@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
-@pytest.mark.parametrize("name", SA_TENSORS)
-def test_state_attention_integer_dtype(name, dtype):
-    args = sa_args()
-    expect_bad_tensor(state_attention, args, name, get(args, name).to(dtype), TypeError,
-                      " must be a floating tensor")
-
-
-@pytest.mark.parametrize("name,how", rank_cases([n for n in SA_TENSORS if n != "s2s.gate"]))
-def test_state_attention_wrong_rank(name, how):
-    args = sa_args()
-    expect_bad_tensor(state_attention, args, name, change_rank(get(args, name), how), ValueError,
-                      rf" must have shape \[.*\] \({len(SA_LAYOUT[name])} dims\)")
-
-
-@pytest.mark.parametrize("dim", "SV")
-def test_state_attention_empty_dimension(dim):
-    bad = rand("BHSV")[:, :, :0] if dim == "S" else rand("BHSV")[..., :0]
-    with pytest.raises(ValueError, match=rf"^v_state: every dimension must be >= 1, got {dim} = 0"):
-        call(state_attention, sa_args(), v_state=bad)
-
-
-@pytest.mark.parametrize("make", [lambda: None, lambda: tuple(make_s2s()), make_state,
-                                  lambda: make_s2s()._asdict()],
-                         ids=["None", "tuple", "NSTMState", "dict"])
-def test_state_attention_s2s_wrong_type(make):
-    with pytest.raises(TypeError, match=r"^s2s must be an S2SParams"):
-        call(state_attention, sa_args(), s2s=make())
-
-
-@pytest.mark.parametrize("name,shape", S2S_BAD_SHAPES, ids=S2S_BAD_SHAPE_IDS)
-def test_state_attention_s2s_wrong_weight_shape(name, shape):
-    expect_bad_tensor(state_attention, sa_args(), name, torch.randn(shape), ValueError,
-                      r" must have shape \[H, V, V\]")
-
-
-@pytest.mark.parametrize("shape", GATE_BAD_SHAPES, ids=str)
-def test_state_attention_s2s_wrong_gate_shape(shape):
-    expect_bad_tensor(state_attention, sa_args(), "s2s.gate", torch.randn(shape), ValueError,
-                      r" must have shape \[H\]")
-
-
-@pytest.mark.parametrize("dim", "HV")
-def test_state_attention_shape_disagreement(dim):
-    # v_state's H or V disagrees with the s2s weights: the message names the weights (they are
-    # checked against v_state's H and V) and shows both shapes
-    with pytest.raises(ValueError, match=r"^s2s\.w_q must have shape \[H, V, V\]"):
-        call(state_attention, sa_args(), v_state=rand("BHSV", bump=dim))
-
-
-@pytest.mark.parametrize("name", SA_TENSORS)
-def test_state_attention_different_devices(name):
-    # the message names both tensors: the one on meta, and v_state (there is no q here)
-    args = sa_args()
-    pattern = (r"is on cpu but v_state is on meta" if name == "v_state"
-               else rf"^{re.escape(name)} is on meta but v_state is on cpu")
-    with pytest.raises(ValueError, match=pattern + ".*same device"):
-        call(state_attention, args, **{name: get(args, name).to("meta")})
-
-
-@pytest.mark.parametrize("backend", BAD_BACKENDS)
-def test_state_attention_unknown_backend(backend):
-    with pytest.raises(ValueError, match=r"^backend must be one of .*'chunked'.*" + repr(backend)):
-        call(state_attention, sa_args(), backend=backend)
-
-
-@pytest.mark.parametrize("backend", BAD_ENV_BACKENDS)
-def test_state_attention_unknown_backend_env(monkeypatch, backend):
-    monkeypatch.setenv("NSTM_BACKEND", backend)
-    with pytest.raises(ValueError,
-                       match=r"^NSTM_BACKEND must be one of .*'chunked'.*" + repr(backend)):
-        call(state_attention, sa_args())
-
-
-@pytest.mark.parametrize("over", [{"backend": "bogus"}, {"s2s.gate": torch.randn(H, 1)},
-                                  {"s2s.w_k": rand("HVV").to(torch.int64)}],
-                         ids=lambda o: next(iter(o)))
-def test_state_attention_failed_call_leaves_inputs_unchanged(over):
-    args = sa_args()
-    for name, value in over.items():
-        args = put(args, name, value)
-    snap = snapshot(args)
-    with pytest.raises((ValueError, TypeError)):
-        state_attention(**args)
-    assert_unchanged(snap)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", [None, "reference", "chunked"])
-def test_state_attention_success_does_not_modify_inputs(backend, dtype):
-    args = sa_args()
-    args["v_state"] = args["v_state"].to(dtype)
-    args["backend"] = backend
-    snap = snapshot(args)
-    out = state_attention(**args)
-    assert_unchanged(snap)
-    assert out.shape == (B, H, S, V) and out.dtype == dtype
+def _sa_result(args, out):
+    assert out.shape == (B, H, S, V) and out.dtype == args["v_state"].dtype
     assert out.data_ptr() != args["v_state"].data_ptr()
+
+
+SUCCESS = [(ATTN, _attention_result, [torch.float32]), (STEP, _step_result, [torch.float32]),
+           (ROUTE, _route_result, [torch.float32]),
+           (SA, _sa_result, [torch.float32, torch.float64, torch.bfloat16])]
+
+
+@pytest.mark.parametrize("api,check,backend,dtype", [
+    pytest.param(api, check, backend, dtype,
+                 id=f"{api.id}-{backend}" + (f"-{str(dtype).split('.')[1]}" if len(dtypes) > 1 else ""))
+    for api, check, dtypes in SUCCESS for backend in (None, "reference", "chunked") for dtype in dtypes])
+def test_success_does_not_modify_inputs(api, check, backend, dtype):
+    args = api.args()
+    args["backend"] = backend
+    if api is SA:
+        args["v_state"] = args["v_state"].to(dtype)
+    snap = snapshot(args)          # every tensor: the state and the s2s weights included
+    out = api.fn(**args)
+    assert_unchanged(snap)
+    check(args, out)
