@@ -166,4 +166,14 @@ def assert_grads_close(grads: dict, want: dict, tol: Optional[float] = None, nam
     if names is not None:
         assert set(grads) == set(names), f"gradients for {sorted(grads)}, expected {sorted(names)}"
     for n in want:
-        assert_close(grads[n], want[n], tol, name=f"d {n}")
+        t = tol
+        if t is None and n == "s2s.gate" and want[n].dtype == torch.float32:
+            t = GATE_GRAD_TOL_F32
+        assert_close(grads[n], want[n], t, name=f"d {n}")
+
+
+# The v2 s2s gate's gradient is one number per head, sum over the whole state of dY * (A V - V):
+# a difference of nearby values summed in float32 by two different orders of operations (the
+# kernels' tiles and PyTorch's autograd), so it agrees to about 1e-4..1e-3 where everything else
+# agrees to 1e-5. float64 holds it to the table's value.
+GATE_GRAD_TOL_F32 = 1e-3
