@@ -13,7 +13,7 @@ from nstm_kernels import NSTMState, S2SParams, nstm_attention, nstm_step
 from tests.ops import fuzz
 
 CHUNKED_CASES = 300
-TRITON_CASES = 40
+TRITON_CASES = 8   # the interpreter is slow; make fuzz BACKEND=triton runs more
 
 
 @pytest.fixture
@@ -36,10 +36,11 @@ def test_chunked_equals_the_reference_on_random_cases(block):
     assert not bad, bad[:3]
 
 
-@pytest.mark.parametrize("block", range(TRITON_CASES // 20))
-def test_triton_equals_the_reference_on_random_cases(block, triton_interpreter):
+def test_triton_equals_the_reference_on_random_cases(triton_interpreter):
+    # short streams only: the interpreter runs every program serially (seconds per case)
+    seeds = [s for s in range(10_000, 11_000) if fuzz.case(s)["T"] <= 17][:TRITON_CASES]
     bad = []
-    for seed in range(10_000 + block * 20, 10_000 + (block + 1) * 20):
+    for seed in seeds:
         cfg = fuzz.case(seed)
         f = fuzz.failures(cfg, fuzz.check(cfg, "triton"))
         if f:
