@@ -25,26 +25,27 @@ def triton_interpreter():
         pytest.skip(reason)
 
 
-@pytest.mark.parametrize("block", range(CHUNKED_CASES // 50))
-def test_chunked_equals_the_reference_on_random_cases(block):
+def _failures(seeds, backend):
+    """(seed, config, failures) of every case of ``seeds`` that ``backend`` gets wrong."""
     bad = []
-    for seed in range(block * 50, (block + 1) * 50):
+    for seed in seeds:
         cfg = fuzz.case(seed)
-        f = fuzz.failures(cfg, fuzz.check(cfg, "chunked"))
+        f = fuzz.failures(cfg, fuzz.check(cfg, backend))
         if f:
             bad.append((seed, cfg, f))
+    return bad
+
+
+@pytest.mark.parametrize("block", range(CHUNKED_CASES // 50))
+def test_chunked_equals_the_reference_on_random_cases(block):
+    bad = _failures(range(block * 50, (block + 1) * 50), "chunked")
     assert not bad, bad[:3]
 
 
 def test_triton_equals_the_reference_on_random_cases(triton_interpreter):
     # short streams only: the interpreter runs every program serially (seconds per case)
     seeds = [s for s in range(10_000, 11_000) if fuzz.case(s)["T"] <= 17][:TRITON_CASES]
-    bad = []
-    for seed in seeds:
-        cfg = fuzz.case(seed)
-        f = fuzz.failures(cfg, fuzz.check(cfg, "triton"))
-        if f:
-            bad.append((seed, cfg, f))
+    bad = _failures(seeds, "triton")
     assert not bad, bad[:3]
 
 
