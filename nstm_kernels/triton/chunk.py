@@ -25,7 +25,7 @@ Three launches:
    (the closed form of pass 2). The read at token t sees the state after t's write (D includes
    s = t). Chunks never hold an s2s event inside, so this pass has none.
 
-Chunks (``utils.chunk_starts``) are laid on absolute stream positions: a new chunk at every period start
+Chunks (``utils.layout``) are laid on absolute stream positions: a new chunk at every period start
 when s2s is on (so every s2s event is a chunk end) and every ``L`` = ``chunk_length()`` tokens from
 there (from absolute multiples of ``L`` without s2s). The chunk-entry states are exactly the
 segment-entry states both backwards need: the chunk-parallel backward of ``chunk_bwd.py`` (the
@@ -42,18 +42,28 @@ import triton.language as tl
 
 from .device import chunk_length, pow2, sub_chunk_length, tile_warps
 from .s2s import s2s_forward_tile
-from .utils import advance, chunk_meta, chunk_starts, dense_weights, log_retain, mm, slot_tiles, state_warps
+from .utils import (
+    Layout,
+    advance,
+    chunk_meta,
+    dense_weights,
+    log_retain,
+    mm,
+    on_device,
+    slot_tiles,
+    state_warps,
+)
 
 
 @triton.jit
-def _chunk_nstm_fwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_ptr,
-                             bk_ptr, bv_ptr, fk_ptr, fv_ptr, wq_ptr, wk_ptr, mix_ptr,
-                             T, H, S, K, V, NC, pos_mod, C, qk_scale,
+def _chunk_nstm_fwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_ptr, cuc_ptr,
+                             ev_ptr, bk_ptr, bv_ptr, fk_ptr, fv_ptr, wq_ptr, wk_ptr, mix_ptr,
+                             H, S, K, V, qk_scale,
                              TOP_K: tl.constexpr, HAS_S2S: tl.constexpr, EPS: tl.constexpr,
                              BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
                              BLOCK_V: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // H
+    pid = tl.program_id(0)       # (sequence n, head h): its state row is pid
+    n = pid // H
     h = pid % H
     pid64 = pid.to(tl.int64)
     rs, rk, rv, smask, mk, mv, sk_off, sv_off = slot_tiles(S, K, V, BLOCK_S, BLOCK_K, BLOCK_V)
@@ -62,15 +72,16 @@ def _chunk_nstm_fwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_p
     Vs = tl.load(v0_ptr + pid64 * S * V + sv_off, mask=mv, other=0.0).to(DT)
     if HAS_S2S:
         mix = tl.load(mix_ptr + h).to(DT)
-    c = tl.zeros([], tl.int32)   # loop-carried tensor: a while loop (the interpreter needs it)
-    while c < NC:
+    c = tl.load(cuc_ptr + n)     # this sequence's chunks; a while loop (the interpreter needs it)
+    c_end = tl.load(cuc_ptr + n + 1)
+    while c < c_end:
         t0 = tl.load(seg_ptr + c)
         t1 = tl.load(seg_ptr + c + 1)
-        bo = (pid64 * NC + c) * S
+        bo = (c.to(tl.int64) * H + h) * S
         tl.store(bk_ptr + bo * K + sk_off, Ks.to(bk_ptr.dtype.element_ty), mask=mk)
         tl.store(bv_ptr + bo * V + sv_off, Vs.to(bv_ptr.dtype.element_ty), mask=mv)
         rmask = rl < (t1 - t0)
-        tok = (b.to(tl.int64) * T + t0 + rl) * H + h                   # [BLOCK_L]
+        tok = (t0.to(tl.int64) + rl) * H + h                            # [BLOCK_L]
         W = dense_weights(idx_ptr, w_ptr, tok, rmask, BLOCK_S, TOP_K, DT)
         lw = log_retain(W, EPS)
         lc = tl.cumsum(lw, axis=0)
@@ -80,7 +91,7 @@ def _chunk_nstm_fwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_p
                      mask=rmask[:, None] & (rv[None, :] < V), other=0.0).to(DT)
         Ks, Vs = advance(Ks, Vs, W, lw, lc, kc, vc, PREC)
         if HAS_S2S:
-            if (pos_mod + t1) % C == 0:   # the chunk's last token ends a period
+            if tl.load(ev_ptr + c) != 0:   # the chunk's last token ends a period
                 Vs = s2s_forward_tile(Vs, wq_ptr, wk_ptr, mix, h, S, V, qk_scale, PREC)
         c += 1
     tl.store(fk_ptr + pid64 * S * K + sk_off, Ks.to(fk_ptr.dtype.element_ty), mask=mk)
@@ -89,27 +100,25 @@ def _chunk_nstm_fwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_p
 
 @triton.jit
 def _chunk_nstm_fwd_kernel_o(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, seg_ptr, bk_ptr, bv_ptr, o_ptr,
-                             T, H, S, K, V, NC, scale,
+                             H, S, K, V, scale,
                              TOP_K: tl.constexpr, EPS: tl.constexpr, SUB: tl.constexpr,
                              BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                              DT: tl.constexpr, PREC: tl.constexpr):
-    c = tl.program_id(0) % NC    # a 1-D grid: B * H may pass the 65535 limit of grid dim 1
-    pid = tl.program_id(0) // NC
-    b = pid // H
+    pid = tl.program_id(0)       # (chunk c, head h); a 1-D grid (dim 1 stops at 65535)
+    c = pid // H
     h = pid % H
-    pid64 = pid.to(tl.int64)
     rs, rk, rv, smask, mk, mv, sk_off, sv_off = slot_tiles(S, K, V, BLOCK_S, BLOCK_K, BLOCK_V)
     rl = tl.arange(0, SUB)
     causal = (rl[:, None] >= rl[None, :])[:, :, None]                  # [SUB(t), SUB(s), 1]
     t0 = tl.load(seg_ptr + c)
     t1 = tl.load(seg_ptr + c + 1)
-    bo = (pid64 * NC + c) * S
-    Ks = tl.load(bk_ptr + bo * K + rs[:, None] * K + rk[None, :], mask=mk, other=0.0).to(DT)
-    Vs = tl.load(bv_ptr + bo * V + rs[:, None] * V + rv[None, :], mask=mv, other=0.0).to(DT)
+    bo = pid.to(tl.int64) * S    # the chunk-entry state of (c, h)
+    Ks = tl.load(bk_ptr + bo * K + sk_off, mask=mk, other=0.0).to(DT)
+    Vs = tl.load(bv_ptr + bo * V + sv_off, mask=mv, other=0.0).to(DT)
     u = t0
     while u < t1:
         rmask = rl < (t1 - u)
-        tok = (b.to(tl.int64) * T + u + rl) * H + h                    # [SUB]
+        tok = (u.to(tl.int64) + rl) * H + h                             # [SUB]
         W = dense_weights(idx_ptr, w_ptr, tok, rmask, BLOCK_S, TOP_K, DT)
         lw = log_retain(W, EPS)
         lc = tl.cumsum(lw, axis=0)                                     # [SUB, BLOCK_S]
@@ -138,40 +147,36 @@ def _chunk_nstm_fwd_kernel_o(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, seg_ptr, bk_pt
         u += SUB
 
 
-def chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, mix, top_k, pos, comm_every, scale,
-                  prec: str):
-    """Launch the two chunk passes. ``q, k, v`` contiguous ``[B, T, H, *]`` (any float dtype),
-    ``w, idx [B, T, H, top_k]`` from the routing kernel, ``k0, v0`` the entry state in the compute
-    dtype, ``wq .. mix`` packed s2s weights or None, ``prec`` the dot precision of the passes.
+def chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, mix, top_k, lay: Layout, scale, prec: str):
+    """Launch the two chunk passes. ``q, k, v`` contiguous ``[B, T, H, *]`` (any float dtype; the
+    sequences of ``lay`` on the flattened token axis), ``w, idx [B, T, H, top_k]`` from the routing
+    kernel, ``k0, v0 [N, H, S, *]`` the entry states in the compute dtype, ``wq .. mix`` packed s2s
+    weights or None, ``prec`` the dot precision of the passes.
 
-    Returns ``(o, final K̂, final V̂, seg [NC + 1] int32, bk [B,H,NC,S,K], bv [B,H,NC,S,V], lmax)``:
-    the chunk starts, the chunk-entry states (compute dtype) the output pass read, and the
-    longest chunk.
+    Returns ``(o, final K̂, final V̂ [N, H, S, *], bk [G, H, S, K], bv [G, H, S, V])``: the
+    chunk-entry states (compute dtype) the output pass read.
     """
     B, T, H, K = q.shape
     V, S = v.shape[-1], k0.shape[2]
     dt, dev = w.dtype, q.device
     has_s2s = wq is not None
-    starts = chunk_starts(T, pos, comm_every, has_s2s, chunk_length())
-    NC = len(starts) - 1
-    seg = torch.tensor(starts, dtype=torch.int32, device=dev)
+    G, N = lay.G, lay.N
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=dev)
-    fk = torch.empty(B, H, S, K, dtype=dt, device=dev)
-    fv = torch.empty(B, H, S, V, dtype=dt, device=dev)
-    bk = torch.empty(B, H, NC, S, K, dtype=dt, device=dev)
-    bv = torch.empty(B, H, NC, S, V, dtype=dt, device=dev)
+    fk = torch.empty(N, H, S, K, dtype=dt, device=dev)
+    fv = torch.empty(N, H, S, V, dtype=dt, device=dev)
+    bk = torch.empty(G, H, S, K, dtype=dt, device=dev)
+    bv = torch.empty(G, H, S, V, dtype=dt, device=dev)
     meta = chunk_meta(S, K, V, top_k, dt, prec)
     BS, BK, BV = meta["BLOCK_S"], meta["BLOCK_K"], meta["BLOCK_V"]
     L, SUB = pow2(chunk_length(), 16), sub_chunk_length()
     dummy = fk
-    C = comm_every
-    _chunk_nstm_fwd_kernel_h[(B * H,)](
-        k, v, idx, w, k0, v0, seg, bk, bv, fk, fv,
-        wq if has_s2s else dummy, wk if has_s2s else dummy,
-        mix if has_s2s else dummy,
-        T, H, S, K, V, NC, pos % C, C, 1.0 / math.sqrt(V),
-        HAS_S2S=has_s2s, BLOCK_L=L, num_warps=state_warps(BS, max(BK, BV)), **meta)
-    _chunk_nstm_fwd_kernel_o[(NC * B * H,)](
-        q, k, v, idx, w, seg, bk, bv, o, T, H, S, K, V, NC, scale,
-        SUB=SUB, num_warps=tile_warps(SUB * SUB * BS, dev), **meta)
-    return o, fk, fv, seg, bk, bv, max(b - a for a, b in zip(starts[:-1], starts[1:]))
+    with on_device(q):
+        _chunk_nstm_fwd_kernel_h[(N * H,)](
+            k, v, idx, w, k0, v0, lay.seg, lay.cuc, lay.ev, bk, bv, fk, fv,
+            wq if has_s2s else dummy, wk if has_s2s else dummy, mix if has_s2s else dummy,
+            H, S, K, V, 1.0 / math.sqrt(V),
+            HAS_S2S=has_s2s, BLOCK_L=L, num_warps=state_warps(BS, max(BK, BV)), **meta)
+        _chunk_nstm_fwd_kernel_o[(G * H,)](
+            q, k, v, idx, w, lay.seg, bk, bv, o, H, S, K, V, scale,
+            SUB=SUB, num_warps=tile_warps(SUB * SUB * BS, dev), **meta)
+    return o, fk, fv, bk, bv

@@ -53,13 +53,14 @@ from .utils import (
     dense_weights,
     log_retain,
     mm,
+    on_device,
     slot_tiles,
     state_warps,
 )
 
 
 @triton.jit
-def _prefix_state(k_ptr, v_ptr, idx_ptr, w_ptr, Ks, Vs, b, h, T, H, K, V, t0, n,
+def _prefix_state(k_ptr, v_ptr, idx_ptr, w_ptr, Ks, Vs, h, H, K, V, t0, n,
                   TOP_K: tl.constexpr, EPS: tl.constexpr, BLOCK_L: tl.constexpr,
                   BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                   DT: tl.constexpr, PREC: tl.constexpr):
@@ -69,7 +70,7 @@ def _prefix_state(k_ptr, v_ptr, idx_ptr, w_ptr, Ks, Vs, b, h, T, H, K, V, t0, n,
     rk = tl.arange(0, BLOCK_K)
     rv = tl.arange(0, BLOCK_V)
     rmask = rl < n
-    tok = (b.to(tl.int64) * T + t0 + rl) * H + h
+    tok = (t0.to(tl.int64) + rl) * H + h
     W = dense_weights(idx_ptr, w_ptr, tok, rmask, BLOCK_S, TOP_K, DT)
     lw = log_retain(W, EPS)
     lc = tl.cumsum(lw, axis=0)
@@ -84,23 +85,21 @@ def _prefix_state(k_ptr, v_ptr, idx_ptr, w_ptr, Ks, Vs, b, h, T, H, K, V, t0, n,
 @triton.jit
 def _chunk_bwd_kernel_c(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk_ptr, bv_ptr,
                         ak_ptr, av_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, lcs_ptr,
-                        T, H, S, K, V, NC, scale,
+                        H, S, K, V, scale,
                         LOCAL: tl.constexpr, TOP_K: tl.constexpr, EPS: tl.constexpr,
                         SUB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_V: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """``LOCAL``: store into ``ak/av [B, H, NC, S, *]`` the adjoint of the chunk-entry state from
+    """``LOCAL``: store into ``ak/av [G, H, S, *]`` the adjoint of the chunk-entry state from
     the chunk's own reads. Else: read the exit adjoint from ``ak/av`` and store dq, dk, dv, dw."""
-    c = tl.program_id(0) % NC
-    pid = tl.program_id(0) // NC
-    b = pid // H
+    pid = tl.program_id(0)       # (chunk c, head h)
+    c = pid // H
     h = pid % H
-    pid64 = pid.to(tl.int64)
     rs, rk, rv, smask, mk, mv, sk_off, sv_off = slot_tiles(S, K, V, BLOCK_S, BLOCK_K, BLOCK_V)
     rl = tl.arange(0, SUB)
     causal = (rl[:, None] >= rl[None, :])[:, :, None]                  # [SUB(t), SUB(s), 1]
     t0 = tl.load(seg_ptr + c)
     t1 = tl.load(seg_ptr + c + 1)
-    bo = (pid64 * NC + c) * S
+    bo = pid.to(tl.int64) * S
     K0 = tl.load(bk_ptr + bo * K + sk_off, mask=mk, other=0.0).to(DT)
     V0 = tl.load(bv_ptr + bo * V + sv_off, mask=mv, other=0.0).to(DT)
     if LOCAL:
@@ -118,11 +117,11 @@ def _chunk_bwd_kernel_c(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk
         Vs = V0
         m = t0
         while m < u:
-            Ks, Vs, _ = _prefix_state(k_ptr, v_ptr, idx_ptr, w_ptr, Ks, Vs, b, h, T, H, K, V, m,
+            Ks, Vs, _ = _prefix_state(k_ptr, v_ptr, idx_ptr, w_ptr, Ks, Vs, h, H, K, V, m,
                                       SUB, TOP_K, EPS, SUB, BLOCK_S, BLOCK_K, BLOCK_V, DT, PREC)
             m += SUB
         rmask = rl < (t1 - u)
-        tok = (b.to(tl.int64) * T + u + rl) * H + h                    # [SUB]
+        tok = (u.to(tl.int64) + rl) * H + h                             # [SUB]
         W = dense_weights(idx_ptr, w_ptr, tok, rmask, BLOCK_S, TOP_K, DT)
         lw = log_retain(W, EPS)
         lc = tl.cumsum(lw, axis=0)                                     # [SUB, BLOCK_S]
@@ -218,18 +217,18 @@ def _chunk_bwd_kernel_c(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk
 
 
 @triton.jit
-def _chunk_bwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, seg_ptr, bk_ptr, bv_ptr, dkf_ptr, dvf_ptr,
-                        ak_ptr, av_ptr, dk0_ptr, dv0_ptr, wq_ptr, wk_ptr, mix_ptr,
+def _chunk_bwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, seg_ptr, cuc_ptr, ev_ptr, bk_ptr, bv_ptr,
+                        dkf_ptr, dvf_ptr, ak_ptr, av_ptr, dk0_ptr, dv0_ptr, wq_ptr, wk_ptr, mix_ptr,
                         dwq_ptr, dwk_ptr, dmix_ptr,
-                        T, H, S, K, V, NC, pos_mod, C, qk_scale,
+                        H, S, K, V, qk_scale,
                         TOP_K: tl.constexpr, HAS_S2S: tl.constexpr, EPS: tl.constexpr,
                         SUB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_V: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """Reads the local entry adjoints from ``ak/av`` and overwrites them, chunk by chunk in
     reverse, with the exit adjoints (the gradient wrt the state after the chunk's last token,
     before any s2s)."""
-    pid = tl.program_id(0)
-    b = pid // H
+    pid = tl.program_id(0)       # (sequence n, head h)
+    n = pid // H
     h = pid % H
     pid64 = pid.to(tl.int64)
     rs, rk, rv, smask, mk, mv, sk_off, sv_off = slot_tiles(S, K, V, BLOCK_S, BLOCK_K, BLOCK_V)
@@ -240,28 +239,29 @@ def _chunk_bwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, seg_ptr, bk_ptr, bv_ptr, d
     mix = tl.zeros([], DT)
     if HAS_S2S:
         mix = tl.load(mix_ptr + h).to(DT)
-    c = tl.zeros([], tl.int32) + (NC - 1)
-    while c >= 0:
+    c_first = tl.load(cuc_ptr + n)
+    c = tl.load(cuc_ptr + n + 1) - 1
+    while c >= c_first:
         t0 = tl.load(seg_ptr + c)
         t1 = tl.load(seg_ptr + c + 1)
-        bo = (pid64 * NC + c) * S
+        bo = (c.to(tl.int64) * H + h) * S
         # the chunk's total log-decay, SUB tokens at a time
         ltot = tl.zeros([BLOCK_S], DT)
         m = t0
         while m < t1:
-            tok = (b.to(tl.int64) * T + m + rl) * H + h
+            tok = (m.to(tl.int64) + rl) * H + h
             W = dense_weights(idx_ptr, w_ptr, tok, rl < (t1 - m), BLOCK_S, TOP_K, DT)
             ltot += tl.sum(log_retain(W, EPS), axis=0)
             m += SUB
         if HAS_S2S:
-            if (pos_mod + t1) % C == 0:   # the chunk's last token ends a period
+            if tl.load(ev_ptr + c) != 0:   # the chunk's last token ends a period
                 # V̂ before the s2s: the chunk's exit state from its entry state, SUB tokens at
                 # a time (as in pass C)
                 Ks = tl.load(bk_ptr + bo * K + sk_off, mask=mk, other=0.0).to(DT)
                 Vs = tl.load(bv_ptr + bo * V + sv_off, mask=mv, other=0.0).to(DT)
                 m = t0
                 while m < t1:
-                    Ks, Vs, _ = _prefix_state(k_ptr, v_ptr, idx_ptr, w_ptr, Ks, Vs, b, h, T, H,
+                    Ks, Vs, _ = _prefix_state(k_ptr, v_ptr, idx_ptr, w_ptr, Ks, Vs, h, H,
                                               K, V, m, tl.minimum(t1 - m, SUB), TOP_K, EPS, SUB,
                                               BLOCK_S, BLOCK_K, BLOCK_V, DT, PREC)
                     m += SUB
@@ -289,27 +289,26 @@ def chunk_backward(ctx, do, dkf, dvf):
     """``NSTMChunkFunction.backward`` (``ops.py``) on the chunk-parallel kernels: same saved
     tensors and the same return tuple as ``recurrent.recurrent_backward``."""
     g = backward_setup(ctx, do, dkf, dvf)
-    B, H, S, K, V, dt, dev = g.B, g.H, g.S, g.K, g.V, g.dt, g.dev
-    NC = g.seg.numel() - 1
-    ak = torch.empty(B, H, NC, S, K, dtype=dt, device=dev)   # local entry, then exit adjoints
-    av = torch.empty(B, H, NC, S, V, dtype=dt, device=dev)
+    H, S, K, V, dt, dev, lay = g.H, g.S, g.K, g.V, g.dt, g.dev, g.lay
+    G, N = lay.G, lay.N
+    ak = torch.empty(G, H, S, K, dtype=dt, device=dev)   # local entry, then exit adjoints
+    av = torch.empty(G, H, S, V, dtype=dt, device=dev)
     meta = chunk_meta(S, K, V, g.top_k, dt, g.chunk_prec)
     BS, BK, BV = meta["BLOCK_S"], meta["BLOCK_K"], meta["BLOCK_V"]
     SUB = sub_chunk_length()
-    lcs = torch.empty(NC * B * H * SUB * BS, dtype=dt, device=dev)   # pass C's row scratch
+    lcs = torch.empty(G * H * SUB * BS, dtype=dt, device=dev)   # pass C's row scratch
     warps_c = tile_warps(max(SUB * SUB * BS, BS * max(BK, BV)), dev)
-    pass_c_args = (g.q, g.k, g.v, g.idx, g.w, g.do, g.seg, g.bk, g.bv, ak, av, g.dq, g.dk, g.dv,
-                   g.dw, lcs, g.T, H, S, K, V, NC, g.scale)
-    # A: each chunk's own pull on its entry state
-    _chunk_bwd_kernel_c[(NC * B * H,)](*pass_c_args, LOCAL=True, SUB=SUB, num_warps=warps_c,
-                                       **meta)
-    # B: carry the state adjoint through the chunks in reverse (s2s backward at period ends)
-    _chunk_bwd_kernel_h[(B * H,)](
-        g.k, g.v, g.idx, g.w, g.seg, g.bk, g.bv, g.dkf, g.dvf, ak, av, g.dk0, g.dv0,
-        *g.s2s_args, *g.dws, g.dmix, g.T, H, S, K, V, NC, g.pos % g.C, g.C,
-        1.0 / math.sqrt(V), HAS_S2S=g.has_s2s, SUB=SUB,
-        num_warps=state_warps(BS, max(BK, BV)), **meta)
-    # C: dq, dk, dv, dw from the exit adjoints
-    _chunk_bwd_kernel_c[(NC * B * H,)](*pass_c_args, LOCAL=False, SUB=SUB, num_warps=warps_c,
-                                       **meta)
+    pass_c_args = (g.q, g.k, g.v, g.idx, g.w, g.do, lay.seg, g.bk, g.bv, ak, av, g.dq, g.dk, g.dv,
+                   g.dw, lcs, H, S, K, V, g.scale)
+    with on_device(g.q):
+        # A: each chunk's own pull on its entry state
+        _chunk_bwd_kernel_c[(G * H,)](*pass_c_args, LOCAL=True, SUB=SUB, num_warps=warps_c, **meta)
+        # B: carry the state adjoint through each sequence's chunks in reverse (s2s backward at
+        # period ends)
+        _chunk_bwd_kernel_h[(N * H,)](
+            g.k, g.v, g.idx, g.w, lay.seg, lay.cuc, lay.ev, g.bk, g.bv, g.dkf, g.dvf, ak, av,
+            g.dk0, g.dv0, *g.s2s_args, *g.dws, g.dmix, H, S, K, V, 1.0 / math.sqrt(V),
+            HAS_S2S=g.has_s2s, SUB=SUB, num_warps=state_warps(BS, max(BK, BV)), **meta)
+        # C: dq, dk, dv, dw from the exit adjoints
+        _chunk_bwd_kernel_c[(G * H,)](*pass_c_args, LOCAL=False, SUB=SUB, num_warps=warps_c, **meta)
     return backward_result(g)

@@ -23,13 +23,14 @@ import torch
 from .. import settings
 from ..state import NSTMState, S2SParams
 from ..utils import compute_dtype
-from ..varlen import loop_segments, needs_segments
+from ..varlen import final_pos, needs_segments, segments
 from .chunk import chunk_forward
 from .chunk_bwd import chunk_backward
+from .device import chunk_length, segment_length
 from .recurrent import NSTMRecurrentFunction, recurrent_backward
 from .routing import SparseRouteFunction
 from .s2s import pack_weights
-from .utils import resolve_dot_precision
+from .utils import dense_layout, layout, resolve_dot_precision
 
 
 class NSTMChunkFunction(torch.autograd.Function):
@@ -42,13 +43,13 @@ class NSTMChunkFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, w, k0, v0, wq, wk, mix, idx, top_k, pos, comm_every, scale,
-                store, opts):
-        o, fk, fv, seg, bk, bv, lmax = chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, mix,
-                                                     top_k, pos, comm_every, scale, opts[1])
+    def forward(ctx, q, k, v, w, k0, v0, wq, wk, mix, idx, top_k, lay, scale, store, opts):
+        o, fk, fv, bk, bv = chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, mix, top_k, lay, scale,
+                                          opts[1])
         if store:
-            ctx.save_for_backward(q, k, v, w, idx, seg, bk, bv, wq, wk, mix)
-            ctx.cfg = (top_k, pos, comm_every, scale, k0.shape[2], lmax)
+            ctx.save_for_backward(q, k, v, w, idx, bk, bv, wq, wk, mix)
+            ctx.cfg = (top_k, scale, k0.shape[2])
+            ctx.lay = lay
         ctx.stored = store
         ctx.opts = opts
         return o, fk, fv
@@ -78,13 +79,10 @@ def triton_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2S
         dot_precision: fp32 ``tl.dot`` precision, "ieee", "tf32" or "tf32x3"; None reads
             ``NSTM_TRITON_DOT``, else "tf32x3" for the recurrent kernels and "ieee" for the chunk
             passes (``utils.resolve_dot_precision``).
-        cu_seqlens: a packed batch; with it, or with per-row positions, the kernels run once per
-            sequence for now (``varlen.loop_segments``; a single varlen launch is still to do).
+        cu_seqlens: a packed batch (B = 1). Packed batches and per-row positions take the same
+            launches as a plain batch: every pass runs once over all sequences (``utils.layout``
+            lays their chunks on the flattened token axis), with no loop over the sequences.
     """
-    if needs_segments(initial_state, cu_seqlens):
-        return loop_segments(triton_nstm, q, k, v, route_logits, write_gate, top_k, s2s, comm_every,
-                             initial_state, output_final_state, scale, cu_seqlens, forward=forward,
-                             backward=backward, dot_precision=dot_precision)
     fwd = settings.triton_forward(forward)
     bwd = settings.triton_backward(backward) if fwd == "chunk" else "recurrent"
     B, T, H, K = q.shape
@@ -94,7 +92,17 @@ def triton_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2S
     opts = (resolve_dot_precision(dt, dev, chunk=False, kind=dot_precision),
             resolve_dot_precision(dt, dev, chunk=True, kind=dot_precision), bwd)
     scale = K ** -0.5 if scale is None else float(scale)
-    pos = 0 if initial_state is None else int(initial_state.pos)
+    has_s2s = s2s is not None
+    L = chunk_length() if fwd == "chunk" else segment_length()
+    seg = None
+    if needs_segments(initial_state, cu_seqlens):   # packed, or one position per row
+        seg = segments(B, T, initial_state, cu_seqlens)
+        lay = layout(seg.starts, seg.lengths, seg.pos, comm_every, has_s2s, L, dev)
+        pos = None
+    else:
+        pos = 0 if initial_state is None else int(initial_state.pos)
+        lay = dense_layout(B, T, pos, comm_every, has_s2s, L, dev)
+    N = lay.N
     if dt == torch.float64:   # float64 q, k, v: everything in float64, the routing too
         route_logits, write_gate = route_logits.to(dt), write_gate.to(dt)
     idx, w = SparseRouteFunction.apply(route_logits.reshape(-1, S), write_gate.reshape(-1), top_k)
@@ -102,8 +110,8 @@ def triton_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2S
     if initial_state is not None:
         k0, v0 = initial_state.k.to(dt).contiguous(), initial_state.v.to(dt).contiguous()
     else:
-        k0 = torch.zeros(B, H, S, K, dtype=dt, device=dev)
-        v0 = torch.zeros(B, H, S, V, dtype=dt, device=dev)
+        k0 = torch.zeros(N, H, S, K, dtype=dt, device=dev)
+        v0 = torch.zeros(N, H, S, V, dtype=dt, device=dev)
     if s2s is not None:
         wq, wk, mix = pack_weights(s2s, dt)
     else:
@@ -113,6 +121,11 @@ def triton_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2S
     fn = NSTMChunkFunction if fwd == "chunk" else NSTMRecurrentFunction
     o, fk, fv = fn.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), w, k0, v0, wq, wk, mix, idx,
-        top_k, pos, comm_every, scale, store, opts)
-    final = NSTMState(fk, fv, pos + T) if output_final_state else None
+        top_k, lay, scale, store, opts)
+    final = None
+    if output_final_state:
+        if seg is None:
+            final = NSTMState(fk, fv, pos + T)
+        else:
+            final = NSTMState(fk, fv, final_pos(seg, None if initial_state is None else initial_state.pos))
     return o, final

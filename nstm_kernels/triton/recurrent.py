@@ -3,15 +3,15 @@
 Routing runs first, as one fused kernel over all tokens (``routing.py``); its autograd Function
 turns the gradient wrt the write weights into gradients wrt the logits and the write gate.
 
-Forward (``_nstm_fwd_kernel``), one program per (batch, head): the slot state ``K̂ [S, K]`` and
+Forward (``_nstm_fwd_kernel``), one program per (sequence, head): the slot state ``K̂ [S, K]`` and
 ``V̂ [S, V]`` stays in registers while the program walks through time; each token writes its
 ``top_k`` routed slots (the others are selected unchanged), reads with a softmax over all slots,
 and the state-to-state attention runs at period ends (absolute position ``pos + t``). Time is cut
 into *segments*: a new segment starts at every period start (so that every s2s event is the last
-token of a segment) and at least every ``segment_length()`` tokens (``utils.chunk_starts``). The
+token of a segment) and at least every ``segment_length()`` tokens (``utils.layout``). The
 state entering every segment is stored for the backward.
 
-Backward (``_nstm_bwd_kernel``), one program per (batch, head), segments in reverse: reload the
+Backward (``_nstm_bwd_kernel``), one program per (sequence, head), segments in reverse: reload the
 segment's entry state, rerun the segment forward while saving, for every token, the old contents
 of the rows it overwrites (``top_k`` rows per token, in a per-program scratch buffer), backprop
 through the s2s event at the segment end, then walk the segment backwards in time: read gradients
@@ -26,13 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import segment_length
 from .s2s import s2s_backward_tile, s2s_forward_tile
 from .utils import (
     backward_result,
     backward_setup,
-    chunk_starts,
     convex_write,
+    on_device,
     read_probs,
     recurrent_meta,
     slot_tiles,
@@ -54,15 +53,15 @@ def _token_routing(idx_ptr, w_ptr, tok, rs, TOP_K: tl.constexpr, BLOCK_TK: tl.co
 
 
 @triton.jit
-def _nstm_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_ptr,
-                     o_ptr, bk_ptr, bv_ptr, fk_ptr, fv_ptr, wq_ptr, wk_ptr, mix_ptr,
-                     T, H, S, K, V, NS, pos_mod, C, scale, qk_scale,
+def _nstm_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_ptr, cuc_ptr,
+                     ev_ptr, o_ptr, bk_ptr, bv_ptr, fk_ptr, fv_ptr, wq_ptr, wk_ptr, mix_ptr,
+                     H, S, K, V, scale, qk_scale,
                      TOP_K: tl.constexpr, HAS_INIT: tl.constexpr, HAS_S2S: tl.constexpr,
                      STORE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_V: tl.constexpr, BLOCK_TK: tl.constexpr, DT: tl.constexpr,
                      PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // H
+    pid = tl.program_id(0)       # (sequence n, head h): its state row is pid
+    n = pid // H
     h = pid % H
     pid64 = pid.to(tl.int64)
     rs, rk, rv, smask, mk, mv, sk_off, sv_off = slot_tiles(S, K, V, BLOCK_S, BLOCK_K, BLOCK_V)
@@ -76,17 +75,18 @@ def _nstm_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_pt
         mix = tl.load(mix_ptr + h).to(DT)
     # runtime loops are written as while loops: the interpreter (numpy 2) cannot take range() of
     # a runtime scalar; on a GPU both lower to the same scf loops
-    sg = tl.zeros([], tl.int32)   # a tensor (not a constexpr) so that it can be loop-carried
-    while sg < NS:
+    sg = tl.load(cuc_ptr + n)    # this sequence's segments (a tensor: loop-carried)
+    sg_end = tl.load(cuc_ptr + n + 1)
+    while sg < sg_end:
         t0 = tl.load(seg_ptr + sg)
         t1 = tl.load(seg_ptr + sg + 1)
         if STORE:
-            bo = (pid64 * NS + sg) * S
+            bo = (sg.to(tl.int64) * H + h) * S
             tl.store(bk_ptr + bo * K + sk_off, Ks.to(bk_ptr.dtype.element_ty), mask=mk)
             tl.store(bv_ptr + bo * V + sv_off, Vs.to(bv_ptr.dtype.element_ty), mask=mv)
         t = t0
         while t < t1:
-            tok = (b.to(tl.int64) * T + t) * H + h
+            tok = t.to(tl.int64) * H + h
             hit, wd, routed = _token_routing(idx_ptr, w_ptr, tok, rs, TOP_K, BLOCK_TK)
             qt = tl.load(q_ptr + tok * K + rk, mask=rk < K, other=0.0).to(DT)
             kt = tl.load(k_ptr + tok * K + rk, mask=rk < K, other=0.0).to(DT)
@@ -99,7 +99,7 @@ def _nstm_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_pt
             tl.store(o_ptr + tok * V + rv, o.to(o_ptr.dtype.element_ty), mask=rv < V)
             t += 1
         if HAS_S2S:
-            if (pos_mod + t1) % C == 0:   # the segment's last token ends a period
+            if tl.load(ev_ptr + sg) != 0:   # the segment's last token ends a period
                 Vs = s2s_forward_tile(Vs, wq_ptr, wk_ptr, mix, h, S, V, qk_scale, PREC)
         sg += 1
     tl.store(fk_ptr + pid64 * S * K + sk_off, Ks.to(fk_ptr.dtype.element_ty), mask=mk)
@@ -107,17 +107,17 @@ def _nstm_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_pt
 
 
 @triton.jit
-def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk_ptr, bv_ptr,
-                     dkf_ptr, dvf_ptr, sck_ptr, scv_ptr, wq_ptr, wk_ptr, mix_ptr,
+def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, cuc_ptr, ev_ptr,
+                     bk_ptr, bv_ptr, dkf_ptr, dvf_ptr, sck_ptr, scv_ptr, wq_ptr, wk_ptr, mix_ptr,
                      dq_ptr, dk_ptr, dv_ptr, dw_ptr, dk0_ptr, dv0_ptr,
                      dwq_ptr, dwk_ptr, dmix_ptr,
-                     T, H, S, K, V, NS, LMAX, pos_mod, C, scale, qk_scale,
+                     H, S, K, V, LMAX, scale, qk_scale,
                      TOP_K: tl.constexpr, HAS_S2S: tl.constexpr,
                      BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_V: tl.constexpr, BLOCK_TK: tl.constexpr, DT: tl.constexpr,
                      PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // H
+    pid = tl.program_id(0)       # (sequence n, head h)
+    n = pid // H
     h = pid % H
     pid64 = pid.to(tl.int64)
     rs, rk, rv, smask, mk, mv, sk_off, sv_off = slot_tiles(S, K, V, BLOCK_S, BLOCK_K, BLOCK_V)
@@ -130,18 +130,19 @@ def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk_pt
     mix = tl.zeros([1], DT)
     if HAS_S2S:
         mix = tl.load(mix_ptr + h).to(DT)
-    sg = tl.zeros([], tl.int32) + (NS - 1)
-    while sg >= 0:
+    sg_first = tl.load(cuc_ptr + n)
+    sg = tl.load(cuc_ptr + n + 1) - 1
+    while sg >= sg_first:
         t0 = tl.load(seg_ptr + sg)
         t1 = tl.load(seg_ptr + sg + 1)
-        bo = (pid64 * NS + sg) * S
+        bo = (sg.to(tl.int64) * H + h) * S
         Ks = tl.load(bk_ptr + bo * K + sk_off, mask=mk, other=0.0).to(DT)
         Vs = tl.load(bv_ptr + bo * V + sv_off, mask=mv, other=0.0).to(DT)
         tl.debug_barrier()  # the previous segment's scratch reads are done before it is rewritten
         # rerun the segment, saving the rows each token overwrites
         t = t0
         while t < t1:
-            tok = (b.to(tl.int64) * T + t) * H + h
+            tok = t.to(tl.int64) * H + h
             hit, wd, routed = _token_routing(idx_ptr, w_ptr, tok, rs, TOP_K, BLOCK_TK)
             # scratch row of (token, j) for each routed slot
             row = (t - t0) * TOP_K + tl.sum(tl.where(hit, tl.arange(0, BLOCK_TK)[None, :], 0), axis=1)
@@ -153,7 +154,7 @@ def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk_pt
             Ks, Vs = convex_write(Ks, Vs, routed, wc, kt, vt)
             t += 1
         if HAS_S2S:
-            if (pos_mod + t1) % C == 0:
+            if tl.load(ev_ptr + sg) != 0:
                 dV, dm = s2s_backward_tile(Vs, dV, wq_ptr, wk_ptr, mix, h, S, V,
                                            qk_scale, dwq_ptr + pid64 * V * V,
                                            dwk_ptr + pid64 * V * V,
@@ -162,7 +163,7 @@ def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk_pt
         tl.debug_barrier()  # the scratch rows stored above are visible to every thread
         t = t1 - 1
         while t >= t0:
-            tok = (b.to(tl.int64) * T + t) * H + h
+            tok = t.to(tl.int64) * H + h
             hit, wd, routed = _token_routing(idx_ptr, w_ptr, tok, rs, TOP_K, BLOCK_TK)
             qt = tl.load(q_ptr + tok * K + rk, mask=rk < K, other=0.0).to(DT)
             kt = tl.load(k_ptr + tok * K + rk, mask=rk < K, other=0.0).to(DT)
@@ -207,46 +208,42 @@ def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk_pt
 class NSTMRecurrentFunction(torch.autograd.Function):
     """``(q, k, v, weights, k0, v0, w_q, w_k, mix) -> (o, final K̂, final V̂)``.
 
-    ``k0``/``v0`` (the state before the first token, compute dtype) are always tensors (zeros when
-    the caller has no state); ``w_q .. mix`` are None without s2s. ``idx`` (the routed slots),
-    ``top_k``, ``pos``, ``comm_every``, ``scale`` are constants; ``store`` says whether to keep the
-    segment entry states for a backward; ``opts = (recurrent dot precision, chunk dot precision,
-    backward kind)`` (see ``ops.triton_nstm``).
+    ``k0``/``v0`` (the states before the first token, ``[N, H, S, *]``, compute dtype) are always
+    tensors (zeros when the caller has no state); ``w_q .. mix`` are None without s2s. ``idx`` (the
+    routed slots), ``top_k``, ``lay`` (the ``utils.Layout`` of the sequences and their segments)
+    and ``scale`` are constants; ``store`` says whether to keep the segment entry states for a
+    backward; ``opts = (recurrent dot precision, chunk dot precision, backward kind)`` (see
+    ``ops.triton_nstm``).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, w, k0, v0, wq, wk, mix, idx, top_k, pos, comm_every, scale,
-                store, opts):
+    def forward(ctx, q, k, v, w, k0, v0, wq, wk, mix, idx, top_k, lay, scale, store, opts):
         B, T, H, K = q.shape
         V, S = v.shape[-1], k0.shape[2]
         dt = w.dtype
         dev = q.device
         has_s2s = wq is not None
-        starts = chunk_starts(T, pos, comm_every, has_s2s, segment_length())
-        NS = len(starts) - 1
-        seg = torch.tensor(starts, dtype=torch.int32, device=dev)
+        N = lay.N
         o = torch.empty(B, T, H, V, dtype=q.dtype, device=dev)
-        fk = torch.empty(B, H, S, K, dtype=dt, device=dev)
-        fv = torch.empty(B, H, S, V, dtype=dt, device=dev)
+        fk = torch.empty(N, H, S, K, dtype=dt, device=dev)
+        fv = torch.empty(N, H, S, V, dtype=dt, device=dev)
         if store:
-            bk = torch.empty(B, H, NS, S, K, dtype=dt, device=dev)
-            bv = torch.empty(B, H, NS, S, V, dtype=dt, device=dev)
+            bk = torch.empty(lay.G, H, S, K, dtype=dt, device=dev)
+            bv = torch.empty(lay.G, H, S, V, dtype=dt, device=dev)
         else:
             bk, bv = fk, fv  # not written (STORE=False)
         dummy = fk
         meta = recurrent_meta(S, K, V, top_k, dt, dev, opts[0])
-        C = comm_every
-        _nstm_fwd_kernel[(B * H,)](
-            q, k, v, idx, w, k0, v0,
-            seg, o, bk, bv, fk, fv,
-            wq if has_s2s else dummy, wk if has_s2s else dummy,
-            mix if has_s2s else dummy,
-            T, H, S, K, V, NS, pos % C, C, scale, 1.0 / math.sqrt(V),
-            HAS_INIT=True, HAS_S2S=has_s2s, STORE=store, **meta)
+        with on_device(q):
+            _nstm_fwd_kernel[(N * H,)](
+                q, k, v, idx, w, k0, v0, lay.seg, lay.cuc, lay.ev, o, bk, bv, fk, fv,
+                wq if has_s2s else dummy, wk if has_s2s else dummy, mix if has_s2s else dummy,
+                H, S, K, V, scale, 1.0 / math.sqrt(V),
+                HAS_INIT=True, HAS_S2S=has_s2s, STORE=store, **meta)
         if store:
-            ctx.save_for_backward(q, k, v, w, idx, seg, bk, bv, wq, wk, mix)
-            ctx.cfg = (top_k, pos, comm_every, scale, S,
-                       max(b - a for a, b in zip(starts[:-1], starts[1:])))
+            ctx.save_for_backward(q, k, v, w, idx, bk, bv, wq, wk, mix)
+            ctx.cfg = (top_k, scale, S)
+            ctx.lay = lay
         ctx.stored = store
         ctx.opts = opts
         return o, fk, fv
@@ -257,15 +254,16 @@ class NSTMRecurrentFunction(torch.autograd.Function):
 
 
 def recurrent_backward(ctx, do, dkf, dvf):
-    """The reverse-segment backward (one program per (batch, head)); it also serves the chunk
+    """The reverse-segment backward (one program per (sequence, head)); it also serves the chunk
     forward (``ops.NSTMChunkFunction``), whose chunk-entry states are its segment-entry states."""
     g = backward_setup(ctx, do, dkf, dvf)
-    sck = torch.empty(g.B * g.H, g.lmax * g.top_k, g.K, dtype=g.dt, device=g.dev)
-    scv = torch.empty(g.B * g.H, g.lmax * g.top_k, g.V, dtype=g.dt, device=g.dev)
-    _nstm_bwd_kernel[(g.B * g.H,)](
-        g.q, g.k, g.v, g.idx, g.w, g.do, g.seg, g.bk, g.bv, g.dkf, g.dvf, sck, scv,
-        *g.s2s_args, g.dq, g.dk, g.dv, g.dw, g.dk0, g.dv0, *g.dws, g.dmix,
-        g.T, g.H, g.S, g.K, g.V, g.seg.numel() - 1, g.lmax, g.pos % g.C, g.C, g.scale,
-        1.0 / math.sqrt(g.V), HAS_S2S=g.has_s2s,
-        **recurrent_meta(g.S, g.K, g.V, g.top_k, g.dt, g.dev, g.seq_prec))
+    lay = g.lay
+    sck = torch.empty(g.N * g.H, lay.lmax * g.top_k, g.K, dtype=g.dt, device=g.dev)
+    scv = torch.empty(g.N * g.H, lay.lmax * g.top_k, g.V, dtype=g.dt, device=g.dev)
+    with on_device(g.q):
+        _nstm_bwd_kernel[(g.N * g.H,)](
+            g.q, g.k, g.v, g.idx, g.w, g.do, lay.seg, lay.cuc, lay.ev, g.bk, g.bv, g.dkf, g.dvf,
+            sck, scv, *g.s2s_args, g.dq, g.dk, g.dv, g.dw, g.dk0, g.dv0, *g.dws, g.dmix,
+            g.H, g.S, g.K, g.V, lay.lmax, g.scale, 1.0 / math.sqrt(g.V), HAS_S2S=g.has_s2s,
+            **recurrent_meta(g.S, g.K, g.V, g.top_k, g.dt, g.dev, g.seq_prec))
     return backward_result(g)

@@ -12,8 +12,10 @@ layout and the backward set-up. Every op file imports from here; this file impor
 """
 from __future__ import annotations
 
+import contextlib
+from collections import OrderedDict
 from types import SimpleNamespace
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -173,6 +175,74 @@ def chunk_starts(T: int, pos: int, comm_every: int, has_s2s: bool, L: int) -> Li
     return sorted(cuts)
 
 
+class Layout(NamedTuple):
+    """Where the chunks of a call lie, for every sequence at once (one launch per pass).
+
+    The sequences (the rows of a batch, or the documents of a packed one) are laid end to end on
+    the flattened token axis (row ``b``'s token ``t`` is token ``b * T + t``); chunk ``g`` covers
+    tokens ``seg[g] .. seg[g + 1] - 1`` and never crosses a sequence boundary; sequence ``n`` owns
+    chunks ``cuc[n] .. cuc[n + 1] - 1``; ``ev[g]`` is 1 when the chunk's last token ends a period
+    (an s2s event). ``table`` holds the three int32 vectors in one device tensor (one copy, cached).
+    """
+
+    table: torch.Tensor
+    seg: torch.Tensor        # [G + 1]
+    cuc: torch.Tensor        # [N + 1]
+    ev: torch.Tensor         # [G]
+    G: int                   # chunks, all sequences
+    N: int                   # sequences
+    lmax: int                # the longest chunk
+
+
+_LAYOUTS: OrderedDict[tuple, Layout] = OrderedDict()
+_LAYOUT_CACHE_SIZE = 64
+
+
+def layout(starts: Sequence[int], lengths: Sequence[int], pos: Sequence[int], comm_every: int,
+           has_s2s: bool, L: int, device) -> Layout:
+    """The :class:`Layout` of sequences at flattened ``starts`` with ``lengths`` and first absolute
+    positions ``pos``. Cached per device: a repeated call shape costs no host-to-device copy (and
+    so no host sync: the kernels' launches can be captured in a CUDA graph once it is warm)."""
+    C = comm_every
+    phase = tuple((p % C) if has_s2s else (p % L) for p in pos)
+    key = (str(device), tuple(starts), tuple(lengths), phase, C if has_s2s else 0, has_s2s, L)
+    hit = _LAYOUTS.get(key)
+    if hit is not None:
+        _LAYOUTS.move_to_end(key)
+        return hit
+    seg, cuc, ev, lmax, cache = [], [0], [], 0, {}
+    for a, n, p in zip(starts, lengths, phase):
+        local = cache.get((n, p))
+        if local is None:
+            local = cache[(n, p)] = chunk_starts(n, p, C, has_s2s, L)
+        seg.extend(a + t for t in local[:-1])
+        ev.extend(int(has_s2s and (p + t1) % C == 0) for t1 in local[1:])
+        lmax = max([lmax] + [b - a for a, b in zip(local[:-1], local[1:])])
+        cuc.append(len(seg))
+    seg.append(starts[-1] + lengths[-1] if len(starts) else 0)
+    G, N = len(ev), len(cuc) - 1
+    table = torch.tensor(seg + cuc + ev, dtype=torch.int32).to(device)
+    out = Layout(table, table[:G + 1], table[G + 1:G + N + 2], table[G + N + 2:], G, N, lmax)
+    _LAYOUTS[key] = out
+    if len(_LAYOUTS) > _LAYOUT_CACHE_SIZE:
+        _LAYOUTS.popitem(last=False)
+    return out
+
+
+def dense_layout(B: int, T: int, pos: int, comm_every: int, has_s2s: bool, L: int, device) -> Layout:
+    """:func:`layout` of ``B`` rows of ``T`` tokens that all start at position ``pos``."""
+    return layout([b * T for b in range(B)], [T] * B, [pos] * B, comm_every, has_s2s, L, device)
+
+
+def on_device(t: torch.Tensor):
+    """A device guard for a launch: Triton launches on the *current* CUDA device, so tensors on
+    ``cuda:1`` with ``cuda:0`` current would run on the wrong GPU (an illegal address). Every
+    launcher wraps its launches in this; for CPU tensors (the interpreter) it does nothing."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def state_warps(BS: int, BD: int) -> int:
     """``num_warps`` of the sequential pass: B * H programs only, so a program may take a whole SM.
     Its ``[64, 64]`` tiles (state, chunk, decays, the s2s tiles) spill at 8 warps (sm_90 offline
@@ -194,32 +264,34 @@ def recurrent_meta(S, K, V, top_k, dt, device, prec: str):
 
 def backward_setup(ctx, do, dkf, dvf) -> SimpleNamespace:
     """What both Triton backwards (``recurrent.py``'s and ``chunk_bwd.py``'s) start from: the saved
-    tensors and constants of the forward, contiguous output gradients in the state dtype (zeros for
-    an unused final state), and the gradient buffers they fill."""
+    tensors, the layout and the constants of the forward, contiguous output gradients in the state
+    dtype (zeros for an unused final state), and the gradient buffers they fill (state-shaped ones
+    ``[N, H, S, *]``: one row per sequence)."""
     if not ctx.stored:
         raise RuntimeError("triton_nstm: the forward ran without grad; no states were stored")
-    q, k, v, w, idx, seg, bk, bv, wq, wk, mix = ctx.saved_tensors
-    top_k, pos, C, scale, S, lmax = ctx.cfg
+    q, k, v, w, idx, bk, bv, wq, wk, mix = ctx.saved_tensors
+    top_k, scale, S = ctx.cfg
+    lay = ctx.lay
     seq_prec, chunk_prec, _ = ctx.opts
     B, T, H, K = q.shape
-    V = v.shape[-1]
+    V, N = v.shape[-1], lay.N
     dt, dev = w.dtype, q.device
     has_s2s = wq is not None
-    dkf = torch.zeros(B, H, S, K, dtype=dt, device=dev) if dkf is None else dkf.contiguous().to(dt)
-    dvf = torch.zeros(B, H, S, V, dtype=dt, device=dev) if dvf is None else dvf.contiguous().to(dt)
-    dk0 = torch.empty(B, H, S, K, dtype=dt, device=dev)
+    dkf = torch.zeros(N, H, S, K, dtype=dt, device=dev) if dkf is None else dkf.contiguous().to(dt)
+    dvf = torch.zeros(N, H, S, V, dtype=dt, device=dev) if dvf is None else dvf.contiguous().to(dt)
+    dk0 = torch.empty(N, H, S, K, dtype=dt, device=dev)
     if has_s2s:
-        dws = [torch.zeros(B, H, V, V, dtype=dt, device=dev) for _ in range(2)]
-        dmix = torch.zeros(B, H, dtype=dt, device=dev)
+        dws = [torch.zeros(N, H, V, V, dtype=dt, device=dev) for _ in range(2)]
+        dmix = torch.zeros(N, H, dtype=dt, device=dev)
         s2s_args = (wq, wk, mix)
     else:   # placeholders the kernels never touch (HAS_S2S=False)
         dws, dmix, s2s_args = [dk0, dk0], dk0, (dk0,) * 3
     return SimpleNamespace(
-        q=q, k=k, v=v, w=w, idx=idx, seg=seg, bk=bk, bv=bv, s2s_args=s2s_args, has_s2s=has_s2s,
-        top_k=top_k, pos=pos, C=C, scale=scale, lmax=lmax, B=B, T=T, H=H, S=S, K=K, V=V, dt=dt,
+        q=q, k=k, v=v, w=w, idx=idx, lay=lay, bk=bk, bv=bv, s2s_args=s2s_args, has_s2s=has_s2s,
+        top_k=top_k, scale=scale, B=B, T=T, H=H, S=S, K=K, V=V, N=N, dt=dt,
         dev=dev, seq_prec=seq_prec, chunk_prec=chunk_prec, do=do.contiguous(), dkf=dkf, dvf=dvf,
         dq=torch.empty_like(q), dk=torch.empty_like(k), dv=torch.empty_like(v),
-        dw=torch.empty_like(w), dk0=dk0, dv0=torch.empty(B, H, S, V, dtype=dt, device=dev),
+        dw=torch.empty_like(w), dk0=dk0, dv0=torch.empty(N, H, S, V, dtype=dt, device=dev),
         dws=dws, dmix=dmix)
 
 
@@ -229,5 +301,5 @@ def backward_result(g: SimpleNamespace) -> tuple:
         g_s2s = (g.dws[0].sum(0), g.dws[1].sum(0), g.dmix.sum(0))
     else:
         g_s2s = (None, None, None)
-    # no gradients for the constants: idx, top_k, pos, comm_every, scale, store, opts
-    return (g.dq, g.dk, g.dv, g.dw, g.dk0, g.dv0, *g_s2s) + (None,) * 7
+    # no gradients for the constants: idx, top_k, lay, scale, store, opts
+    return (g.dq, g.dk, g.dv, g.dw, g.dk0, g.dv0, *g_s2s) + (None,) * 6
