@@ -50,6 +50,8 @@ from .utils import (
     log_retain,
     mm,
     on_device,
+    s2s_scratch,
+    s2s_scratch_size,
     slot_tiles,
     state_warps,
 )
@@ -58,7 +60,7 @@ from .utils import (
 @triton.jit
 def _chunk_nstm_fwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_ptr, cuc_ptr,
                              ev_ptr, bk_ptr, bv_ptr, fk_ptr, fv_ptr, wq_ptr, wk_ptr, mix_ptr,
-                             H, S, K, V, qk_scale,
+                             scr_ptr, scr_stride, H, S, K, V, qk_scale,
                              TOP_K: tl.constexpr, HAS_S2S: tl.constexpr, EPS: tl.constexpr,
                              BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
                              BLOCK_V: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
@@ -92,7 +94,8 @@ def _chunk_nstm_fwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_p
         Ks, Vs = advance(Ks, Vs, W, lw, lc, kc, vc, PREC)
         if HAS_S2S:
             if tl.load(ev_ptr + c) != 0:   # the chunk's last token ends a period
-                Vs = s2s_forward_tile(Vs, wq_ptr, wk_ptr, mix, h, S, V, qk_scale, PREC)
+                Vs = s2s_forward_tile(Vs, wq_ptr, wk_ptr, mix, h, S, V, qk_scale,
+                                      scr_ptr + pid64 * scr_stride, PREC)
         c += 1
     tl.store(fk_ptr + pid64 * S * K + sk_off, Ks.to(fk_ptr.dtype.element_ty), mask=mk)
     tl.store(fv_ptr + pid64 * S * V + sv_off, Vs.to(fv_ptr.dtype.element_ty), mask=mv)
@@ -170,11 +173,12 @@ def chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, mix, top_k, lay: Layout, scal
     BS, BK, BV = meta["BLOCK_S"], meta["BLOCK_K"], meta["BLOCK_V"]
     L, SUB = pow2(chunk_length(), 16), sub_chunk_length()
     dummy = fk
+    scr = s2s_scratch(N * H, S, V, False, dt, dev) if has_s2s else dummy
     with on_device(q):
         _chunk_nstm_fwd_kernel_h[(N * H,)](
             k, v, idx, w, k0, v0, lay.seg, lay.cuc, lay.ev, bk, bv, fk, fv,
             wq if has_s2s else dummy, wk if has_s2s else dummy, mix if has_s2s else dummy,
-            H, S, K, V, 1.0 / math.sqrt(V),
+            scr, s2s_scratch_size(S, V, False), H, S, K, V, 1.0 / math.sqrt(V),
             HAS_S2S=has_s2s, BLOCK_L=L, num_warps=state_warps(BS, max(BK, BV)), **meta)
         _chunk_nstm_fwd_kernel_o[(G * H,)](
             q, k, v, idx, w, lay.seg, bk, bv, o, H, S, K, V, scale,

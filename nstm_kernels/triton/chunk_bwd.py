@@ -219,7 +219,7 @@ def _chunk_bwd_kernel_c(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, bk
 @triton.jit
 def _chunk_bwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, seg_ptr, cuc_ptr, ev_ptr, bk_ptr, bv_ptr,
                         dkf_ptr, dvf_ptr, ak_ptr, av_ptr, dk0_ptr, dv0_ptr, wq_ptr, wk_ptr, mix_ptr,
-                        dwq_ptr, dwk_ptr, dmix_ptr,
+                        dwq_ptr, dwk_ptr, dmix_ptr, scr_ptr, scr_stride,
                         H, S, K, V, qk_scale,
                         TOP_K: tl.constexpr, HAS_S2S: tl.constexpr, EPS: tl.constexpr,
                         SUB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -268,7 +268,7 @@ def _chunk_bwd_kernel_h(k_ptr, v_ptr, idx_ptr, w_ptr, seg_ptr, cuc_ptr, ev_ptr, 
                 dV, dm = s2s_backward_tile(Vs, dV, wq_ptr, wk_ptr, mix, h, S, V,
                                            qk_scale, dwq_ptr + pid64 * V * V,
                                            dwk_ptr + pid64 * V * V,
-                                           PREC)
+                                           scr_ptr + pid64 * scr_stride, PREC)
                 dmix += dm
         lK = tl.load(ak_ptr + bo * K + sk_off, mask=mk, other=0.0).to(DT)
         lV = tl.load(av_ptr + bo * V + sv_off, mask=mv, other=0.0).to(DT)
@@ -307,7 +307,8 @@ def chunk_backward(ctx, do, dkf, dvf):
         # period ends)
         _chunk_bwd_kernel_h[(N * H,)](
             g.k, g.v, g.idx, g.w, lay.seg, lay.cuc, lay.ev, g.bk, g.bv, g.dkf, g.dvf, ak, av,
-            g.dk0, g.dv0, *g.s2s_args, *g.dws, g.dmix, H, S, K, V, 1.0 / math.sqrt(V),
+            g.dk0, g.dv0, *g.s2s_args, *g.dws, g.dmix, g.scr, g.scr_stride, H, S, K, V,
+            1.0 / math.sqrt(V),
             HAS_S2S=g.has_s2s, SUB=SUB, num_warps=state_warps(BS, max(BK, BV)), **meta)
         # C: dq, dk, dv, dw from the exit adjoints
         _chunk_bwd_kernel_c[(G * H,)](*pass_c_args, LOCAL=False, SUB=SUB, num_warps=warps_c, **meta)

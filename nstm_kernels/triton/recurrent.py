@@ -34,6 +34,8 @@ from .utils import (
     on_device,
     read_probs,
     recurrent_meta,
+    s2s_scratch,
+    s2s_scratch_size,
     slot_tiles,
 )
 
@@ -55,7 +57,7 @@ def _token_routing(idx_ptr, w_ptr, tok, rs, TOP_K: tl.constexpr, BLOCK_TK: tl.co
 @triton.jit
 def _nstm_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_ptr, cuc_ptr,
                      ev_ptr, o_ptr, bk_ptr, bv_ptr, fk_ptr, fv_ptr, wq_ptr, wk_ptr, mix_ptr,
-                     H, S, K, V, scale, qk_scale,
+                     scr_ptr, scr_stride, H, S, K, V, scale, qk_scale,
                      TOP_K: tl.constexpr, HAS_INIT: tl.constexpr, HAS_S2S: tl.constexpr,
                      STORE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_V: tl.constexpr, BLOCK_TK: tl.constexpr, DT: tl.constexpr,
@@ -100,7 +102,8 @@ def _nstm_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_pt
             t += 1
         if HAS_S2S:
             if tl.load(ev_ptr + sg) != 0:   # the segment's last token ends a period
-                Vs = s2s_forward_tile(Vs, wq_ptr, wk_ptr, mix, h, S, V, qk_scale, PREC)
+                Vs = s2s_forward_tile(Vs, wq_ptr, wk_ptr, mix, h, S, V, qk_scale,
+                                      scr_ptr + pid64 * scr_stride, PREC)
         sg += 1
     tl.store(fk_ptr + pid64 * S * K + sk_off, Ks.to(fk_ptr.dtype.element_ty), mask=mk)
     tl.store(fv_ptr + pid64 * S * V + sv_off, Vs.to(fv_ptr.dtype.element_ty), mask=mv)
@@ -110,7 +113,7 @@ def _nstm_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, k0_ptr, v0_ptr, seg_pt
 def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, cuc_ptr, ev_ptr,
                      bk_ptr, bv_ptr, dkf_ptr, dvf_ptr, sck_ptr, scv_ptr, wq_ptr, wk_ptr, mix_ptr,
                      dq_ptr, dk_ptr, dv_ptr, dw_ptr, dk0_ptr, dv0_ptr,
-                     dwq_ptr, dwk_ptr, dmix_ptr,
+                     dwq_ptr, dwk_ptr, dmix_ptr, scr_ptr, scr_stride,
                      H, S, K, V, LMAX, scale, qk_scale,
                      TOP_K: tl.constexpr, HAS_S2S: tl.constexpr,
                      BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -158,7 +161,7 @@ def _nstm_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, w_ptr, do_ptr, seg_ptr, cuc_p
                 dV, dm = s2s_backward_tile(Vs, dV, wq_ptr, wk_ptr, mix, h, S, V,
                                            qk_scale, dwq_ptr + pid64 * V * V,
                                            dwk_ptr + pid64 * V * V,
-                                           PREC)
+                                           scr_ptr + pid64 * scr_stride, PREC)
                 dmix += dm
         tl.debug_barrier()  # the scratch rows stored above are visible to every thread
         t = t1 - 1
@@ -233,12 +236,13 @@ class NSTMRecurrentFunction(torch.autograd.Function):
         else:
             bk, bv = fk, fv  # not written (STORE=False)
         dummy = fk
+        scr = s2s_scratch(N * H, S, V, False, dt, dev) if has_s2s else dummy
         meta = recurrent_meta(S, K, V, top_k, dt, dev, opts[0])
         with on_device(q):
             _nstm_fwd_kernel[(N * H,)](
                 q, k, v, idx, w, k0, v0, lay.seg, lay.cuc, lay.ev, o, bk, bv, fk, fv,
                 wq if has_s2s else dummy, wk if has_s2s else dummy, mix if has_s2s else dummy,
-                H, S, K, V, scale, 1.0 / math.sqrt(V),
+                scr, s2s_scratch_size(S, V, False), H, S, K, V, scale, 1.0 / math.sqrt(V),
                 HAS_INIT=True, HAS_S2S=has_s2s, STORE=store, **meta)
         if store:
             ctx.save_for_backward(q, k, v, w, idx, bk, bv, wq, wk, mix)
@@ -264,6 +268,6 @@ def recurrent_backward(ctx, do, dkf, dvf):
         _nstm_bwd_kernel[(g.N * g.H,)](
             g.q, g.k, g.v, g.idx, g.w, g.do, lay.seg, lay.cuc, lay.ev, g.bk, g.bv, g.dkf, g.dvf,
             sck, scv, *g.s2s_args, g.dq, g.dk, g.dv, g.dw, g.dk0, g.dv0, *g.dws, g.dmix,
-            g.H, g.S, g.K, g.V, lay.lmax, g.scale, 1.0 / math.sqrt(g.V), HAS_S2S=g.has_s2s,
+            g.scr, g.scr_stride, g.H, g.S, g.K, g.V, lay.lmax, g.scale, 1.0 / math.sqrt(g.V), HAS_S2S=g.has_s2s,
             **recurrent_meta(g.S, g.K, g.V, g.top_k, g.dt, g.dev, g.seq_prec))
     return backward_result(g)

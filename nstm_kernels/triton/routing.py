@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ..utils import compute_dtype
 from .device import compute_tl_dtype, pow2, row_warps
+from .utils import on_device
 
 
 @triton.jit
@@ -119,9 +120,10 @@ def route_forward(logits2d: torch.Tensor, gate1d: torch.Tensor, top_k: int):
     if N == 0:
         return idx, w
     BN, BS, BK = _blocks(S, top_k)
-    _route_fwd_kernel[(triton.cdiv(N, BN),)](
-        logits2d, gate1d, idx, w, N, S, TOP_K=top_k, BLOCK_N=BN, BLOCK_S=BS, BLOCK_K=BK,
-        DT=compute_tl_dtype(logits2d.dtype), num_warps=row_warps(BN * BS))
+    with on_device(logits2d):
+        _route_fwd_kernel[(triton.cdiv(N, BN),)](
+            logits2d, gate1d, idx, w, N, S, TOP_K=top_k, BLOCK_N=BN, BLOCK_S=BS, BLOCK_K=BK,
+            DT=compute_tl_dtype(logits2d.dtype), num_warps=row_warps(BN * BS))
     return idx, w
 
 
@@ -133,10 +135,11 @@ def route_backward(logits2d, gate1d, idx, dw, top_k: int):
     if N == 0:
         return dlogits, dgate
     BN, BS, BK = _blocks(S, top_k)
-    _route_bwd_kernel[(triton.cdiv(N, BN),)](
-        logits2d, gate1d, idx, dw.contiguous(), dlogits, dgate, N, S, TOP_K=top_k, BLOCK_N=BN,
-        BLOCK_S=BS, BLOCK_K=BK, DT=compute_tl_dtype(logits2d.dtype),
-        num_warps=row_warps(BN * BS * BK // 4))
+    with on_device(logits2d):
+        _route_bwd_kernel[(triton.cdiv(N, BN),)](
+            logits2d, gate1d, idx, dw.contiguous(), dlogits, dgate, N, S, TOP_K=top_k, BLOCK_N=BN,
+            BLOCK_S=BS, BLOCK_K=BK, DT=compute_tl_dtype(logits2d.dtype),
+            num_warps=row_warps(BN * BS * BK // 4))
     return dlogits, dgate
 
 

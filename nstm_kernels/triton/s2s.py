@@ -3,10 +3,13 @@
 ``(1 - g_h) V + g_h softmax((V W_q)(V W_k)^T / sqrt(V)) V`` (``g_h = sigmoid(gate_h)``) for one ``[S, V]`` tile
 per (batch, head) program, S and V padded to powers of two >= 16 with masks, fp32 (fp64) compute.
 
-The two ``@triton.jit`` helpers ``s2s_forward_tile`` / ``s2s_backward_tile`` work on a tile held in
-registers; the sequence and step kernels call them at period ends (the generic tile helpers they
-use live in ``utils.py``). ``sigmoid(gate)`` (``mix``) is
-computed in PyTorch (an ``[H]`` vector) and its gradient flows through PyTorch's sigmoid.
+The two ``@triton.jit`` helpers ``s2s_forward_tile`` / ``s2s_backward_tile`` take a tile held in
+registers and return one; the sequence and step kernels call them at period ends. Inside, every
+product goes through a per-program scratch in global memory (L2-resident) in ``[BLOCK, 32]``
+blocks (``sgemm``): a ``[128, 128]`` fp32 operand staged whole through shared memory costs 64 KB
+(twice that with the tf32x3 split), and the fused kernels needed 256-576 KB of it at S = V = 128
+before (bench/NOTES.md). The s2s runs once per period, so the extra memory traffic is small.
+``sigmoid(gate)`` (``mix``) is computed in PyTorch (an ``[H]`` vector) and its gradient flows through PyTorch's sigmoid.
 """
 from __future__ import annotations
 
@@ -20,82 +23,158 @@ import triton.language as tl
 from ..state import S2SParams
 from ..utils import compute_dtype
 from .device import compute_tl_dtype, dot_block, tile_warps
-from .utils import load_head_weight, load_tile, mm, resolve_dot_precision, store_tile
+from .utils import load_tile, mm, on_device, resolve_dot_precision, s2s_scratch, s2s_scratch_size, store_tile
 
 
 @triton.jit
-def _s2s_probs(X, Wq, Wk, S, qk_scale, PREC: tl.constexpr):
-    """Queries, keys and the row-softmax ``P [BLOCK_S, BLOCK_S]`` (zero rows/cols at the padding)."""
-    BLOCK_S: tl.constexpr = X.shape[0]
-    Q = mm(X, Wq, PREC)
-    Kx = mm(X, Wk, PREC)
-    sc = mm(Q, tl.trans(Kx), PREC) * qk_scale
-    rs = tl.arange(0, BLOCK_S)
-    valid = (rs[:, None] < S) & (rs[None, :] < S)
+def sgemm(a_ptr, a_sm, a_sk, b_ptr, b_sk, b_sn, c_ptr, c_sm, c_sn, M, N, KD,
+          BM: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, ACC: tl.constexpr,
+          DT: tl.constexpr, PREC: tl.constexpr):
+    """``C[:M, :N] (+)= A[:M, :KD] @ B[:KD, :N]`` with every operand in memory (element ``(i, j)``
+    of A at ``a_ptr + i * a_sm + j * a_sk``, B and C alike: a transpose is a swap of strides).
+
+    ``BM, BN, BKD`` are the padded dims (powers of two >= 16). The product runs in ``[BM, NT]``
+    output blocks, ``NT``-deep steps (``NT = min(32, .)``), in loops (not unrolled), so no
+    operand tile larger than ``[BM, 32]`` ever goes through shared memory: this is what lets the
+    s2s run at S = V = 128 inside the sequence kernels (bench/compile_check.py)."""
+    NT: tl.constexpr = min(32, BN)
+    KT: tl.constexpr = min(32, BKD)
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, NT)
+    rk = tl.arange(0, KT)
+    for n0 in range(0, BN, NT):
+        cols = n0 + rn
+        acc = tl.zeros([BM, NT], DT)
+        for k0 in range(0, BKD, KT):
+            ks = k0 + rk
+            a = tl.load(a_ptr + rm[:, None] * a_sm + ks[None, :] * a_sk,
+                        mask=(rm[:, None] < M) & (ks[None, :] < KD), other=0.0).to(DT)
+            b = tl.load(b_ptr + ks[:, None] * b_sk + cols[None, :] * b_sn,
+                        mask=(ks[:, None] < KD) & (cols[None, :] < N), other=0.0).to(DT)
+            acc += mm(a, b, PREC)
+        cm = (rm[:, None] < M) & (cols[None, :] < N)
+        cp = c_ptr + rm[:, None] * c_sm + cols[None, :] * c_sn
+        if ACC:
+            acc += tl.load(cp, mask=cm, other=0.0).to(DT)
+        tl.store(cp, acc.to(c_ptr.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _scratch_tile(ptr, R, Cn, BR: tl.constexpr, BC: tl.constexpr, DT: tl.constexpr, fill):
+    """A ``[BR, BC]`` register tile of the row-major ``[R, Cn]`` matrix at ``ptr`` (``fill`` at the padding)."""
+    r = tl.arange(0, BR)
+    c = tl.arange(0, BC)
+    return tl.load(ptr + r[:, None] * Cn + c[None, :], mask=(r[:, None] < R) & (c[None, :] < Cn),
+                   other=fill).to(DT)
+
+
+@triton.jit
+def _scratch_store(ptr, X, R, Cn):
+    r = tl.arange(0, X.shape[0])
+    c = tl.arange(0, X.shape[1])
+    tl.store(ptr + r[:, None] * Cn + c[None, :], X.to(ptr.dtype.element_ty),
+             mask=(r[:, None] < R) & (c[None, :] < Cn))
+
+
+@triton.jit
+def _s2s_probs(X, wq, wk, S, V, qk_scale, xs, qs, ks, ps, PREC: tl.constexpr):
+    """Stores ``X``, ``Q = X W_q``, ``Kx = X W_k`` and the row softmax ``P`` of ``Q Kx^T * c`` into
+    the scratch (``xs, qs, ks [S, V]``, ``ps [S, S]``) and returns ``P`` as a register tile."""
+    BS: tl.constexpr = X.shape[0]
+    BV: tl.constexpr = X.shape[1]
+    DT: tl.constexpr = X.dtype
+    tl.debug_barrier()     # an earlier use of the scratch is over
+    _scratch_store(xs, X, S, V)
+    tl.debug_barrier()
+    sgemm(xs, V, 1, wq, V, 1, qs, V, 1, S, V, V, BS, BV, BV, False, DT, PREC)
+    sgemm(xs, V, 1, wk, V, 1, ks, V, 1, S, V, V, BS, BV, BV, False, DT, PREC)
+    tl.debug_barrier()
+    sgemm(qs, V, 1, ks, 1, V, ps, S, 1, S, S, V, BS, BS, BV, False, DT, PREC)   # Q Kx^T
+    tl.debug_barrier()
+    rs = tl.arange(0, BS)
+    sc = _scratch_tile(ps, S, S, BS, BS, DT, 0.0) * qk_scale
     sc = tl.where(rs[None, :] < S, sc, float("-inf"))
     e = tl.exp(sc - tl.max(sc, axis=1)[:, None])
-    P = tl.where(valid, e / tl.sum(e, axis=1)[:, None], 0.0)
-    return Q, Kx, P
+    P = tl.where((rs[:, None] < S) & (rs[None, :] < S), e / tl.sum(e, axis=1)[:, None], 0.0)
+    tl.debug_barrier()     # every thread has read the scores before P overwrites them
+    _scratch_store(ps, P, S, S)
+    tl.debug_barrier()
+    return P
 
 
 @triton.jit
-def _s2s_parts(X, wq_ptr, wk_ptr, h, S, V, qk_scale, PREC: tl.constexpr):
-    """Everything the forward and the backward of one tile share: the head's weights, queries,
-    keys, the softmax ``P`` and the mixed-in rows ``O = P X``."""
-    BLOCK_V: tl.constexpr = X.shape[1]
-    Wq = load_head_weight(wq_ptr, h, V, BLOCK_V, X.dtype)
-    Wk = load_head_weight(wk_ptr, h, V, BLOCK_V, X.dtype)
-    Q, Kx, P = _s2s_probs(X, Wq, Wk, S, qk_scale, PREC)
-    O = mm(P, X, PREC)
-    return Wq, Wk, Q, Kx, P, O
+def s2s_forward_tile(X, wq_ptr, wk_ptr, mix, h, S, V, qk_scale, scr_ptr, PREC: tl.constexpr):
+    """The mixed tile ``(1 - mix) X + mix * P X`` for ``X [BLOCK_S, BLOCK_V]`` (padding rows stay 0).
 
-
-@triton.jit
-def s2s_forward_tile(X, wq_ptr, wk_ptr, mix, h, S, V, qk_scale, PREC: tl.constexpr):
-    """The mixed tile ``(1 - mix) X + mix * P X`` for ``X [BLOCK_S, BLOCK_V]`` (padding rows stay 0)."""
-    BLOCK_S: tl.constexpr = X.shape[0]
-    Wq, Wk, Q, Kx, P, O = _s2s_parts(X, wq_ptr, wk_ptr, h, S, V, qk_scale, PREC)
-    rs = tl.arange(0, BLOCK_S)
+    ``scr_ptr``: this program's scratch, ``s2s_scratch_size(S, V, False)`` elements of the compute
+    dtype. The products go through it in small blocks (``sgemm``)."""
+    BS: tl.constexpr = X.shape[0]
+    BV: tl.constexpr = X.shape[1]
+    DT: tl.constexpr = X.dtype
+    SV = S * V
+    xs, qs, ks, ps = scr_ptr, scr_ptr + SV, scr_ptr + 2 * SV, scr_ptr + 3 * SV
+    os_ = ps + S * S
+    wq = wq_ptr + h.to(tl.int64) * V * V
+    wk = wk_ptr + h.to(tl.int64) * V * V
+    _s2s_probs(X, wq, wk, S, V, qk_scale, xs, qs, ks, ps, PREC)
+    sgemm(ps, S, 1, xs, V, 1, os_, V, 1, S, V, S, BS, BV, BS, False, DT, PREC)  # O = P X
+    tl.debug_barrier()
+    O = _scratch_tile(os_, S, V, BS, BV, DT, 0.0)
+    rs = tl.arange(0, BS)
     return tl.where(rs[:, None] < S, (1.0 - mix) * X + mix * O, 0.0)
 
 
 @triton.jit
-def _acc_weight_grad(dw_ptr, G, V, BLOCK_V: tl.constexpr):
-    """``dw[0:V, 0:V] += G`` for one program's private ``[V, V]`` partial (no other program writes it)."""
-    r = tl.arange(0, BLOCK_V)
-    m = (r[:, None] < V) & (r[None, :] < V)
-    ptrs = dw_ptr + r[:, None] * V + r[None, :]
-    tl.debug_barrier()  # earlier stores to this partial come from other threads of this program
-    tl.store(ptrs, (tl.load(ptrs, mask=m, other=0.0) + G).to(dw_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def s2s_backward_tile(X, dY, wq_ptr, wk_ptr, mix, h, S, V, qk_scale, dwq_ptr, dwk_ptr,
+def s2s_backward_tile(X, dY, wq_ptr, wk_ptr, mix, h, S, V, qk_scale, dwq_ptr, dwk_ptr, scr_ptr,
                       PREC: tl.constexpr):
     """Backward of ``Y = (1 - mix) X + mix * softmax((X W_q)(X W_k)^T * c) X`` for one tile.
 
     Adds ``X^T dQ`` and ``X^T dK`` into this program's weight-gradient partials (``[V, V]`` each,
-    at ``dw*_ptr``) and returns ``(dX, dmix)``.
-    """
-    BLOCK_V: tl.constexpr = X.shape[1]
-    Wq, Wk, Q, Kx, P, O = _s2s_parts(X, wq_ptr, wk_ptr, h, S, V, qk_scale, PREC)
+    at ``dw*_ptr``; no other program writes them) and returns ``(dX, dmix)``. ``scr_ptr``:
+    ``s2s_scratch_size(S, V, True)`` elements of the compute dtype."""
+    BS: tl.constexpr = X.shape[0]
+    BV: tl.constexpr = X.shape[1]
+    DT: tl.constexpr = X.dtype
+    SV = S * V
+    SS = S * S
+    xs, qs, ks, ps = scr_ptr, scr_ptr + SV, scr_ptr + 2 * SV, scr_ptr + 3 * SV
+    os_ = ps + SS
+    dos = os_ + SV
+    dss = dos + SV
+    dqs = dss + SS
+    dks = dqs + SV
+    dxs = dks + SV
+    wq = wq_ptr + h.to(tl.int64) * V * V
+    wk = wk_ptr + h.to(tl.int64) * V * V
+    P = _s2s_probs(X, wq, wk, S, V, qk_scale, xs, qs, ks, ps, PREC)
+    sgemm(ps, S, 1, xs, V, 1, os_, V, 1, S, V, S, BS, BV, BS, False, DT, PREC)  # O = P X
+    _scratch_store(dos, mix * dY, S, V)                                         # dO
+    tl.debug_barrier()
+    O = _scratch_tile(os_, S, V, BS, BV, DT, 0.0)
     dmix = tl.sum(tl.sum(dY * (O - X), axis=1), axis=0)
-    dO = mix * dY
-    dP = mm(dO, tl.trans(X), PREC)
+    sgemm(dos, V, 1, xs, 1, V, dss, S, 1, S, S, V, BS, BS, BV, False, DT, PREC)  # dP = dO X^T
+    tl.debug_barrier()
+    dP = _scratch_tile(dss, S, S, BS, BS, DT, 0.0)
     dS = P * (dP - tl.sum(P * dP, axis=1)[:, None]) * qk_scale
-    dQ = mm(dS, Kx, PREC)
-    dKx = mm(tl.trans(dS), Q, PREC)
-    dX = (1.0 - mix) * dY + mm(tl.trans(P), dO, PREC)
-    dX += mm(dQ, tl.trans(Wq), PREC)
-    dX += mm(dKx, tl.trans(Wk), PREC)
-    Xt = tl.trans(X)
-    _acc_weight_grad(dwq_ptr, mm(Xt, dQ, PREC), V, BLOCK_V)
-    _acc_weight_grad(dwk_ptr, mm(Xt, dKx, PREC), V, BLOCK_V)
+    tl.debug_barrier()
+    _scratch_store(dss, dS, S, S)
+    tl.debug_barrier()
+    sgemm(dss, S, 1, ks, V, 1, dqs, V, 1, S, V, S, BS, BV, BS, False, DT, PREC)  # dQ = dS Kx
+    sgemm(dss, 1, S, qs, V, 1, dks, V, 1, S, V, S, BS, BV, BS, False, DT, PREC)  # dKx = dS^T Q
+    sgemm(ps, 1, S, dos, V, 1, dxs, V, 1, S, V, S, BS, BV, BS, False, DT, PREC)  # P^T dO
+    tl.debug_barrier()
+    sgemm(dqs, V, 1, wq, 1, V, dxs, V, 1, S, V, V, BS, BV, BV, True, DT, PREC)   # += dQ W_q^T
+    tl.debug_barrier()
+    sgemm(dks, V, 1, wk, 1, V, dxs, V, 1, S, V, V, BS, BV, BV, True, DT, PREC)   # += dKx W_k^T
+    sgemm(xs, 1, V, dqs, V, 1, dwq_ptr, V, 1, V, V, S, BV, BV, BS, True, DT, PREC)  # X^T dQ
+    sgemm(xs, 1, V, dks, V, 1, dwk_ptr, V, 1, V, V, S, BV, BV, BS, True, DT, PREC)  # X^T dKx
+    tl.debug_barrier()
+    dX = (1.0 - mix) * dY + _scratch_tile(dxs, S, V, BS, BV, DT, 0.0)
     return dX, dmix
 
 
 @triton.jit
-def _s2s_fwd_kernel(x_ptr, wq_ptr, wk_ptr, mix_ptr, y_ptr, H, S, V, qk_scale,
+def _s2s_fwd_kernel(x_ptr, wq_ptr, wk_ptr, mix_ptr, y_ptr, scr_ptr, scr_stride, H, S, V, qk_scale,
                     BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, DT: tl.constexpr,
                     PREC: tl.constexpr):
     pid = tl.program_id(0)
@@ -103,13 +182,14 @@ def _s2s_fwd_kernel(x_ptr, wq_ptr, wk_ptr, mix_ptr, y_ptr, H, S, V, qk_scale,
     off = pid.to(tl.int64) * S * V
     X = load_tile(x_ptr + off, S, V, BLOCK_S, BLOCK_V, DT)
     mix = tl.load(mix_ptr + h).to(DT)
-    Y = s2s_forward_tile(X, wq_ptr, wk_ptr, mix, h, S, V, qk_scale, PREC)
+    scr = scr_ptr + pid.to(tl.int64) * scr_stride
+    Y = s2s_forward_tile(X, wq_ptr, wk_ptr, mix, h, S, V, qk_scale, scr, PREC)
     store_tile(y_ptr + off, Y, S, V, BLOCK_S, BLOCK_V)
 
 
 @triton.jit
 def _s2s_bwd_kernel(x_ptr, dy_ptr, wq_ptr, wk_ptr, mix_ptr, dx_ptr,
-                    dwq_ptr, dwk_ptr, dmix_ptr, H, S, V, qk_scale,
+                    dwq_ptr, dwk_ptr, dmix_ptr, scr_ptr, scr_stride, H, S, V, qk_scale,
                     BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, DT: tl.constexpr,
                     PREC: tl.constexpr):
     pid = tl.program_id(0)
@@ -119,8 +199,9 @@ def _s2s_bwd_kernel(x_ptr, dy_ptr, wq_ptr, wk_ptr, mix_ptr, dx_ptr,
     X = load_tile(x_ptr + off, S, V, BLOCK_S, BLOCK_V, DT)
     dY = load_tile(dy_ptr + off, S, V, BLOCK_S, BLOCK_V, DT)
     mix = tl.load(mix_ptr + h).to(DT)
+    scr = scr_ptr + pid.to(tl.int64) * scr_stride
     dX, dmix = s2s_backward_tile(X, dY, wq_ptr, wk_ptr, mix, h, S, V, qk_scale,
-                                 dwq_ptr + woff, dwk_ptr + woff, PREC)
+                                 dwq_ptr + woff, dwk_ptr + woff, scr, PREC)
     store_tile(dx_ptr + off, dX, S, V, BLOCK_S, BLOCK_V)
     tl.store(dmix_ptr + pid, dmix.to(dmix_ptr.dtype.element_ty))
 
@@ -148,7 +229,10 @@ class StateAttentionFunction(torch.autograd.Function):
         y = torch.empty_like(x)
         meta = _launch_meta(S, V, x.dtype, x.device, prec)
         if B * H > 0:
-            _s2s_fwd_kernel[(B * H,)](x, wq, wk, mix, y, H, S, V, 1.0 / math.sqrt(V), **meta)
+            scr = s2s_scratch(B * H, S, V, False, x.dtype, x.device)
+            with on_device(x):
+                _s2s_fwd_kernel[(B * H,)](x, wq, wk, mix, y, scr, s2s_scratch_size(S, V, False), H, S, V,
+                                          1.0 / math.sqrt(V), **meta)
         ctx.save_for_backward(x, wq, wk, mix)
         ctx.prec = prec
         return y
@@ -163,8 +247,10 @@ class StateAttentionFunction(torch.autograd.Function):
         dmix = torch.empty(B, H, dtype=x.dtype, device=x.device)
         meta = _launch_meta(S, V, x.dtype, x.device, ctx.prec)
         if B * H > 0:
-            _s2s_bwd_kernel[(B * H,)](x, dy, wq, wk, mix, dx, *dws, dmix, H, S, V,
-                                      1.0 / math.sqrt(V), **meta)
+            scr = s2s_scratch(B * H, S, V, True, x.dtype, x.device)
+            with on_device(x):
+                _s2s_bwd_kernel[(B * H,)](x, dy, wq, wk, mix, dx, *dws, dmix, scr,
+                                          s2s_scratch_size(S, V, True), H, S, V, 1.0 / math.sqrt(V), **meta)
         # per-(b, h) partials summed over the batch here: deterministic, no atomics
         return (dx, dws[0].sum(0).to(wq.dtype), dws[1].sum(0).to(wk.dtype), dmix.sum(0).to(mix.dtype),
                 None)

@@ -19,12 +19,12 @@ from ..utils import compute_dtype
 from .device import compute_tl_dtype, dot_block, pow2, tile_warps
 from .routing import _route_weights, _topk_rows
 from .s2s import pack_weights, s2s_forward_tile, triton_state_attention
-from .utils import convex_write, read_probs, resolve_dot_precision
+from .utils import convex_write, on_device, read_probs, resolve_dot_precision, s2s_scratch, s2s_scratch_size
 
 
 @triton.jit
 def _nstm_step_kernel(q_ptr, k_ptr, v_ptr, logits_ptr, gate_ptr, sk_ptr, sv_ptr,
-                      o_ptr, nk_ptr, nv_ptr, wq_ptr, wk_ptr, mix_ptr,
+                      o_ptr, nk_ptr, nv_ptr, wq_ptr, wk_ptr, mix_ptr, scr_ptr, scr_stride,
                       H, S, K, V, scale, qk_scale,
                       TOP_K: tl.constexpr, HAS_STATE: tl.constexpr, IS_EVENT: tl.constexpr,
                       BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -68,7 +68,8 @@ def _nstm_step_kernel(q_ptr, k_ptr, v_ptr, logits_ptr, gate_ptr, sk_ptr, sv_ptr,
     tl.store(o_ptr + pid64 * V + rv, o.to(o_ptr.dtype.element_ty), mask=rv < V)
     if IS_EVENT:
         mix = tl.load(mix_ptr + h).to(DT)
-        Vs = s2s_forward_tile(Vs, wq_ptr, wk_ptr, mix, h, S, V, qk_scale, PREC)
+        Vs = s2s_forward_tile(Vs, wq_ptr, wk_ptr, mix, h, S, V, qk_scale,
+                              scr_ptr + pid64 * scr_stride, PREC)
     tl.store(nk_ptr + sk_off, Ks.to(nk_ptr.dtype.element_ty), mask=mk)
     tl.store(nv_ptr + sv_off, Vs.to(nv_ptr.dtype.element_ty), mask=mv)
 
@@ -107,17 +108,20 @@ def triton_nstm_step(q, k, v, route_logits, write_gate, top_k: int, s2s: Optiona
         nv = torch.empty(B, H, S, V, dtype=dt, device=dev)
         if is_event:
             wq, wk, mix = pack_weights(s2s, dt)
+            scr, scr_stride = s2s_scratch(B * H, S, V, False, dt, dev), s2s_scratch_size(S, V, False)
         else:
-            wq = wk = mix = nk  # not read (IS_EVENT=False)
+            wq = wk = mix = scr = nk  # not read (IS_EVENT=False)
+            scr_stride = 0
         BS, BK, BV = dot_block(S), pow2(K, 16), dot_block(V)
         if B * H > 0:
-            _nstm_step_kernel[(B * H,)](
-                q, k, v, logits, gate, sk, sv, o, nk, nv, wq, wk, mix,
-                H, S, K, V, scale, 1.0 / math.sqrt(V),
-                TOP_K=top_k, HAS_STATE=state is not None, IS_EVENT=is_event,
-                BLOCK_S=BS, BLOCK_K=BK, BLOCK_V=BV, BLOCK_TK=pow2(top_k, 2),
-                DT=compute_tl_dtype(q.dtype), PREC=resolve_dot_precision(dt, dev, kind=dot_precision),
-                num_warps=tile_warps(BS * max(BK, BV), dev))
+            with on_device(q):
+                _nstm_step_kernel[(B * H,)](
+                    q, k, v, logits, gate, sk, sv, o, nk, nv, wq, wk, mix, scr, scr_stride,
+                    H, S, K, V, scale, 1.0 / math.sqrt(V),
+                    TOP_K=top_k, HAS_STATE=state is not None, IS_EVENT=is_event,
+                    BLOCK_S=BS, BLOCK_K=BK, BLOCK_V=BV, BLOCK_TK=pow2(top_k, 2),
+                    DT=compute_tl_dtype(q.dtype), PREC=resolve_dot_precision(dt, dev, kind=dot_precision),
+                    num_warps=tile_warps(BS * max(BK, BV), dev))
         if per_row and s2s is not None:
             # one position per row: the rows whose period ends now are mixed after the kernel
             # (decided on the device: no host sync)

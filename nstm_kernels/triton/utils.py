@@ -3,7 +3,7 @@ layout and the backward set-up. Every op file imports from here; this file impor
 
 * jit helpers: ``mm`` (a dot with fp32/fp64 accumulation), ``slot_tiles`` (index vectors and
   masks of a program's slot tiles), ``convex_write`` / ``read_probs`` (spec §2 steps 2 and 3 on a
-  tile), ``load_head_weight`` / ``load_tile`` / ``store_tile``, and the chunk helpers
+  tile), ``load_tile`` / ``store_tile``, and the chunk helpers
   ``dense_weights``, ``log_retain``, ``advance`` (the closed-form state step of spec §4).
 * host side: ``dot_precision`` (the fp32 ``tl.dot`` precision), ``chunk_meta`` / ``recurrent_meta``
   (the constexpr launch arguments of the chunk and the recurrent kernels), ``state_warps``,
@@ -87,15 +87,6 @@ def read_probs(Ks, qt, smask, scale):
     sc = tl.where(smask, tl.sum(Ks * qt[None, :], axis=1) * scale, float("-inf"))
     e = tl.exp(sc - tl.max(sc, axis=0))
     return e / tl.sum(e, axis=0)
-
-
-@triton.jit
-def load_head_weight(w_ptr, h, V, BLOCK_V: tl.constexpr, DT: tl.constexpr):
-    """``w[h]`` of a ``[H, V, V]`` tensor as a ``[BLOCK_V, BLOCK_V]`` tile (zeros at the padding)."""
-    r = tl.arange(0, BLOCK_V)
-    m = (r[:, None] < V) & (r[None, :] < V)
-    base = w_ptr + h.to(tl.int64) * V * V
-    return tl.load(base + r[:, None] * V + r[None, :], mask=m, other=0.0).to(DT)
 
 
 @triton.jit
@@ -234,6 +225,17 @@ def dense_layout(B: int, T: int, pos: int, comm_every: int, has_s2s: bool, L: in
     return layout([b * T for b in range(B)], [T] * B, [pos] * B, comm_every, has_s2s, L, device)
 
 
+def s2s_scratch_size(S: int, V: int, backward: bool) -> int:
+    """Elements of scratch one program's s2s tile needs (forward: X, Q, Kx, O and P; the backward
+    adds dO, dQ, dKx, dX and dS)."""
+    return (8 * S * V + 2 * S * S) if backward else (4 * S * V + S * S)
+
+
+def s2s_scratch(programs: int, S: int, V: int, backward: bool, dtype, device) -> torch.Tensor:
+    """The scratch of ``programs`` programs, ``s2s_scratch_size`` elements each."""
+    return torch.empty(max(1, programs) * s2s_scratch_size(S, V, backward), dtype=dtype, device=device)
+
+
 def on_device(t: torch.Tensor):
     """A device guard for a launch: Triton launches on the *current* CUDA device, so tensors on
     ``cuda:1`` with ``cuda:0`` current would run on the wrong GPU (an illegal address). Every
@@ -284,15 +286,17 @@ def backward_setup(ctx, do, dkf, dvf) -> SimpleNamespace:
         dws = [torch.zeros(N, H, V, V, dtype=dt, device=dev) for _ in range(2)]
         dmix = torch.zeros(N, H, dtype=dt, device=dev)
         s2s_args = (wq, wk, mix)
+        scr, scr_stride = s2s_scratch(N * H, S, V, True, dt, dev), s2s_scratch_size(S, V, True)
     else:   # placeholders the kernels never touch (HAS_S2S=False)
         dws, dmix, s2s_args = [dk0, dk0], dk0, (dk0,) * 3
+        scr, scr_stride = dk0, 0
     return SimpleNamespace(
         q=q, k=k, v=v, w=w, idx=idx, lay=lay, bk=bk, bv=bv, s2s_args=s2s_args, has_s2s=has_s2s,
         top_k=top_k, scale=scale, B=B, T=T, H=H, S=S, K=K, V=V, N=N, dt=dt,
         dev=dev, seq_prec=seq_prec, chunk_prec=chunk_prec, do=do.contiguous(), dkf=dkf, dvf=dvf,
         dq=torch.empty_like(q), dk=torch.empty_like(k), dv=torch.empty_like(v),
         dw=torch.empty_like(w), dk0=dk0, dv0=torch.empty(N, H, S, V, dtype=dt, device=dev),
-        dws=dws, dmix=dmix)
+        dws=dws, dmix=dmix, scr=scr, scr_stride=scr_stride)
 
 
 def backward_result(g: SimpleNamespace) -> tuple:

@@ -59,6 +59,7 @@ CASES = [
     (1, 70, 1, 20, 24, 24, 3, 24, 7, True),    # ragged S, K = V; C = 24: chunks 17, 7, 16, 8, ...
     (1, 50, 1, 16, 32, 16, 4, 100, 7, True),   # K != V; C > L: chunks cut inside a period too
     (1, 40, 1, 16, 16, 16, 16, 16, 7, True),   # top_k = S: dense writes
+    (1, 20, 1, 40, 16, 72, 4, 8, 3, True),     # the s2s at S, V > 32: blocked products, 2 events
 ]
 
 

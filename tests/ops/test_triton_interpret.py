@@ -70,7 +70,9 @@ def test_sparse_route_fp64_and_api():
 # state-to-state attention
 
 
-@pytest.mark.parametrize("B,H,S,V", [(2, 2, 16, 16), (1, 2, 32, 32), (2, 1, 20, 24)])
+# (40, 72) and (72, 20): several [BLOCK, 32] blocks in every product of the blocked s2s (sgemm)
+@pytest.mark.parametrize("B,H,S,V", [(2, 2, 16, 16), (1, 2, 32, 32), (2, 1, 20, 24), (1, 1, 40, 72),
+                                     (1, 1, 72, 20)])
 def test_state_attention_matches_torch(B, H, S, V):
     inp = make_inputs(B=B, T=1, H=H, K=V, V=V, S=S, seed=B * 100 + S + V, requires_grad=True, **F32_INPUTS)
     x, p = inp.initial_state.v, inp.s2s
