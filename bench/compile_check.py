@@ -261,7 +261,12 @@ def markdown(rows: List[dict], meta: dict) -> str:
            f"- commit: {meta['commit']}; Triton {meta['triton']}; compiled on {meta['host']} "
            "(no GPU: nothing here ran, it only compiled)",
            "- registers / stack from `cuobjdump -res-usage`; stack > 0 means spills to local memory",
-           f"- top_k = {meta['top_k']}, s2s = {meta['s2s']}", "",
+           f"- top_k = {meta['top_k']}, s2s = {meta['s2s']}",
+           "- shared memory limits (opt-in, per block): " + ", ".join(
+               f"{GPU_NAMES[a]} {SHARED_LIMIT[a] // 1024} KB" for a in sorted(GPU_NAMES)),
+           "- a kernel over the limit of the GPU it runs on does not launch: the op runs the PyTorch "
+           "`chunked` path instead, or, for the chunk backward, the recurrent Triton backward, with one "
+           "log line (nstm_kernels/triton/fallback.py)", "",
            "| kernel | entry | target | dims | dtype | fp32 dot | warps | blocks | status | regs | stack B "
            "| shared KiB | fits (shared memory) |",
            "|---|---|---|---|---|---|---:|---|---|---:|---:|---:|---|"]

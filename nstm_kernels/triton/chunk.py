@@ -47,6 +47,7 @@ from .utils import (
     advance,
     chunk_meta,
     dense_weights,
+    launch,
     log_retain,
     mm,
     on_device,
@@ -175,12 +176,12 @@ def chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, mix, top_k, lay: Layout, scal
     dummy = fk
     scr = s2s_scratch(N * H, S, V, False, dt, dev) if has_s2s else dummy
     with on_device(q):
-        _chunk_nstm_fwd_kernel_h[(N * H,)](
+        launch(_chunk_nstm_fwd_kernel_h, (N * H,),
             k, v, idx, w, k0, v0, lay.seg, lay.cuc, lay.ev, bk, bv, fk, fv,
             wq if has_s2s else dummy, wk if has_s2s else dummy, mix if has_s2s else dummy,
             scr, s2s_scratch_size(S, V, False), H, S, K, V, 1.0 / math.sqrt(V),
             HAS_S2S=has_s2s, BLOCK_L=L, num_warps=state_warps(BS, max(BK, BV)), **meta)
-        _chunk_nstm_fwd_kernel_o[(G * H,)](
+        launch(_chunk_nstm_fwd_kernel_o, (G * H,),
             q, k, v, idx, w, lay.seg, bk, bv, o, H, S, K, V, scale,
             SUB=SUB, num_warps=tile_warps(SUB * SUB * BS, dev), **meta)
     return o, fk, fv, bk, bv

@@ -51,6 +51,7 @@ from .utils import (
     backward_setup,
     chunk_meta,
     dense_weights,
+    launch,
     log_retain,
     mm,
     on_device,
@@ -302,14 +303,14 @@ def chunk_backward(ctx, do, dkf, dvf):
                    g.dw, lcs, H, S, K, V, g.scale)
     with on_device(g.q):
         # A: each chunk's own pull on its entry state
-        _chunk_bwd_kernel_c[(G * H,)](*pass_c_args, LOCAL=True, SUB=SUB, num_warps=warps_c, **meta)
+        launch(_chunk_bwd_kernel_c, (G * H,), *pass_c_args, LOCAL=True, SUB=SUB, num_warps=warps_c, **meta)
         # B: carry the state adjoint through each sequence's chunks in reverse (s2s backward at
         # period ends)
-        _chunk_bwd_kernel_h[(N * H,)](
+        launch(_chunk_bwd_kernel_h, (N * H,),
             g.k, g.v, g.idx, g.w, lay.seg, lay.cuc, lay.ev, g.bk, g.bv, g.dkf, g.dvf, ak, av,
             g.dk0, g.dv0, *g.s2s_args, *g.dws, g.dmix, g.scr, g.scr_stride, H, S, K, V,
             1.0 / math.sqrt(V),
             HAS_S2S=g.has_s2s, SUB=SUB, num_warps=state_warps(BS, max(BK, BV)), **meta)
         # C: dq, dk, dv, dw from the exit adjoints
-        _chunk_bwd_kernel_c[(G * H,)](*pass_c_args, LOCAL=False, SUB=SUB, num_warps=warps_c, **meta)
+        launch(_chunk_bwd_kernel_c, (G * H,), *pass_c_args, LOCAL=False, SUB=SUB, num_warps=warps_c, **meta)
     return backward_result(g)

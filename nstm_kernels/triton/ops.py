@@ -21,16 +21,18 @@ from typing import Optional
 import torch
 
 from .. import settings
+from ..chunked import chunk_nstm
 from ..state import NSTMState, S2SParams
 from ..utils import compute_dtype
 from ..varlen import final_pos, needs_segments, segments
 from .chunk import chunk_forward
 from .chunk_bwd import chunk_backward
 from .device import chunk_length, segment_length
+from .fallback import run_or_fall_back, tell
 from .recurrent import NSTMRecurrentFunction, recurrent_backward
 from .routing import SparseRouteFunction
 from .s2s import pack_weights
-from .utils import dense_layout, layout, resolve_dot_precision
+from .utils import DoesNotFit, check_backward_fits, dense_layout, layout, resolve_dot_precision
 
 
 class NSTMChunkFunction(torch.autograd.Function):
@@ -47,8 +49,17 @@ class NSTMChunkFunction(torch.autograd.Function):
         o, fk, fv, bk, bv = chunk_forward(q, k, v, w, idx, k0, v0, wq, wk, mix, top_k, lay, scale,
                                           opts[1])
         if store:
-            ctx.save_for_backward(q, k, v, w, idx, bk, bv, wq, wk, mix)
-            ctx.cfg = (top_k, scale, k0.shape[2])
+            saved, cfg = (q, k, v, w, idx, bk, bv, wq, wk, mix), (top_k, scale, k0.shape[2])
+            if opts[2] == "chunk":
+                try:
+                    check_backward_fits(chunk_backward, saved, cfg, lay, opts, o)
+                except DoesNotFit as e:   # the reverse-segment backward takes the same saved tensors
+                    tell("nstm_attention", e, "the recurrent Triton backward")
+                    opts = opts[:2] + ("recurrent",)
+            if opts[2] == "recurrent":
+                check_backward_fits(recurrent_backward, saved, cfg, lay, opts, o)
+            ctx.save_for_backward(*saved)
+            ctx.cfg = cfg
             ctx.lay = lay
         ctx.stored = store
         ctx.opts = opts
@@ -83,6 +94,16 @@ def triton_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2S
             launches as a plain batch: every pass runs once over all sequences (``utils.layout``
             lays their chunks on the flattened token axis), with no loop over the sequences.
     """
+    def slow():
+        return chunk_nstm(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, initial_state,
+                          output_final_state, scale, cu_seqlens=cu_seqlens)
+    return run_or_fall_back("nstm_attention", lambda: _triton_nstm(
+        q, k, v, route_logits, write_gate, top_k, s2s, comm_every, initial_state, output_final_state,
+        scale, forward, backward, dot_precision, cu_seqlens), slow)
+
+
+def _triton_nstm(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, initial_state,
+                 output_final_state, scale, forward, backward, dot_precision, cu_seqlens):
     fwd = settings.triton_forward(forward)
     bwd = settings.triton_backward(backward) if fwd == "chunk" else "recurrent"
     B, T, H, K = q.shape

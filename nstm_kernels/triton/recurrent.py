@@ -30,7 +30,9 @@ from .s2s import s2s_backward_tile, s2s_forward_tile
 from .utils import (
     backward_result,
     backward_setup,
+    check_backward_fits,
     convex_write,
+    launch,
     on_device,
     read_probs,
     recurrent_meta,
@@ -239,14 +241,16 @@ class NSTMRecurrentFunction(torch.autograd.Function):
         scr = s2s_scratch(N * H, S, V, False, dt, dev) if has_s2s else dummy
         meta = recurrent_meta(S, K, V, top_k, dt, dev, opts[0])
         with on_device(q):
-            _nstm_fwd_kernel[(N * H,)](
+            launch(_nstm_fwd_kernel, (N * H,),
                 q, k, v, idx, w, k0, v0, lay.seg, lay.cuc, lay.ev, o, bk, bv, fk, fv,
                 wq if has_s2s else dummy, wk if has_s2s else dummy, mix if has_s2s else dummy,
                 scr, s2s_scratch_size(S, V, False), H, S, K, V, scale, 1.0 / math.sqrt(V),
                 HAS_INIT=True, HAS_S2S=has_s2s, STORE=store, **meta)
         if store:
-            ctx.save_for_backward(q, k, v, w, idx, bk, bv, wq, wk, mix)
-            ctx.cfg = (top_k, scale, S)
+            saved, cfg = (q, k, v, w, idx, bk, bv, wq, wk, mix), (top_k, scale, S)
+            check_backward_fits(recurrent_backward, saved, cfg, lay, opts, o)
+            ctx.save_for_backward(*saved)
+            ctx.cfg = cfg
             ctx.lay = lay
         ctx.stored = store
         ctx.opts = opts
@@ -265,7 +269,7 @@ def recurrent_backward(ctx, do, dkf, dvf):
     sck = torch.empty(g.N * g.H, lay.lmax * g.top_k, g.K, dtype=g.dt, device=g.dev)
     scv = torch.empty(g.N * g.H, lay.lmax * g.top_k, g.V, dtype=g.dt, device=g.dev)
     with on_device(g.q):
-        _nstm_bwd_kernel[(g.N * g.H,)](
+        launch(_nstm_bwd_kernel, (g.N * g.H,),
             g.q, g.k, g.v, g.idx, g.w, g.do, lay.seg, lay.cuc, lay.ev, g.bk, g.bv, g.dkf, g.dvf,
             sck, scv, *g.s2s_args, g.dq, g.dk, g.dv, g.dw, g.dk0, g.dv0, *g.dws, g.dmix,
             g.scr, g.scr_stride, g.H, g.S, g.K, g.V, lay.lmax, g.scale, 1.0 / math.sqrt(g.V), HAS_S2S=g.has_s2s,

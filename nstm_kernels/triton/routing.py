@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ..utils import compute_dtype
 from .device import compute_tl_dtype, pow2, row_warps
-from .utils import on_device
+from .utils import launch, on_device
 
 
 @triton.jit
@@ -121,7 +121,7 @@ def route_forward(logits2d: torch.Tensor, gate1d: torch.Tensor, top_k: int):
         return idx, w
     BN, BS, BK = _blocks(S, top_k)
     with on_device(logits2d):
-        _route_fwd_kernel[(triton.cdiv(N, BN),)](
+        launch(_route_fwd_kernel, (triton.cdiv(N, BN),),
             logits2d, gate1d, idx, w, N, S, TOP_K=top_k, BLOCK_N=BN, BLOCK_S=BS, BLOCK_K=BK,
             DT=compute_tl_dtype(logits2d.dtype), num_warps=row_warps(BN * BS))
     return idx, w
@@ -136,7 +136,7 @@ def route_backward(logits2d, gate1d, idx, dw, top_k: int):
         return dlogits, dgate
     BN, BS, BK = _blocks(S, top_k)
     with on_device(logits2d):
-        _route_bwd_kernel[(triton.cdiv(N, BN),)](
+        launch(_route_bwd_kernel, (triton.cdiv(N, BN),),
             logits2d, gate1d, idx, dw.contiguous(), dlogits, dgate, N, S, TOP_K=top_k, BLOCK_N=BN,
             BLOCK_S=BS, BLOCK_K=BK, DT=compute_tl_dtype(logits2d.dtype),
             num_warps=row_warps(BN * BS * BK // 4))

@@ -20,10 +20,24 @@ import torch
 import triton
 import triton.language as tl
 
+from ..s2s import state_attention_torch
 from ..state import S2SParams
 from ..utils import compute_dtype
 from .device import compute_tl_dtype, dot_block, tile_warps
-from .utils import load_tile, mm, on_device, resolve_dot_precision, s2s_scratch, s2s_scratch_size, store_tile
+from .fallback import run_or_fall_back
+from .utils import (
+    DoesNotFit,
+    dry_run,
+    launch,
+    limit_applies,
+    load_tile,
+    mm,
+    on_device,
+    resolve_dot_precision,
+    s2s_scratch,
+    s2s_scratch_size,
+    store_tile,
+)
 
 
 @triton.jit
@@ -218,6 +232,24 @@ def _launch_meta(S: int, V: int, dtype: torch.dtype, device, prec: str):
                 num_warps=tile_warps(max(BS, BV) * BV, device))
 
 
+def _s2s_backward(x, dy, wq, wk, mix, prec):
+    """Launch the s2s backward: ``(dx, per-(b, h) dw_q and dw_k partials, dmix [B, H])``."""
+    B, H, S, V = x.shape
+    dx = torch.empty_like(x)
+    dws = [torch.zeros(B, H, V, V, dtype=x.dtype, device=x.device) for _ in range(2)]
+    dmix = torch.empty(B, H, dtype=x.dtype, device=x.device)
+    meta = _launch_meta(S, V, x.dtype, x.device, prec)
+    if B * H > 0:
+        scr = s2s_scratch(B * H, S, V, True, x.dtype, x.device)
+        with on_device(x):
+            launch(_s2s_bwd_kernel, (B * H,), x, dy, wq, wk, mix, dx, *dws, dmix, scr,
+                   s2s_scratch_size(S, V, True), H, S, V, 1.0 / math.sqrt(V), **meta)
+    return dx, dws, dmix
+
+
+_BACKWARD_FITS: dict = {}
+
+
 class StateAttentionFunction(torch.autograd.Function):
     """``(v_state [B,H,S,V] in the compute dtype, w_q, w_k [H,V,V], mix [H], prec) -> mixed``
     (``prec``: the resolved dot precision)."""
@@ -231,8 +263,20 @@ class StateAttentionFunction(torch.autograd.Function):
         if B * H > 0:
             scr = s2s_scratch(B * H, S, V, False, x.dtype, x.device)
             with on_device(x):
-                _s2s_fwd_kernel[(B * H,)](x, wq, wk, mix, y, scr, s2s_scratch_size(S, V, False), H, S, V,
-                                          1.0 / math.sqrt(V), **meta)
+                launch(_s2s_fwd_kernel, (B * H,), x, wq, wk, mix, y, scr, s2s_scratch_size(S, V, False),
+                       H, S, V, 1.0 / math.sqrt(V), **meta)
+        if limit_applies(x.device) and torch.is_grad_enabled():
+            # the backward must fit too: learn it now, once per configuration (see fallback.py)
+            key = (str(x.device), S, V, x.dtype, prec)
+            if key not in _BACKWARD_FITS:
+                try:
+                    with dry_run():
+                        _s2s_backward(x, y, wq, wk, mix, prec)
+                    _BACKWARD_FITS[key] = True
+                except DoesNotFit as e:
+                    _BACKWARD_FITS[key] = e
+            if _BACKWARD_FITS[key] is not True:
+                raise _BACKWARD_FITS[key]
         ctx.save_for_backward(x, wq, wk, mix)
         ctx.prec = prec
         return y
@@ -240,17 +284,7 @@ class StateAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, wq, wk, mix = ctx.saved_tensors
-        B, H, S, V = x.shape
-        dy = dy.contiguous().to(x.dtype)
-        dx = torch.empty_like(x)
-        dws = [torch.zeros(B, H, V, V, dtype=x.dtype, device=x.device) for _ in range(2)]
-        dmix = torch.empty(B, H, dtype=x.dtype, device=x.device)
-        meta = _launch_meta(S, V, x.dtype, x.device, ctx.prec)
-        if B * H > 0:
-            scr = s2s_scratch(B * H, S, V, True, x.dtype, x.device)
-            with on_device(x):
-                _s2s_bwd_kernel[(B * H,)](x, dy, wq, wk, mix, dx, *dws, dmix, scr,
-                                          s2s_scratch_size(S, V, True), H, S, V, 1.0 / math.sqrt(V), **meta)
+        dx, dws, dmix = _s2s_backward(x, dy.contiguous().to(x.dtype), wq, wk, mix, ctx.prec)
         # per-(b, h) partials summed over the batch here: deterministic, no atomics
         return (dx, dws[0].sum(0).to(wq.dtype), dws[1].sum(0).to(wk.dtype), dmix.sum(0).to(mix.dtype),
                 None)
@@ -262,8 +296,13 @@ def triton_state_attention(v_state: torch.Tensor, s2s: S2SParams,
 
     Computes in fp32 (fp64 for fp64); differentiable wrt ``v_state`` and every field of ``s2s``.
     ``dot_precision``: "ieee", "tf32" or "tf32x3" (None: ``NSTM_TRITON_DOT``, else "tf32x3").
+    On a GPU whose shared memory the kernels do not fit, the PyTorch path runs (``fallback.py``).
     """
     dt = compute_dtype(v_state.dtype)
-    wq, wk, mix = pack_weights(s2s, dt)
-    prec = resolve_dot_precision(dt, v_state.device, kind=dot_precision)
-    return StateAttentionFunction.apply(v_state.to(dt), wq, wk, mix, prec).to(v_state.dtype)
+
+    def fast():
+        wq, wk, mix = pack_weights(s2s, dt)
+        prec = resolve_dot_precision(dt, v_state.device, kind=dot_precision)
+        return StateAttentionFunction.apply(v_state.to(dt), wq, wk, mix, prec).to(v_state.dtype)
+    return run_or_fall_back("state_attention", fast,
+                            lambda: state_attention_torch(v_state.to(dt), s2s).to(v_state.dtype))

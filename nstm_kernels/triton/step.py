@@ -14,12 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..chunked import recurrent_nstm_step
 from ..state import NSTMState, S2SParams
 from ..utils import compute_dtype
 from .device import compute_tl_dtype, dot_block, pow2, tile_warps
+from .fallback import run_or_fall_back
 from .routing import _route_weights, _topk_rows
 from .s2s import pack_weights, s2s_forward_tile, triton_state_attention
-from .utils import convex_write, on_device, read_probs, resolve_dot_precision, s2s_scratch, s2s_scratch_size
+from .utils import convex_write, launch, on_device, read_probs, resolve_dot_precision, s2s_scratch, s2s_scratch_size
 
 
 @triton.jit
@@ -84,6 +86,16 @@ def triton_nstm_step(q, k, v, route_logits, write_gate, top_k: int, s2s: Optiona
     ``nstm_kernels.chunked.recurrent_nstm_step``; not differentiable (decode). ``dot_precision``:
     "ieee", "tf32" or "tf32x3" (None: ``NSTM_TRITON_DOT``, else "tf32x3").
     """
+    def slow():
+        with torch.no_grad():
+            return recurrent_nstm_step(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, state,
+                                       scale)
+    return run_or_fall_back("nstm_step", lambda: _triton_nstm_step(
+        q, k, v, route_logits, write_gate, top_k, s2s, comm_every, state, scale, dot_precision), slow)
+
+
+def _triton_nstm_step(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, state, scale,
+                      dot_precision):
     B, H, K = q.shape
     V, S = v.shape[-1], route_logits.shape[-1]
     dt = compute_dtype(q.dtype)
@@ -115,7 +127,7 @@ def triton_nstm_step(q, k, v, route_logits, write_gate, top_k: int, s2s: Optiona
         BS, BK, BV = dot_block(S), pow2(K, 16), dot_block(V)
         if B * H > 0:
             with on_device(q):
-                _nstm_step_kernel[(B * H,)](
+                launch(_nstm_step_kernel, (B * H,),
                     q, k, v, logits, gate, sk, sv, o, nk, nv, wq, wk, mix, scr, scr_stride,
                     H, S, K, V, scale, 1.0 / math.sqrt(V),
                     TOP_K=top_k, HAS_STATE=state is not None, IS_EVENT=is_event,

@@ -236,6 +236,98 @@ def s2s_scratch(programs: int, S: int, V: int, backward: bool, dtype, device) ->
     return torch.empty(max(1, programs) * s2s_scratch_size(S, V, backward), dtype=dtype, device=device)
 
 
+class DoesNotFit(RuntimeError):
+    """A kernel needs more shared memory than the GPU it would run on has (or Triton refused the
+    launch for lack of resources). The public Triton ops catch it and run the PyTorch ``chunked``
+    path instead (``fallback.py``), with one log line."""
+
+    def __init__(self, kernel: str, required: int, limit: int, what: str = "shared memory"):
+        super().__init__(f"{kernel} needs {required} bytes of {what}, the GPU has {limit}")
+        self.kernel, self.required, self.limit, self.what = kernel, required, limit, what
+
+
+_DRY = [False]
+
+
+@contextlib.contextmanager
+def dry_run():
+    """Within: ``launch`` compiles each kernel (Triton's cache keeps it for the real launch) and
+    checks its shared memory against the device's limit, but runs nothing. The sequence forward
+    uses it once per configuration to learn whether its backward will fit before it commits."""
+    _DRY.append(True)
+    try:
+        yield
+    finally:
+        _DRY.pop()
+
+
+def shared_bytes(kernel, grid, args, kwargs) -> int:
+    """Shared memory of the compiled kernel for these arguments (compiled now, or from the cache)."""
+    return int(kernel.warmup(*args, grid=grid, **kwargs).metadata.shared)
+
+
+def limit_applies(device: torch.device) -> bool:
+    """Whether kernels on ``device`` have a shared-memory limit to check (a GPU: yes; CPU tensors
+    under the interpreter: no)."""
+    return device.type == "cuda"
+
+
+def _device_of(args) -> torch.device:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return torch.device("cpu")
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, the one way the ops launch their kernels.
+
+    The limit is the device's shared memory per block (``device.device_info``, read from the GPU
+    once); a kernel over it raises :class:`DoesNotFit` instead of Triton's ``OutOfResources``, in a
+    dry run (see ``dry_run``) before anything ran."""
+    name = getattr(getattr(kernel, "fn", None), "__name__", str(kernel))
+    dev = _device_of(args)
+    if _DRY[-1]:
+        if limit_applies(dev):
+            need, have = shared_bytes(kernel, grid, args, kwargs), device_info(dev).shared_mem
+            if need > have:
+                raise DoesNotFit(name, need, have)
+        return None
+    try:
+        return kernel[grid](*args, **kwargs)
+    except triton.runtime.errors.OutOfResources as e:
+        raise DoesNotFit(name, int(getattr(e, "required", 0)), int(getattr(e, "limit", 0)),
+                         str(getattr(e, "name", "resources"))) from e
+
+
+_BACKWARD_FITS: dict = {}
+
+
+def check_backward_fits(backward, saved: tuple, cfg: tuple, lay, opts: tuple, o: torch.Tensor):
+    """Raise :class:`DoesNotFit` now, in the forward, when ``backward`` (a sequence backward
+    taking ``(ctx, do, dkf, dvf)``) would not fit the GPU: a forward that commits and a backward
+    that then cannot launch would leave the caller with no gradient. A dry run compiles its
+    kernels once per configuration (Triton caches them for the real backward); the verdict is
+    cached. CPU tensors (the interpreter) have no limit to check."""
+    if not limit_applies(o.device):
+        return
+    q, w, wq = saved[0], saved[3], saved[7]
+    key = (str(o.device), backward.__name__, tuple(q.shape[2:]), saved[2].shape[-1], cfg[0], cfg[2],
+           q.dtype, w.dtype, wq is not None, opts)
+    verdict = _BACKWARD_FITS.get(key)
+    if verdict is None:
+        ctx = SimpleNamespace(saved_tensors=saved, cfg=cfg, lay=lay, opts=opts, stored=True)
+        try:
+            with dry_run():
+                backward(ctx, torch.empty_like(o), None, None)
+            verdict = True
+        except DoesNotFit as e:
+            verdict = e
+        _BACKWARD_FITS[key] = verdict
+    if verdict is not True:
+        raise verdict
+
+
 def on_device(t: torch.Tensor):
     """A device guard for a launch: Triton launches on the *current* CUDA device, so tensors on
     ``cuda:1`` with ``cuda:0`` current would run on the wrong GPU (an illegal address). Every
