@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .dispatch import lookup
+from .flops import counting_flops, register_flop_formulas
 from .state import NSTMState, S2SParams
 from .utils import (
     check_dims,
@@ -20,6 +21,9 @@ from .utils import (
 
 _warned_layout = set()
 
+
+# FlopCounterMode copies the formula table when it is created: register before any counter exists
+register_flop_formulas()
 
 def _warn_head_first(q: torch.Tensor) -> None:
     """fla's check: ``[B, T, H, K]`` with 1 < T < H is more likely a head-first ``[B, H, T, K]``
@@ -90,8 +94,9 @@ def nstm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route_logi
                                       "batches or per-row positions")
         return fn(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, initial_state,
                   output_final_state, scale, cu_seqlens=cu_seqlens)
-    if torch.compiler.is_compiling():
-        # one opaque custom op for torch.compile (nstm_kernels/compile.py)
+    if torch.compiler.is_compiling() or counting_flops():
+        # one opaque custom op for torch.compile (nstm_kernels/compile.py), and for FlopCounterMode
+        # (nstm_kernels/flops.py: the operator counted by its definition)
         from .compile import compiled_attention
         return compiled_attention(q, k, v, route_logits, write_gate, top_k, s2s, comm_every,
                                   initial_state, output_final_state, scale, name)
