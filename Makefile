@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sweep.py
 	$(BIN)/python bench/models.py
 	$(BIN)/python bench/cpu_paths.py --json bench/results/cpu-paths.json
+	$(BIN)/python bench/flops.py
 
 bench-gpu:
 	-$(PY) -m pip install -q --no-deps --no-index --find-links .whl --target /tmp/nstm-site $(FLA_WHEELS) 2>/dev/null

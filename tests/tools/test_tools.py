@@ -89,3 +89,26 @@ def test_sweep_flags_a_disagreeing_path(monkeypatch):
                            progress=False)
     bad = [r for r in rows if r["method"] == "nstm-reference"][0]
     assert "disagrees" in bad["error"] and "fwd_ms" not in bad
+
+
+def test_flops_bench_counts_both_models_and_writes_table_json_and_plot(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    import flops
+    assert flops.main(["--contexts", "64", "256", "--out", str(tmp_path)]) == 0
+    [path] = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+    data = json.loads((tmp_path / path).read_text())
+    rows = {(r["T"], r["model"]): r for r in data["rows"]}
+    n64, n256 = rows[64, "nstm"], rows[256, "nstm"]
+    t64, t256 = rows[64, "transformer"], rows[256, "transformer"]
+    # NSTM's cost per token does not depend on T (C = 64 divides both); the Transformer's grows
+    assert n64["analytic_fwd"] == n256["analytic_fwd"]
+    assert abs(n64["counted_fwd"] - n256["counted_fwd"]) < 1e-6 * n64["counted_fwd"]
+    assert t256["analytic_fwd"] > t64["analytic_fwd"] and t256["counted_fwd"] > t64["counted_fwd"]
+    # the Transformer's attention is counted (the CPU SDPA kernel got a formula): 4 layers, full square
+    d = data["meta"]["transformer"]["d_model"]
+    assert abs(t256["counted_fwd"] - t64["counted_fwd"] - 4 * 4 * d * (256 - 64)) < 1.0
+    for r in data["rows"]:
+        assert 0.85 < r["counted_fwd"] / r["analytic_fwd"] < 1.5, r
+        assert r["counted_train_no_conv_bwd"] > 2 * r["counted_fwd"]
+    assert _is_png(tmp_path / path.replace(".json", ".png"))
+    assert (tmp_path / path.replace(".json", ".md")).read_text().count("| nstm |") == 2
