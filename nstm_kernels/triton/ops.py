@@ -32,7 +32,7 @@ from .fallback import run_or_fall_back, tell
 from .recurrent import NSTMRecurrentFunction, recurrent_backward
 from .routing import SparseRouteFunction
 from .s2s import pack_weights
-from .utils import DoesNotFit, check_backward_fits, dense_layout, layout, resolve_dot_precision
+from .utils import DoesNotFit, check_backward_fits, dense_layout, keep_for_backward, layout, resolve_dot_precision
 
 
 class NSTMChunkFunction(torch.autograd.Function):
@@ -56,11 +56,8 @@ class NSTMChunkFunction(torch.autograd.Function):
                 except DoesNotFit as e:   # the reverse-segment backward takes the same saved tensors
                     tell("nstm_attention", e, "the recurrent Triton backward")
                     opts = opts[:2] + ("recurrent",)
-            if opts[2] == "recurrent":
-                check_backward_fits(recurrent_backward, saved, cfg, lay, opts, o)
-            ctx.save_for_backward(*saved)
-            ctx.cfg = cfg
-            ctx.lay = lay
+            keep_for_backward(ctx, chunk_backward if opts[2] == "chunk" else recurrent_backward,
+                              saved, cfg, lay, opts, o)
         ctx.stored = store
         ctx.opts = opts
         return o, fk, fv

@@ -30,8 +30,8 @@ from .s2s import s2s_backward_tile, s2s_forward_tile
 from .utils import (
     backward_result,
     backward_setup,
-    check_backward_fits,
     convex_write,
+    keep_for_backward,
     launch,
     on_device,
     read_probs,
@@ -248,10 +248,7 @@ class NSTMRecurrentFunction(torch.autograd.Function):
                 HAS_INIT=True, HAS_S2S=has_s2s, STORE=store, **meta)
         if store:
             saved, cfg = (q, k, v, w, idx, bk, bv, wq, wk, mix), (top_k, scale, S)
-            check_backward_fits(recurrent_backward, saved, cfg, lay, opts, o)
-            ctx.save_for_backward(*saved)
-            ctx.cfg = cfg
-            ctx.lay = lay
+            keep_for_backward(ctx, recurrent_backward, saved, cfg, lay, opts, o)
         ctx.stored = store
         ctx.opts = opts
         return o, fk, fv

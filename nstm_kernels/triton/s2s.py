@@ -26,10 +26,8 @@ from ..utils import compute_dtype
 from .device import compute_tl_dtype, dot_block, tile_warps
 from .fallback import run_or_fall_back
 from .utils import (
-    DoesNotFit,
-    dry_run,
+    check_fits,
     launch,
-    limit_applies,
     load_tile,
     mm,
     on_device,
@@ -247,8 +245,6 @@ def _s2s_backward(x, dy, wq, wk, mix, prec):
     return dx, dws, dmix
 
 
-_BACKWARD_FITS: dict = {}
-
 
 class StateAttentionFunction(torch.autograd.Function):
     """``(v_state [B,H,S,V] in the compute dtype, w_q, w_k [H,V,V], mix [H], prec) -> mixed``
@@ -265,18 +261,10 @@ class StateAttentionFunction(torch.autograd.Function):
             with on_device(x):
                 launch(_s2s_fwd_kernel, (B * H,), x, wq, wk, mix, y, scr, s2s_scratch_size(S, V, False),
                        H, S, V, 1.0 / math.sqrt(V), **meta)
-        if limit_applies(x.device) and torch.is_grad_enabled():
+        if any(ctx.needs_input_grad[:4]):
             # the backward must fit too: learn it now, once per configuration (see fallback.py)
-            key = (str(x.device), S, V, x.dtype, prec)
-            if key not in _BACKWARD_FITS:
-                try:
-                    with dry_run():
-                        _s2s_backward(x, y, wq, wk, mix, prec)
-                    _BACKWARD_FITS[key] = True
-                except DoesNotFit as e:
-                    _BACKWARD_FITS[key] = e
-            if _BACKWARD_FITS[key] is not True:
-                raise _BACKWARD_FITS[key]
+            check_fits(x.device, ("s2s backward", str(x.device), S, V, x.dtype, prec),
+                       lambda: _s2s_backward(x, y, wq, wk, mix, prec))
         ctx.save_for_backward(x, wq, wk, mix)
         ctx.prec = prec
         return y

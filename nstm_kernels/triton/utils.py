@@ -220,9 +220,21 @@ def layout(starts: Sequence[int], lengths: Sequence[int], pos: Sequence[int], co
     return out
 
 
+_DENSE: OrderedDict[tuple, Layout] = OrderedDict()
+
+
 def dense_layout(B: int, T: int, pos: int, comm_every: int, has_s2s: bool, L: int, device) -> Layout:
-    """:func:`layout` of ``B`` rows of ``T`` tokens that all start at position ``pos``."""
-    return layout([b * T for b in range(B)], [T] * B, [pos] * B, comm_every, has_s2s, L, device)
+    """:func:`layout` of ``B`` rows of ``T`` tokens that all start at position ``pos``; its own
+    cache keyed by the few numbers that decide it (no per-row lists on a warm call)."""
+    key = (str(device), B, T, (pos % comm_every) if has_s2s else (pos % L), comm_every if has_s2s else 0,
+           has_s2s, L)
+    hit = _DENSE.get(key)
+    if hit is None:
+        hit = _DENSE[key] = layout([b * T for b in range(B)], [T] * B, [pos] * B, comm_every, has_s2s,
+                                   L, device)
+        if len(_DENSE) > _LAYOUT_CACHE_SIZE:
+            _DENSE.popitem(last=False)
+    return hit
 
 
 def s2s_scratch_size(S: int, V: int, backward: bool) -> int:
@@ -300,32 +312,46 @@ def launch(kernel, grid, *args, **kwargs):
                          str(getattr(e, "name", "resources"))) from e
 
 
-_BACKWARD_FITS: dict = {}
+_FITS: dict = {}
+
+
+def check_fits(device: torch.device, key, dry) -> None:
+    """Raise :class:`DoesNotFit` when ``dry()``, whose launches run under :func:`dry_run`, finds a
+    kernel over ``device``'s limit. The verdict is cached per ``key`` (a configuration). CPU
+    tensors (the interpreter) have no limit to check."""
+    if not limit_applies(device):
+        return
+    verdict = _FITS.get(key)
+    if verdict is None:
+        try:
+            with dry_run():
+                dry()
+            verdict = True
+        except DoesNotFit as e:
+            verdict = e
+        _FITS[key] = verdict
+    if verdict is not True:
+        raise verdict
 
 
 def check_backward_fits(backward, saved: tuple, cfg: tuple, lay, opts: tuple, o: torch.Tensor):
     """Raise :class:`DoesNotFit` now, in the forward, when ``backward`` (a sequence backward
     taking ``(ctx, do, dkf, dvf)``) would not fit the GPU: a forward that commits and a backward
-    that then cannot launch would leave the caller with no gradient. A dry run compiles its
-    kernels once per configuration (Triton caches them for the real backward); the verdict is
-    cached. CPU tensors (the interpreter) have no limit to check."""
-    if not limit_applies(o.device):
-        return
+    that then cannot launch would leave the caller with no gradient. The dry run compiles its
+    kernels once per configuration (Triton caches them for the real backward)."""
     q, w, wq = saved[0], saved[3], saved[7]
     key = (str(o.device), backward.__name__, tuple(q.shape[2:]), saved[2].shape[-1], cfg[0], cfg[2],
            q.dtype, w.dtype, wq is not None, opts)
-    verdict = _BACKWARD_FITS.get(key)
-    if verdict is None:
-        ctx = SimpleNamespace(saved_tensors=saved, cfg=cfg, lay=lay, opts=opts, stored=True)
-        try:
-            with dry_run():
-                backward(ctx, torch.empty_like(o), None, None)
-            verdict = True
-        except DoesNotFit as e:
-            verdict = e
-        _BACKWARD_FITS[key] = verdict
-    if verdict is not True:
-        raise verdict
+    ctx = SimpleNamespace(saved_tensors=saved, cfg=cfg, lay=lay, opts=opts, stored=True)
+    check_fits(o.device, key, lambda: backward(ctx, torch.empty_like(o), None, None))
+
+
+def keep_for_backward(ctx, backward, saved: tuple, cfg: tuple, lay, opts: tuple, o: torch.Tensor):
+    """What both sequence Functions' forwards keep for ``backward`` (after checking it fits)."""
+    check_backward_fits(backward, saved, cfg, lay, opts, o)
+    ctx.save_for_backward(*saved)
+    ctx.cfg = cfg
+    ctx.lay = lay
 
 
 def on_device(t: torch.Tensor):

@@ -28,10 +28,9 @@ def interpreter():
 @pytest.fixture
 def fresh(monkeypatch):
     """Empty verdict caches and log memory, so each test sees its first call."""
-    from nstm_kernels.triton import fallback, s2s, utils
+    from nstm_kernels.triton import fallback, utils
     monkeypatch.setattr(fallback, "_told", set())
-    monkeypatch.setattr(utils, "_BACKWARD_FITS", {})
-    monkeypatch.setattr(s2s, "_BACKWARD_FITS", {})
+    monkeypatch.setattr(utils, "_FITS", {})
 
 
 class _Refuses:
@@ -165,3 +164,21 @@ def test_the_step_and_the_s2s_fall_back_too(monkeypatch, fresh, caplog):
     assert torch.equal(o, ro) and torch.equal(st.v, rst.v)
     assert torch.equal(y, state_attention_torch(inp.initial_state.v, inp.s2s))
     assert len(caplog.records) == 2
+
+
+def test_an_s2s_backward_that_would_not_fit_sends_the_call_to_pytorch(monkeypatch, fresh, caplog):
+    """The standalone s2s checks its backward in the forward when a gradient is wanted."""
+    from nstm_kernels.s2s import state_attention_torch
+    from nstm_kernels.triton import triton_state_attention
+    _limit_101k(monkeypatch, {"_s2s_bwd_kernel": 240_000})
+    inp = make_inputs(B=1, T=1, H=1, K=8, V=8, S=4, seed=6, requires_grad=True, **F32_INPUTS)
+    x = inp.initial_state.v
+    with caplog.at_level(logging.WARNING, logger="nstm_kernels"):
+        y = triton_state_attention(x, inp.s2s)
+    assert torch.equal(y, state_attention_torch(x, inp.s2s))
+    assert any("_s2s_bwd_kernel" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="nstm_kernels"):
+        y2 = triton_state_attention(x, inp.s2s)          # no gradient wanted: the Triton forward runs
+    assert not caplog.records
+    assert_close(y2, y, name="s2s (Triton, no grad)")
