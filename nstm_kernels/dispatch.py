@@ -13,6 +13,9 @@ silent wrong answer: ``"cuda"`` to ``"triton"`` when Triton runs on the (CUDA) t
 ``"chunked"`` entry (the CUDA C++ extension implements the one-token step only; the sequence ops
 with ``backend="cuda"`` run the chunked path, as documented in the README).
 
+``"chunked"`` on CPU tensors runs the C++ CPU kernel (``nstm_kernels.cpu``, built on first use)
+and falls back to the PyTorch chunk form (``nstm_kernels.chunked``) where it cannot be built.
+
 Fast paths are defaults only once their GPU tests have passed on a real GPU: until then CUDA
 tensors default to ``"chunked"``, and ``"triton"`` / ``"cuda"`` are opt-in.
 """
@@ -27,6 +30,7 @@ import torch
 
 from . import settings
 from .chunked import chunk_nstm, recurrent_nstm_step, recurrent_nstm_step_
+from .cpu import chunked_nstm
 from .reference import naive_nstm_step, naive_recurrent_nstm
 from .routing import route_torch
 from .s2s import state_attention_torch
@@ -59,7 +63,7 @@ _CUDA = "nstm_kernels.cuda"
 TABLE: Dict[str, Dict[str, Callable]] = {
     # (q, k, v, route_logits, write_gate, top_k, s2s, comm_every, initial_state,
     #  output_final_state, scale) -> (o, final_state)
-    "nstm_attention": {"reference": naive_recurrent_nstm, "chunked": chunk_nstm,
+    "nstm_attention": {"reference": naive_recurrent_nstm, "chunked": chunked_nstm,
                   "triton": _Lazy(_TRITON, "triton_nstm")},
     # the same, plus the maps: -> (o, final_state, maps); the PyTorch paths only
     "nstm_attention_with_maps": {"reference": naive_recurrent_nstm, "chunked": chunk_nstm},

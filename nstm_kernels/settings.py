@@ -15,6 +15,10 @@ environment variable only overrides an argument left at None, and is read when t
 | ``NSTM_CUDA_BUILD_DIR`` | where the CUDA step extension is built | ``~/.cache/nstm_kernels/...`` |
 | ``NSTM_CUDA_REBUILD=1`` | rebuild the extension from scratch | |
 | ``NSTM_CUDA_VERBOSE=1`` | show the compiler's output | |
+| ``NSTM_CPU_KERNEL`` | the C++ CPU kernel in the ``"chunked"`` backend (``nstm_kernels.cpu``) | 1, 0 |
+| ``NSTM_CPU_BUILD_DIR`` | where the C++ CPU kernel is built | ``~/.cache/nstm_kernels/...`` |
+| ``NSTM_CPU_REBUILD=1`` | rebuild the C++ CPU kernel from scratch | |
+| ``NSTM_CPU_VERBOSE=1`` | show the compiler's output | |
 """
 from __future__ import annotations
 
@@ -81,3 +85,18 @@ def dot_precision(kind: Optional[str], default: str) -> str:
 def cuda_build_dir() -> Optional[str]:
     """``NSTM_CUDA_BUILD_DIR`` (None: the default cache folder)."""
     return _env("NSTM_CUDA_BUILD_DIR")
+
+
+def cpu_kernel_enabled() -> bool:
+    """``NSTM_CPU_KERNEL`` (default 1): 0 keeps the ``"chunked"`` backend on the PyTorch chunk form."""
+    value = _env("NSTM_CPU_KERNEL")
+    if value is None:
+        return True
+    if value not in ("0", "1"):
+        raise ValueError(f"NSTM_CPU_KERNEL must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def cpu_build_dir() -> Optional[str]:
+    """``NSTM_CPU_BUILD_DIR`` (None: the default cache folder)."""
+    return _env("NSTM_CPU_BUILD_DIR")

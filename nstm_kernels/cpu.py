@@ -1,0 +1,283 @@
+"""The NSTM sequence operator on the CPU in C++ (``csrc/nstm_cpu.cpp``): the fast path of the
+``"chunked"`` backend for CPU tensors.
+
+The chunk-parallel PyTorch form (``nstm_kernels.chunked.chunk_nstm``) runs a few hundred tensor
+operations per call, each of which allocates its output and synchronises the intra-op threads.
+On a machine where memory pages are expensive to fault in (virtual machines) or where another
+program holds a core, those small parallel regions and fresh allocations cost far more than the
+arithmetic (``bench/NOTES.md``, issue 12). This kernel does the same work token by token, per
+(sequence, head), in one parallel region per call, with the slot memory in a private buffer that
+stays in cache. Its backward re-runs each block of 64 tokens from a stored checkpoint and walks it
+in reverse, restoring the state exactly.
+
+It is compiled on first use with ``torch.utils.cpp_extension.load`` (ninja, the system C++
+compiler; about 30 s, then cached on disk). When it cannot be built (no compiler, no ninja, a
+build error) or is switched off (``NSTM_CPU_KERNEL=0``), the ``"chunked"`` backend runs the
+PyTorch chunk form instead, after one log line; nothing else changes. Calls with
+``return_maps=True``, dtypes other than fp32/fp64/bf16/fp16, or a ``top_k`` of 0 also take the
+PyTorch form.
+
+Environment:
+    NSTM_CPU_KERNEL=0      never use the kernel (the PyTorch chunk form everywhere)
+    NSTM_CPU_BUILD_DIR     build directory (default ``~/.cache/nstm_kernels/cpu-<torch>-<machine>``)
+    NSTM_CPU_REBUILD=1     wipe the build directory and compile again (first use in a process)
+    NSTM_CPU_VERBOSE=1     show the compiler's output while building
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import threading
+from typing import Optional
+
+import torch
+
+from . import settings
+from .routing import route_torch
+from .state import NSTMState, S2SParams
+from .utils import compute_dtype
+from .varlen import final_pos, flatten, needs_segments, segments
+
+logger = logging.getLogger("nstm_kernels")
+
+SOURCE = "nstm_cpu.cpp"
+EXT_NAME = "nstm_cpu_ops"
+# tokens between the forward's checkpoints (the backward re-runs one block at a time)
+BLOCK = 64
+
+_lock = threading.Lock()
+_loaded = False
+_error: Optional[str] = None
+_told = False
+
+
+def _source() -> str:
+    from .cuda import CSRC
+    return os.path.join(CSRC, SOURCE)
+
+
+def _cpu_tag() -> str:
+    """The build folder is per machine type: the code is compiled for the CPU it runs on."""
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features")):
+                    model += line
+    except OSError:
+        pass
+    return hashlib.sha1(model.encode()).hexdigest()[:10]
+
+
+def build_dir() -> str:
+    d = settings.cpu_build_dir()
+    if d:
+        return d
+    tag = f"cpu-{torch.__version__.split('+')[0]}-{platform.machine()}-{_cpu_tag()}"
+    return os.path.join(os.path.expanduser("~"), ".cache", "nstm_kernels", tag)
+
+
+def _flags():
+    """Compiler and linker flags. ATen's ``parallel_for`` is an inline OpenMP region: without
+    ``-fopenmp`` it would run on one thread."""
+    cflags, ldflags = ["-O3", "-fopenmp-simd"], []
+    if platform.system() == "Linux":
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+        if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+            cflags.append("-march=native")
+    return cflags, ldflags
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+    directory = build_dir()
+    if settings.flag("NSTM_CPU_REBUILD"):
+        shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory, exist_ok=True)
+    if not os.path.isfile(_source()):
+        raise RuntimeError(f"the C++ source is missing ({_source()})")
+    try:
+        cflags, ldflags = _flags()
+        cpp_extension.load(name=EXT_NAME, sources=[_source()], extra_cflags=cflags,
+                           extra_ldflags=ldflags,
+                           build_directory=directory, is_python_module=False,
+                           verbose=settings.flag("NSTM_CPU_VERBOSE"))
+        try:
+            os.remove(os.path.join(directory, "build.log"))   # an earlier failure's log
+        except OSError:
+            pass
+    except Exception as e:  # noqa: BLE001 - any build/load error means: fall back
+        log = os.path.join(directory, "build.log")
+        try:
+            with open(log, "w", encoding="utf-8") as f:
+                f.write(f"{type(e).__name__}: {e}")
+        except OSError:
+            log = "(not written)"
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise RuntimeError(f"building the C++ CPU kernel failed: {first[:200]} (full log: {log})") from e
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the kernel can run (building it on first use), else why not (cached)."""
+    global _loaded, _error
+    if not settings.cpu_kernel_enabled():
+        return "switched off by NSTM_CPU_KERNEL=0"
+    if _loaded:
+        return None
+    with _lock:
+        if not _loaded and _error is None:
+            try:
+                _build()
+                _loaded = True
+            except RuntimeError as e:
+                _error = str(e)
+    return None if _loaded else _error
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def reset() -> None:
+    """Forget a cached failure (tests); a loaded library stays loaded."""
+    global _error, _told
+    with _lock:
+        _error, _told = None, False
+
+
+def _tell(reason: str) -> None:
+    global _told
+    if not _told:
+        _told = True
+        logger.warning("nstm_kernels: the C++ CPU kernel is not used (%s); the chunked backend runs "
+                       "the PyTorch chunk form", reason)
+
+
+def usable(q: torch.Tensor, top_k: int, return_maps: bool) -> bool:
+    """Whether a ``"chunked"`` call on these inputs runs the C++ kernel."""
+    if q.device.type != "cpu" or return_maps or top_k < 1:
+        return False
+    if q.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        return False
+    if not settings.cpu_kernel_enabled():       # asked for: no log line
+        return False
+    reason = unavailable_reason()
+    if reason is not None:
+        _tell(reason)
+        return False
+    return True
+
+
+class _CPUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, w, k0, v0, wq, wk, mix, idx, seg, C, has_s2s, scale):
+        keep = any(ctx.needs_input_grad[:9])     # checkpoints only when a backward can follow
+        o, kf, vf, ck = torch.ops.nstm_cpu.forward(q, k, v, idx, w, k0, v0, seg, wq, wk, mix,
+                                                    C, has_s2s, scale, BLOCK if keep else 0)
+        ctx.save_for_backward(q, k, v, w, wq, wk, mix, idx, seg, ck)
+        ctx.args = (C, has_s2s, scale)
+        ctx.mark_non_differentiable(ck)
+        return o, kf, vf, ck
+
+    @staticmethod
+    def backward(ctx, do, dkf, dvf, _dck):
+        q, k, v, w, wq, wk, mix, idx, seg, ck = ctx.saved_tensors
+        C, has_s2s, scale = ctx.args
+        N, H = seg.shape[0], q.shape[1]
+        S = ck.shape[2]
+        K, V = q.shape[2], v.shape[2]
+        z = q.new_zeros
+        do = z(v.shape) if do is None else do.contiguous()
+        dkf = z(N, H, S, K) if dkf is None else dkf.contiguous()
+        dvf = z(N, H, S, V) if dvf is None else dvf.contiguous()
+        dq, dk, dv, dw, dk0, dv0, dwq, dwk, dmix = torch.ops.nstm_cpu.backward(
+            q, k, v, idx, w, seg, wq, wk, mix, ck, do, dkf, dvf, C, has_s2s, scale, BLOCK)
+        if has_s2s:
+            dwq, dwk, dmix = dwq.sum(0), dwk.sum(0), dmix.sum(0)
+        else:
+            dwq = dwk = dmix = None
+        return dq, dk, dv, dw, dk0, dv0, dwq, dwk, dmix, None, None, None, None, None
+
+
+def _run(q, k, v, route_logits, write_gate, top_k, s2s, C, k0, v0, segs, scale):
+    """The kernel over the flattened time axis ``[1, T, H, *]`` and its segments
+    ``[(start, length, pos), ...]``, each starting from its row of ``k0 [N, H, S, K]`` / ``v0``.
+    Returns ``o [1, T, H, V]`` (compute dtype) and the final slot memories ``[N, H, S, *]``."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"nstm_kernels: the C++ CPU kernel cannot run: {reason}")
+    dt = compute_dtype(q.dtype)
+    idx, wts = route_torch(route_logits, write_gate, top_k, dtype=dt)
+    T, H = q.shape[1], q.shape[2]
+    c = [x.reshape(T, H, x.shape[-1]).to(dt).contiguous() for x in (q, k, v, wts)]
+    idx = idx.reshape(T, H, top_k).contiguous()
+    seg = torch.tensor(segs, dtype=torch.int64).reshape(-1, 3)
+    if s2s is not None:
+        wq, wk = s2s.w_q.to(dt).contiguous(), s2s.w_k.to(dt).contiguous()
+        mix = torch.sigmoid(s2s.gate.to(dt)).contiguous()
+    else:
+        wq = wk = mix = q.new_zeros(0, dtype=dt)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    o, kf, vf, _ = _CPUFunction.apply(*c, k0.to(dt).contiguous(), v0.to(dt).contiguous(), wq, wk,
+                                      mix, idx, seg, int(C), s2s is not None, scale)
+    return o.unsqueeze(0), kf, vf
+
+
+def cpu_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2SParams] = None,
+             comm_every: int = 64, initial_state: Optional[NSTMState] = None,
+             output_final_state: bool = False, scale: Optional[float] = None,
+             cu_seqlens=None):
+    """The operator through the C++ kernel; the signature and results of ``chunk_nstm`` (without
+    maps). Raises ``RuntimeError`` when the kernel cannot be had (``usable`` says beforehand)."""
+    B, T, H, K = q.shape
+    V, S = v.shape[-1], route_logits.shape[-1]
+    dt = compute_dtype(q.dtype)
+    if needs_segments(initial_state, cu_seqlens):
+        seg = segments(B, T, initial_state, cu_seqlens)
+        xs = (q, k, v, route_logits, write_gate)
+        if not seg.packed:
+            xs = tuple(flatten(x) for x in xs)
+        rows = len(seg.starts)
+        if initial_state is None:
+            k0 = q.new_zeros(rows, H, S, K, dtype=dt)
+            v0 = q.new_zeros(rows, H, S, V, dtype=dt)
+        else:
+            k0, v0 = initial_state.k, initial_state.v
+        o, kf, vf = _run(*xs, top_k, s2s, comm_every, k0, v0,
+                         list(zip(seg.starts, seg.lengths, seg.pos)), scale)
+        o = o.reshape(B, T, H, V).to(q.dtype)
+        final = None
+        if output_final_state:
+            final = NSTMState(kf, vf, final_pos(seg, None if initial_state is None
+                                                else initial_state.pos))
+        return o, final
+    if initial_state is None:
+        k0 = q.new_zeros(B, H, S, K, dtype=dt)
+        v0 = q.new_zeros(B, H, S, V, dtype=dt)
+        pos = 0
+    else:
+        k0, v0, pos = initial_state.k, initial_state.v, int(initial_state.pos)
+    xs = tuple(flatten(x) for x in (q, k, v, route_logits, write_gate))
+    o, kf, vf = _run(*xs, top_k, s2s, comm_every, k0, v0,
+                     [(b * T, T, pos) for b in range(B)], scale)
+    o = o.reshape(B, T, H, V).to(q.dtype)
+    final = NSTMState(kf, vf, pos + T) if output_final_state else None
+    return o, final
+
+
+def chunked_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2SParams] = None,
+                 comm_every: int = 64, initial_state: Optional[NSTMState] = None,
+                 output_final_state: bool = False, scale: Optional[float] = None,
+                 return_maps: bool = False, cu_seqlens=None, **kw):
+    """The ``"chunked"`` backend: the C++ kernel for CPU tensors where it can run, else the
+    PyTorch chunk form (``chunk_nstm``, which also takes ``chunk_size=``)."""
+    if not kw and usable(q, top_k, return_maps):
+        return cpu_nstm(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, initial_state,
+                        output_final_state, scale, cu_seqlens=cu_seqlens)
+    from .chunked import chunk_nstm
+    return chunk_nstm(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, initial_state,
+                      output_final_state, scale, return_maps=return_maps, cu_seqlens=cu_seqlens, **kw)

@@ -1,0 +1,213 @@
+"""The C++ CPU kernel (``nstm_kernels.cpu``, the ``"chunked"`` backend's path for CPU tensors)
+against the token-by-token reference: outputs, final states and every gradient, in fp64 to 1e-10,
+across checkpoint blocks, period ends, positions, packed batches and per-row positions; the
+fallback to the PyTorch chunk form when the kernel cannot be built or is switched off."""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+
+import pytest
+import torch
+
+from nstm_kernels import NSTMState, S2SParams, cpu, nstm_attention
+from nstm_kernels.chunked import chunk_nstm
+from nstm_kernels.reference import naive_recurrent_nstm
+from tests.helpers import assert_close, assert_grads_close, make_inputs, run_with_grads
+
+
+def _need_kernel():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine: the chunked backend runs the PyTorch form")
+    reason = cpu.unavailable_reason()
+    assert reason is None, f"the C++ CPU kernel should build here: {reason}"
+
+
+@pytest.fixture(autouse=True)
+def kernel():
+    _need_kernel()
+
+
+def _cpu(q, k, v, lg, g, top_k, s2s, C, st, out, scale=None, **kw):
+    return cpu.cpu_nstm(q, k, v, lg, g, top_k, s2s, C, st, out, scale, **kw)
+
+
+CASES = [
+    # (B, T, H, K, V, S, top_k, C, pos, s2s, state): blocks of 64 tokens, period ends inside and
+    # on block edges, a start mid-period, top_k = S (dense), top_k = 1, C = 1 (an s2s every token)
+    (2, 16, 2, 8, 8, 8, 2, 4, 0, True, True),
+    (1, 150, 2, 4, 6, 5, 2, 16, 7, True, True),
+    (2, 130, 1, 5, 3, 4, 4, 64, 60, True, False),
+    (1, 70, 3, 4, 4, 6, 1, 1, 0, True, True),
+    (2, 65, 2, 4, 4, 4, 3, 8, 3, False, True),
+    (1, 1, 2, 4, 4, 4, 2, 1, 0, True, True),
+]
+
+
+@pytest.mark.parametrize("B,T,H,K,V,S,top_k,C,pos,s2s,state", CASES)
+def test_matches_the_reference_in_float64(B, T, H, K, V, S, top_k, C, pos, s2s, state):
+    inp = make_inputs(B, T, H, K, V, S, s2s=s2s, pos=pos, state=state, seed=T + S)
+    o, st, g = run_with_grads(_cpu, inp, top_k, C)
+    ro, rst, rg = run_with_grads(naive_recurrent_nstm, inp, top_k, C)
+    assert_close(o, ro, name="o")
+    assert_close(st.k, rst.k, name="final k")
+    assert_close(st.v, rst.v, name="final v")
+    assert st.pos == rst.pos
+    assert_grads_close(g, rg)
+
+
+def test_gradcheck():
+    inp = make_inputs(1, 9, 2, 3, 3, 4, pos=2, seed=3)
+    leaves = [t.detach().clone().requires_grad_(True) for t in
+              (inp.q, inp.k, inp.v, inp.route_logits, inp.write_gate, *inp.s2s,
+               inp.initial_state.k, inp.initial_state.v)]
+
+    def fn(q, k, v, lg, g, wq, wk, gate, k0, v0):
+        o, st = _cpu(q, k, v, lg, g, 2, S2SParams(wq, wk, gate), 4, NSTMState(k0, v0, 2), True)
+        return o, st.k, st.v
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lower_precision(dtype):
+    inp = make_inputs(2, 100, 2, 8, 8, 8, dtype=dtype, seed=5)
+    o, st, g = run_with_grads(_cpu, inp, 3, 16)
+    ref = make_inputs(2, 100, 2, 8, 8, 8, dtype=torch.float64, seed=5)
+    ro, rst, rg = run_with_grads(naive_recurrent_nstm, ref, 3, 16)
+    assert o.dtype == dtype and st.k.dtype == torch.float32
+    tol = 1e-4 if dtype == torch.float32 else 2 ** -7
+    assert_close(o.double(), ro, tol, name="o")
+    assert_close(st.v.double(), rst.v, 1e-4 if dtype == torch.float32 else 1e-2, name="final v")
+    if dtype == torch.float32:
+        assert_grads_close({n: t.double() for n, t in g.items()}, rg, tol=1e-4)
+
+
+def test_packed_and_per_row_positions_equal_the_loop():
+    inp = make_inputs(1, 90, 2, 4, 4, 6, seed=8)
+    cu = torch.tensor([0, 30, 31, 90])
+    st = NSTMState(torch.randn(3, 2, 6, 4, dtype=torch.float64),
+                   torch.randn(3, 2, 6, 4, dtype=torch.float64), torch.tensor([5, 0, 63]))
+    inp = inp._replace(initial_state=st)
+    o, fst, g = run_with_grads(_cpu, inp, 2, 8, cu_seqlens=cu)
+    ro, rfst, rg = run_with_grads(naive_recurrent_nstm, inp, 2, 8, cu_seqlens=cu)
+    assert_close(o, ro, name="o")
+    assert_close(fst.v, rfst.v, name="final v")
+    assert fst.pos.tolist() == [35, 1, 122]
+    assert_grads_close(g, rg)
+    # per-row positions
+    rows = make_inputs(3, 40, 2, 4, 4, 6, seed=9)
+    rows = rows._replace(initial_state=rows.initial_state._replace(pos=torch.tensor([0, 7, 62])))
+    o, fst, g = run_with_grads(_cpu, rows, 2, 8)
+    ro, rfst, rg = run_with_grads(naive_recurrent_nstm, rows, 2, 8)
+    assert_close(o, ro, name="o")
+    assert fst.pos.tolist() == rfst.pos.tolist()
+    assert_grads_close(g, rg)
+
+
+def test_a_full_write_replaces_the_slot_exactly():
+    # top_k = 1 and a saturated gate: w = 1 exactly; the old (huge) content must not survive
+    q = torch.randn(1, 6, 1, 4)
+    kv = torch.randn(1, 6, 1, 4)
+    lg = torch.zeros(1, 6, 1, 3)
+    lg[..., 1] = 5.0
+    gate = torch.full((1, 6, 1), 40.0)
+    st = NSTMState(torch.full((1, 1, 3, 4), 1e30), torch.full((1, 1, 3, 4), 1e30), 0)
+    _, fin = _cpu(q, kv, kv, lg, gate, 1, None, 64, st, True)
+    assert torch.equal(fin.k[0, 0, 1], kv[0, -1, 0]) and torch.equal(fin.v[0, 0, 1], kv[0, -1, 0])
+    assert torch.equal(fin.k[0, 0, 0], st.k[0, 0, 0])      # unrouted slots untouched
+
+
+def test_a_nan_reaches_no_earlier_token():
+    q = torch.randn(1, 80, 2, 8)
+    lg, gate = torch.randn(1, 80, 2, 8), torch.randn(1, 80, 2)
+    lg[0, 70, 1, 3] = math.nan
+    s2s = S2SParams(torch.randn(2, 8, 8), torch.randn(2, 8, 8), torch.zeros(2))
+    o, _ = _cpu(q, q, q, lg, gate, 2, s2s, 16, None, False)
+    assert not o[:, :70].isnan().any() and o[:, 70:, 1].isnan().all()
+    assert not o[:, :, 0].isnan().any()
+
+
+def test_the_same_bits_on_one_and_two_threads():
+    inp = make_inputs(2, 200, 3, 8, 8, 8, dtype=torch.float32, seed=11)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = run_with_grads(_cpu, inp, 2, 16)
+        torch.set_num_threads(2)
+        b = run_with_grads(_cpu, inp, 2, 16)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1].v, b[1].v)
+    assert all(torch.equal(a[2][n], b[2][n]) for n in a[2])
+
+
+def test_inputs_are_left_untouched_and_no_grad_runs():
+    inp = make_inputs(1, 70, 2, 4, 4, 4, seed=2)
+    copies = [t.clone() for t in (inp.q, inp.route_logits, inp.initial_state.k, inp.initial_state.v)]
+    with torch.no_grad():
+        o, st = _cpu(*inp[:5], 2, inp.s2s, 8, inp.initial_state, True)
+    ro, _ = naive_recurrent_nstm(*inp[:5], 2, inp.s2s, 8, inp.initial_state, True)
+    assert_close(o, ro)
+    for a, b in zip(copies, (inp.q, inp.route_logits, inp.initial_state.k, inp.initial_state.v)):
+        assert torch.equal(a, b)
+
+
+def test_the_chunked_backend_runs_the_kernel_on_cpu(monkeypatch):
+    calls = []
+    real = cpu.cpu_nstm
+    monkeypatch.setattr(cpu, "cpu_nstm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    inp = make_inputs(1, 20, 2, 4, 4, 4, seed=1)
+    nstm_attention(*inp[:5], 2, inp.s2s, 8, backend="chunked")
+    assert calls == [1]
+    # maps come from the PyTorch chunk form
+    from nstm_kernels import nstm_attention_with_maps
+    nstm_attention_with_maps(*inp[:5], 2, inp.s2s, 8, backend="chunked")
+    assert calls == [1]
+
+
+def test_switched_off_or_unbuildable_falls_back(monkeypatch, caplog):
+    inp = make_inputs(1, 20, 2, 4, 4, 4, seed=1)
+    want, _ = chunk_nstm(*inp[:5], 2, inp.s2s, 8)
+    monkeypatch.setenv("NSTM_CPU_KERNEL", "0")
+    assert not cpu.usable(inp.q, 2, False)
+    o, _ = nstm_attention(*inp[:5], 2, inp.s2s, 8, backend="chunked")
+    assert torch.equal(o, want)
+    monkeypatch.setenv("NSTM_CPU_KERNEL", "2")
+    with pytest.raises(ValueError, match="NSTM_CPU_KERNEL must be 0 or 1"):
+        cpu.usable(inp.q, 2, False)
+    monkeypatch.delenv("NSTM_CPU_KERNEL")
+    # a build that fails: one log line, then the PyTorch form
+    monkeypatch.setattr(cpu, "_loaded", False)
+    monkeypatch.setattr(cpu, "_build", lambda: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    cpu.reset()
+    try:
+        with caplog.at_level(logging.WARNING, logger="nstm_kernels"):
+            o1, _ = nstm_attention(*inp[:5], 2, inp.s2s, 8, backend="chunked")
+            o2, _ = nstm_attention(*inp[:5], 2, inp.s2s, 8, backend="chunked")
+        assert torch.equal(o1, want) and torch.equal(o2, want)
+        lines = [r.getMessage() for r in caplog.records if "C++ CPU kernel" in r.getMessage()]
+        assert len(lines) == 1 and "no compiler" in lines[0]
+        with pytest.raises(RuntimeError, match="no compiler"):
+            cpu.cpu_nstm(*inp[:5], 2, inp.s2s, 8)
+    finally:
+        cpu.reset()
+
+
+def test_the_raw_op_rejects_bad_inputs():
+    _need_kernel()
+    q = torch.randn(5, 2, 4)
+    idx = torch.zeros(5, 2, 1, dtype=torch.int64)
+    w = torch.rand(5, 2, 1)
+    k0 = torch.zeros(1, 2, 3, 4)
+    seg = torch.tensor([[0, 5, 0]])
+    e = torch.zeros(0)
+    ok = (q, q, q, idx, w, k0, k0, seg, e, e, e, 8, False, 0.5, 64)
+    torch.ops.nstm_cpu.forward(*ok)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.nstm_cpu.forward(q.transpose(0, 1).contiguous().transpose(0, 1), *ok[1:])
+    with pytest.raises(RuntimeError, match="outside the time axis"):
+        torch.ops.nstm_cpu.forward(*ok[:7], torch.tensor([[2, 5, 0]]), *ok[8:])
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.nstm_cpu.forward(*ok[:4], w.double(), *ok[5:])
