@@ -18,12 +18,15 @@
 // the slot memory and restoring the state exactly (no division by 1 - w anywhere).
 //
 // Semantics are those of nstm_kernels.reference.naive_recurrent_nstm (write, then read, then s2s
-// at a period end); a write with w >= 1 replaces the row exactly.
+// at a period end); a write with w >= 1 replaces the row exactly. The routing (top_k with ties to
+// the lower slot index and a NaN above every number, softmax, sigmoid gate) runs here too, per
+// token, so a call is two operations in all: this kernel and its backward.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -40,8 +43,26 @@ namespace {
 
 using at::Tensor;
 
+// The row lengths (K, V, S) are runtime values; the common ones get loops of a compile-time
+// length (fully unrolled, accumulators in registers), the others a generic loop.
+#define NSTM_FIXED_LENGTHS(X) X(16) X(32) X(64) X(128)
+
+template <typename T, int N>
+inline T dot_n(const T* __restrict a, const T* __restrict b) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int i = 0; i < N; ++i) s += a[i] * b[i];
+  return s;
+}
+
 template <typename T>
 inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  switch (n) {
+#define NSTM_CASE(N) case N: return dot_n<T, N>(a, b);
+    NSTM_FIXED_LENGTHS(NSTM_CASE)
+#undef NSTM_CASE
+    default: break;
+  }
   T s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
@@ -54,36 +75,98 @@ inline void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
-// in-place softmax of x[0:n]; a NaN anywhere makes every entry NaN (as torch.softmax)
+// exp(x) for the softmaxes, where x = value - max <= 0, or NaN (which stays NaN). fp32: a Cephes
+// polynomial (~1 ulp) written so that the compiler vectorises the loop around it; fp64: std::exp.
+inline float exp_le0(float x) {
+  // branch-free (selects on integers and bit masks) so that the loop around it vectorises
+  int32_t ni = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);   // round(x / ln 2), x <= 0
+  ni = ni < -126 ? -126 : ni;
+  const float n = static_cast<float>(ni);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float scale = __builtin_bit_cast(float, (ni + 127) << 23);
+  const int32_t keep = -static_cast<int32_t>(x >= -87.0f);   // exp(x < -87) -> 0 (and -inf)
+  const int32_t nan = -static_cast<int32_t>(x != x);
+  return __builtin_bit_cast(float, (__builtin_bit_cast(int32_t, p * scale) & keep) |
+                                       (0x7fc00000 & nan));
+}
+inline double exp_le0(double x) { return std::exp(x); }
+
+// in-place softmax of x[0:n], as torch.softmax: a NaN anywhere, an inf (inf - inf) or an all
+// -inf row gives NaN everywhere (the max skips NaNs; x - max then carries them to the sum)
 template <typename T>
-inline void softmax_(T* x, int64_t n) {
+inline void softmax_(T* __restrict x, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
-  bool nan = false;
-  for (int64_t i = 0; i < n; ++i) {
-    if (std::isnan(x[i])) nan = true;
-    if (x[i] > m) m = x[i];
-  }
-  if (nan) {
-    for (int64_t i = 0; i < n; ++i) x[i] = std::numeric_limits<T>::quiet_NaN();
-    return;
-  }
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = exp_le0(x[i] - m);
   T z = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = std::exp(x[i] - m);
-    z += x[i];
-  }
+#pragma omp simd reduction(+ : z)
+  for (int64_t i = 0; i < n; ++i) z += x[i];
   const T r = T(1) / z;
-  for (int64_t i = 0; i < n; ++i) x[i] *= r;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = z != z ? z : x[i] * r;
 }
 
-// Y[m, p] = X[m, n] W[n, p] (all row-major, contiguous)
+// Y[m, p] (+)= X[m, n] W[n, p] (all row-major, contiguous): each row of Y is accumulated in
+// registers over n when p is one of the fixed lengths
+template <typename T, int P>
+inline void mm_p(const T* __restrict X, const T* __restrict W, T* __restrict Y, int64_t m,
+                 int64_t n, bool acc) {
+  for (int64_t i = 0; i < m; ++i) {
+    T a[P];
+    T* y = Y + i * P;
+#pragma omp simd
+    for (int e = 0; e < P; ++e) a[e] = acc ? y[e] : T(0);
+    for (int64_t d = 0; d < n; ++d) {
+      const T x = X[i * n + d];
+      const T* w = W + d * P;
+#pragma omp simd
+      for (int e = 0; e < P; ++e) a[e] += x * w[e];
+    }
+#pragma omp simd
+    for (int e = 0; e < P; ++e) y[e] = a[e];
+  }
+}
+
 template <typename T>
-inline void mm(const T* X, const T* W, T* Y, int64_t m, int64_t n, int64_t p) {
+inline void mm_any(const T* X, const T* W, T* Y, int64_t m, int64_t n, int64_t p, bool acc) {
+  switch (p) {
+#define NSTM_CASE(N) case N: return mm_p<T, N>(X, W, Y, m, n, acc);
+    NSTM_FIXED_LENGTHS(NSTM_CASE)
+#undef NSTM_CASE
+    default: break;
+  }
   for (int64_t i = 0; i < m; ++i) {
     T* y = Y + i * p;
-    std::fill(y, y + p, T(0));
+    if (!acc) std::fill(y, y + p, T(0));
     for (int64_t d = 0; d < n; ++d) axpy(X[i * n + d], W + d * p, y, p);
   }
+}
+
+template <typename T>
+inline void mm(const T* X, const T* W, T* Y, int64_t m, int64_t n, int64_t p) {
+  mm_any(X, W, Y, m, n, p, false);
+}
+
+// Y[m, p] += X[m, n] W[n, p]
+template <typename T>
+inline void mm_acc(const T* X, const T* W, T* Y, int64_t m, int64_t n, int64_t p) {
+  mm_any(X, W, Y, m, n, p, true);
+}
+
+// Y[n, m] = X[m, n]^T
+template <typename T>
+inline void transpose(const T* X, T* Y, int64_t m, int64_t n) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) Y[j * m + i] = X[i * n + j];
 }
 
 struct Dims {
@@ -92,11 +175,20 @@ struct Dims {
   double scale;
 };
 
-// per-unit scratch of the state-to-state attention
+// Per-unit scratch of the state-to-state attention. Every product is an axpy over a contiguous
+// row (no horizontal sums): the transposes are kept next to the row-major operands.
 template <typename T>
 struct S2SScratch {
-  std::vector<T> qs, ks, a, m;
-  S2SScratch(int64_t S, int64_t V) : qs(S * V), ks(S * V), a(S * S), m(S * V) {}
+  std::vector<T> qs, ks, ksT, a, m, vT, aT, dA, dAT, dqs, dks, dVp, wqT, wkT;
+  S2SScratch(int64_t S, int64_t V, const T* wq, const T* wk, bool backward)
+      : qs(S * V), ks(S * V), ksT(S * V), a(S * S), m(S * V) {
+    if (backward && S > 0) {
+      for (auto* v : {&vT, &dqs, &dks, &dVp, &wqT, &wkT}) v->resize(std::max(S, V) * V);
+      for (auto* v : {&aT, &dA, &dAT}) v->resize(S * S);
+      transpose(wq, wqT.data(), V, V);
+      transpose(wk, wkT.data(), V, V);
+    }
+  }
 };
 
 // qs = V wq, ks = V wk, a = softmax(qs ks^T / sqrt(V)), m = a V
@@ -106,9 +198,12 @@ void s2s_core(const T* Vs, const T* wq, const T* wk, const Dims& d, S2SScratch<T
   const T c = T(1) / std::sqrt(T(V));
   mm(Vs, wq, w.qs.data(), S, V, V);
   mm(Vs, wk, w.ks.data(), S, V, V);
+  transpose(w.ks.data(), w.ksT.data(), S, V);
+  mm(w.qs.data(), w.ksT.data(), w.a.data(), S, V, S);
   for (int64_t s = 0; s < S; ++s) {
     T* row = w.a.data() + s * S;
-    for (int64_t r = 0; r < S; ++r) row[r] = c * dot(w.qs.data() + s * V, w.ks.data() + r * V, V);
+#pragma omp simd
+    for (int64_t r = 0; r < S; ++r) row[r] *= c;
     softmax_(row, S);
   }
   mm(w.a.data(), Vs, w.m.data(), S, S, V);
@@ -118,6 +213,7 @@ template <typename T>
 void s2s_forward(T* Vs, const T* wq, const T* wk, T g, const Dims& d, S2SScratch<T>& w) {
   s2s_core(Vs, wq, wk, d, w);
   const int64_t n = d.S * d.V;
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) Vs[i] = (T(1) - g) * Vs[i] + g * w.m[i];
 }
 
@@ -125,43 +221,39 @@ void s2s_forward(T* Vs, const T* wq, const T* wk, T g, const Dims& d, S2SScratch
 // dwq, dwk, dg
 template <typename T>
 void s2s_backward(const T* Vs, T* dV, const T* wq, const T* wk, T g, T* dwq, T* dwk, T* dg,
-                  const Dims& d, S2SScratch<T>& w, std::vector<T>& tmp) {
+                  const Dims& d, S2SScratch<T>& w) {
   const int64_t S = d.S, V = d.V;
   const T c = T(1) / std::sqrt(T(V));
   s2s_core(Vs, wq, wk, d, w);
-  tmp.resize(S * S + 3 * S * V);
-  T* dA = tmp.data();                 // [S, S]
-  T* dqs = dA + S * S;                // [S, V]
-  T* dks = dqs + S * V;               // [S, V]
-  T* dVp = dks + S * V;               // [S, V] adjoint of Vs being built
+  T *dA = w.dA.data(), *dAT = w.dAT.data(), *dqs = w.dqs.data(), *dks = w.dks.data(),
+    *dVp = w.dVp.data(), *vT = w.vT.data(), *aT = w.aT.data();
   T gsum = 0;
   for (int64_t i = 0; i < S * V; ++i) gsum += dV[i] * (w.m[i] - Vs[i]);
   *dg += gsum;
   for (int64_t i = 0; i < S * V; ++i) dVp[i] = (T(1) - g) * dV[i];
   // m = a V: dA = g dV V^T, dVp += g a^T dV
-  for (int64_t s = 0; s < S; ++s) {
-    for (int64_t r = 0; r < S; ++r) dA[s * S + r] = g * dot(dV + s * V, Vs + r * V, V);
-    for (int64_t r = 0; r < S; ++r) axpy(g * w.a[s * S + r], dV + s * V, dVp + r * V, V);
-  }
-  // softmax backward, times the 1/sqrt(V) of the logits: dA becomes dZ
+  transpose(Vs, vT, S, V);
+  mm(dV, vT, dA, S, V, S);
+  transpose(w.a.data(), aT, S, S);
+  for (int64_t i = 0; i < S * S; ++i) aT[i] *= g;
+  mm_acc(aT, dV, dVp, S, S, V);
+  // softmax backward (dA is d/d(a) / g), times g and the 1/sqrt(V) of the logits: dA becomes dZ
   for (int64_t s = 0; s < S; ++s) {
     T* da = dA + s * S;
     const T* a = w.a.data() + s * S;
     const T inner = dot(a, da, S);
-    for (int64_t r = 0; r < S; ++r) da[r] = c * a[r] * (da[r] - inner);
+#pragma omp simd
+    for (int64_t r = 0; r < S; ++r) da[r] = c * g * a[r] * (da[r] - inner);
   }
   // Z = qs ks^T: dqs = dZ ks, dks = dZ^T qs
   mm(dA, w.ks.data(), dqs, S, S, V);
-  std::fill(dks, dks + S * V, T(0));
-  for (int64_t s = 0; s < S; ++s)
-    for (int64_t r = 0; r < S; ++r) axpy(dA[s * S + r], w.qs.data() + s * V, dks + r * V, V);
+  transpose(dA, dAT, S, S);
+  mm(dAT, w.qs.data(), dks, S, S, V);
   // qs = Vs wq: dwq += Vs^T dqs, dVp += dqs wq^T (the same for k)
-  for (int64_t s = 0; s < S; ++s)
-    for (int64_t e = 0; e < V; ++e) {
-      axpy(Vs[s * V + e], dqs + s * V, dwq + e * V, V);
-      axpy(Vs[s * V + e], dks + s * V, dwk + e * V, V);
-      dVp[s * V + e] += dot(dqs + s * V, wq + e * V, V) + dot(dks + s * V, wk + e * V, V);
-    }
+  mm_acc(vT, dqs, dwq, V, S, V);
+  mm_acc(vT, dks, dwk, V, S, V);
+  mm_acc(dqs, w.wqT.data(), dVp, S, V, V);
+  mm_acc(dks, w.wkT.data(), dVp, S, V, V);
   std::copy(dVp, dVp + S * V, dV);
 }
 
@@ -202,14 +294,51 @@ inline bool period_end(const Dims& d, int64_t pos, int64_t t) {
   return d.s2s && (pos + t + 1) % d.C == 0;
 }
 
-// one token: write, read (p: the read probabilities, length S), returns nothing; o: [V]
+// x ranks above y in the routing order: a NaN above every number, then larger values
 template <typename T>
-inline void token_forward(T* Ks, T* Vs, const T* q, const T* k, const T* v, const int64_t* idx,
-                          const T* w, T* o, T* p, const Dims& d, T* oldK, T* oldV) {
+inline bool ranks_above(T x, T y) {
+  return std::isnan(x) ? !std::isnan(y) : (!std::isnan(y) && x > y);
+}
+
+// the routing of one token (spec step 1): the top_k logits (ties to the lower slot index),
+// alpha = softmax over them, beta = sigmoid(gate), w = alpha beta
+template <typename T>
+struct Route {
+  std::vector<int64_t> idx;
+  std::vector<T> alpha, w;
+  T beta = 0;
+  explicit Route(int64_t k) : idx(k), alpha(k), w(k) {}
+};
+
+template <typename T>
+inline void route(const T* lg, T gate, const Dims& d, Route<T>& r) {
+  const int64_t k = d.top_k;
+  int64_t n = 0;
+  for (int64_t i = 0; i < d.S; ++i) {
+    if (n == k && !ranks_above(lg[i], r.alpha[k - 1])) continue;
+    int64_t j = n < k ? n++ : k - 1;        // insert, keeping the order (stable: equals stay after)
+    while (j > 0 && ranks_above(lg[i], r.alpha[j - 1])) {
+      r.alpha[j] = r.alpha[j - 1];
+      r.idx[j] = r.idx[j - 1];
+      --j;
+    }
+    r.alpha[j] = lg[i];
+    r.idx[j] = i;
+  }
+  softmax_(r.alpha.data(), k);
+  r.beta = T(1) / (T(1) + std::exp(-gate));
+  for (int64_t j = 0; j < k; ++j) r.w[j] = r.alpha[j] * r.beta;
+}
+
+// one token: route, write the top_k rows, read (p: the read probabilities, length S) into o [V]
+template <typename T>
+inline void token_forward(T* Ks, T* Vs, const T* q, const T* k, const T* v, const T* lg, T gate,
+                          T* o, T* p, const Dims& d, Route<T>& r, T* oldK, T* oldV) {
   const int64_t S = d.S, K = d.K, V = d.V;
+  route(lg, gate, d, r);
   for (int64_t j = 0; j < d.top_k; ++j) {
-    const int64_t i = idx[j];
-    const T wj = w[j];
+    const int64_t i = r.idx[j];
+    const T wj = r.w[j];
     T* kr = Ks + i * K;
     T* vr = Vs + i * V;
     if (oldK) {
@@ -220,46 +349,56 @@ inline void token_forward(T* Ks, T* Vs, const T* q, const T* k, const T* v, cons
       std::copy(k, k + K, kr);
       std::copy(v, v + V, vr);
     } else {
-      const T r = T(1) - wj;
+      const T rt = T(1) - wj;
 #pragma omp simd
-      for (int64_t e = 0; e < K; ++e) kr[e] = r * kr[e] + wj * k[e];
+      for (int64_t e = 0; e < K; ++e) kr[e] = rt * kr[e] + wj * k[e];
 #pragma omp simd
-      for (int64_t e = 0; e < V; ++e) vr[e] = r * vr[e] + wj * v[e];
+      for (int64_t e = 0; e < V; ++e) vr[e] = rt * vr[e] + wj * v[e];
     }
   }
   const T sc = T(d.scale);
   for (int64_t i = 0; i < S; ++i) p[i] = sc * dot(q, Ks + i * K, K);
   softmax_(p, S);
-  std::fill(o, o + V, T(0));
-  for (int64_t i = 0; i < S; ++i) axpy(p[i], Vs + i * V, o, V);
+  mm(p, Vs, o, 1, S, V);
 }
 
-void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& idx,
-                  const Tensor& w, const Tensor& k0, const Tensor& v0, const Tensor& wq,
-                  const Tensor& wk, const Tensor& mix) {
-  for (const Tensor* t : {&q, &k, &v, &idx, &w, &k0, &v0, &wq, &wk, &mix}) {
+void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lg,
+                  const Tensor& gate, const Tensor& k0, const Tensor& v0, const Tensor& wq,
+                  const Tensor& wk, const Tensor& mix, int64_t top_k) {
+  for (const Tensor* t : {&q, &k, &v, &lg, &gate, &k0, &v0, &wq, &wk, &mix}) {
     TORCH_CHECK(t->device().is_cpu(), "nstm_cpu: every tensor must be on the CPU");
     TORCH_CHECK(t->is_contiguous(), "nstm_cpu: every tensor must be contiguous");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "nstm_cpu: all tensors must share q's dtype");
   }
   TORCH_CHECK(q.dim() == 3 && k.sizes() == q.sizes() && v.dim() == 3 && v.size(0) == q.size(0) &&
                   v.size(1) == q.size(1),
               "nstm_cpu: q, k must be [T, H, K] and v [T, H, V]");
-  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 3 && w.sizes() == idx.sizes(),
-              "nstm_cpu: indices (int64) and weights must be [T, H, top_k]");
-  for (const Tensor* t : {&k, &v, &w, &k0, &v0, &wq, &wk, &mix})
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "nstm_cpu: all float tensors must share q's dtype");
+  TORCH_CHECK(lg.dim() == 3 && lg.size(0) == q.size(0) && lg.size(1) == q.size(1) &&
+                  gate.dim() == 2 && gate.size(0) == q.size(0) && gate.size(1) == q.size(1),
+              "nstm_cpu: route logits must be [T, H, S] and write gates [T, H]");
+  TORCH_CHECK(top_k >= 1 && top_k <= lg.size(2), "nstm_cpu: top_k must be in [1, S]");
 }
 
+template <typename T>
+struct Inputs {
+  const T *q, *k, *v, *lg, *gate, *wq, *wk, *mix;
+  Inputs(const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& lg_,
+         const Tensor& gate_, const Tensor& wq_, const Tensor& wk_, const Tensor& mix_, bool s2s)
+      : q(q_.data_ptr<T>()), k(k_.data_ptr<T>()), v(v_.data_ptr<T>()), lg(lg_.data_ptr<T>()),
+        gate(gate_.data_ptr<T>()), wq(s2s ? wq_.data_ptr<T>() : nullptr),
+        wk(s2s ? wk_.data_ptr<T>() : nullptr), mix(s2s ? mix_.data_ptr<T>() : nullptr) {}
+};
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> nstm_cpu_forward(
-    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& idx, const Tensor& w,
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lg, const Tensor& gate,
     const Tensor& k0, const Tensor& v0, const Tensor& seg, const Tensor& wq, const Tensor& wk,
-    const Tensor& mix, int64_t C, bool has_s2s, double scale, int64_t block) {
-  check_inputs(q, k, v, idx, w, k0, v0, wq, wk, mix);
-  const int64_t H = q.size(1), K = q.size(2), V = v.size(2), S = k0.size(2), top_k = idx.size(2);
+    const Tensor& mix, int64_t top_k, int64_t C, bool has_s2s, double scale, int64_t block) {
+  check_inputs(q, k, v, lg, gate, k0, v0, wq, wk, mix, top_k);
+  const int64_t H = q.size(1), K = q.size(2), V = v.size(2), S = lg.size(2);
   int64_t nblocks = 0;
   const auto segs = read_segments(seg, block, &nblocks);
   const int64_t N = static_cast<int64_t>(segs.size());
-  TORCH_CHECK(k0.dim() == 4 && k0.size(0) == N && k0.size(1) == H && k0.size(3) == K,
+  TORCH_CHECK(k0.dim() == 4 && k0.size(0) == N && k0.size(1) == H && k0.size(2) == S && k0.size(3) == K,
               "nstm_cpu: the initial keys must be [N, H, S, K]");
   TORCH_CHECK(v0.dim() == 4 && v0.size(0) == N && v0.size(1) == H && v0.size(2) == S && v0.size(3) == V,
               "nstm_cpu: the initial values must be [N, H, S, V]");
@@ -270,26 +409,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nstm_cpu_forward(
     TORCH_CHECK(s.start >= 0 && s.len >= 0 && s.start + s.len <= q.size(0),
                 "nstm_cpu: a segment lies outside the time axis");
   const Dims d{H, S, K, V, top_k, C, block, has_s2s, scale};
-  auto o = at::empty({q.size(0), H, V}, q.options());
+  auto o = at::zeros({q.size(0), H, V}, q.options());
   auto kf = at::empty_like(k0);
   auto vf = at::empty_like(v0);
   auto ck = at::empty({block > 0 ? nblocks : 0, H, S, K + V}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nstm_cpu_forward", [&] {
     using T = scalar_t;
-    const T *Q = q.data_ptr<T>(), *Kp = k.data_ptr<T>(), *Vp = v.data_ptr<T>(),
-            *W = w.data_ptr<T>(), *K0 = k0.data_ptr<T>(), *V0 = v0.data_ptr<T>();
-    const int64_t* I = idx.data_ptr<int64_t>();
-    const T* WQ = has_s2s ? wq.data_ptr<T>() : nullptr;
-    const T* WK = has_s2s ? wk.data_ptr<T>() : nullptr;
-    const T* G = has_s2s ? mix.data_ptr<T>() : nullptr;
+    const Inputs<T> in(q, k, v, lg, gate, wq, wk, mix, has_s2s);
+    const T *K0 = k0.data_ptr<T>(), *V0 = v0.data_ptr<T>();
     T *O = o.data_ptr<T>(), *KF = kf.data_ptr<T>(), *VF = vf.data_ptr<T>(), *CK = ck.data_ptr<T>();
     for_units(N * H, [&](int64_t u) {
       const int64_t n = u / H, h = u % H;
       const Seg& sg = segs[n];
-      std::vector<T> Ks(K0 + (n * H + h) * S * K, K0 + (n * H + h + 1) * S * K);
-      std::vector<T> Vs(V0 + (n * H + h) * S * V, V0 + (n * H + h + 1) * S * V);
+      std::vector<T> Ks(K0 + u * S * K, K0 + (u + 1) * S * K);
+      std::vector<T> Vs(V0 + u * S * V, V0 + (u + 1) * S * V);
       std::vector<T> p(S);
-      S2SScratch<T> scr(has_s2s ? S : 0, has_s2s ? V : 0);
+      Route<T> r(top_k);
+      const T* wqh = has_s2s ? in.wq + h * V * V : nullptr;
+      const T* wkh = has_s2s ? in.wk + h * V * V : nullptr;
+      S2SScratch<T> scr(has_s2s ? S : 0, V, wqh, wkh, false);
       for (int64_t t = 0; t < sg.len; ++t) {
         if (block > 0 && t % block == 0) {
           T* c = CK + ((sg.blk + t / block) * H + h) * S * (K + V);
@@ -297,71 +435,69 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nstm_cpu_forward(
           std::copy(Vs.begin(), Vs.end(), c + S * K);
         }
         const int64_t tok = (sg.start + t) * H + h;
-        token_forward(Ks.data(), Vs.data(), Q + tok * K, Kp + tok * K, Vp + tok * V,
-                      I + tok * top_k, W + tok * top_k, O + tok * V, p.data(), d,
+        token_forward(Ks.data(), Vs.data(), in.q + tok * K, in.k + tok * K, in.v + tok * V,
+                      in.lg + tok * S, in.gate[tok], O + tok * V, p.data(), d, r,
                       static_cast<T*>(nullptr), static_cast<T*>(nullptr));
-        if (period_end(d, sg.pos, t)) s2s_forward(Vs.data(), WQ + h * V * V, WK + h * V * V, G[h], d, scr);
+        if (period_end(d, sg.pos, t)) s2s_forward(Vs.data(), wqh, wkh, in.mix[h], d, scr);
       }
-      std::copy(Ks.begin(), Ks.end(), KF + (n * H + h) * S * K);
-      std::copy(Vs.begin(), Vs.end(), VF + (n * H + h) * S * V);
+      std::copy(Ks.begin(), Ks.end(), KF + u * S * K);
+      std::copy(Vs.begin(), Vs.end(), VF + u * S * V);
     });
   });
   return {o, kf, vf, ck};
 }
 
-// returns dq, dk, dv, dw, dk0, dv0, dwq [N, H, V, V], dwk, dmix [N, H] (per segment: the caller sums)
+// returns dq, dk, dv, dlogits, dgate, dk0, dv0, dwq [N, H, V, V], dwk, dmix [N, H] (the s2s
+// gradients per segment: the caller sums them)
 std::vector<Tensor> nstm_cpu_backward(
-    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& idx, const Tensor& w,
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lg, const Tensor& gate,
     const Tensor& seg, const Tensor& wq, const Tensor& wk, const Tensor& mix, const Tensor& ck,
-    const Tensor& d_o, const Tensor& dkf, const Tensor& dvf, int64_t C, bool has_s2s, double scale,
-    int64_t block) {
-  check_inputs(q, k, v, idx, w, dkf, dvf, wq, wk, mix);
+    const Tensor& d_o, const Tensor& dkf, const Tensor& dvf, int64_t top_k, int64_t C,
+    bool has_s2s, double scale, int64_t block) {
+  check_inputs(q, k, v, lg, gate, dkf, dvf, wq, wk, mix, top_k);
   TORCH_CHECK(block > 0, "nstm_cpu: the backward needs the forward's checkpoints (block > 0)");
   TORCH_CHECK(d_o.sizes() == v.sizes() && d_o.is_contiguous() && d_o.scalar_type() == q.scalar_type(),
               "nstm_cpu: the output gradient must be a contiguous [T, H, V] tensor of q's dtype");
-  const int64_t H = q.size(1), K = q.size(2), V = v.size(2), S = dkf.size(2), top_k = idx.size(2);
+  const int64_t H = q.size(1), K = q.size(2), V = v.size(2), S = lg.size(2);
   int64_t nblocks = 0;
   const auto segs = read_segments(seg, block, &nblocks);
   const int64_t N = static_cast<int64_t>(segs.size());
   TORCH_CHECK(ck.is_contiguous() && ck.dim() == 4 && ck.size(0) == nblocks && ck.size(1) == H &&
-                  ck.size(2) == S && ck.size(3) == K + V,
+                  ck.size(2) == S && ck.size(3) == K + V && dkf.size(0) == N,
               "nstm_cpu: the checkpoints do not match the segments");
   const Dims d{H, S, K, V, top_k, C, block, has_s2s, scale};
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v), dw = at::empty_like(w);
+  // tokens outside every segment get zero gradients
+  auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  auto dlg = at::zeros_like(lg), dgate = at::zeros_like(gate);
   auto dk0 = at::empty_like(dkf), dv0 = at::empty_like(dvf);
   auto dwq = at::zeros({N, H, V, V}, q.options()), dwk = at::zeros({N, H, V, V}, q.options());
   auto dmix = at::zeros({N, H}, q.options());
-  // tokens outside every segment get zero gradients
-  dq.zero_(); dk.zero_(); dv.zero_(); dw.zero_();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nstm_cpu_backward", [&] {
     using T = scalar_t;
-    const T *Q = q.data_ptr<T>(), *Kp = k.data_ptr<T>(), *Vp = v.data_ptr<T>(),
-            *W = w.data_ptr<T>(), *CK = ck.data_ptr<T>(), *DO = d_o.data_ptr<T>(),
-            *DKF = dkf.data_ptr<T>(), *DVF = dvf.data_ptr<T>();
-    const int64_t* I = idx.data_ptr<int64_t>();
-    const T* WQ = has_s2s ? wq.data_ptr<T>() : nullptr;
-    const T* WK = has_s2s ? wk.data_ptr<T>() : nullptr;
-    const T* G = has_s2s ? mix.data_ptr<T>() : nullptr;
-    T *DQ = dq.data_ptr<T>(), *DK = dk.data_ptr<T>(), *DV = dv.data_ptr<T>(), *DW = dw.data_ptr<T>(),
-      *DK0 = dk0.data_ptr<T>(), *DV0 = dv0.data_ptr<T>(), *DWQ = dwq.data_ptr<T>(),
-      *DWK = dwk.data_ptr<T>(), *DMIX = dmix.data_ptr<T>();
+    const Inputs<T> in(q, k, v, lg, gate, wq, wk, mix, has_s2s);
+    const T *CK = ck.data_ptr<T>(), *DO = d_o.data_ptr<T>(), *DKF = dkf.data_ptr<T>(),
+            *DVF = dvf.data_ptr<T>();
+    T *DQ = dq.data_ptr<T>(), *DK = dk.data_ptr<T>(), *DV = dv.data_ptr<T>(),
+      *DLG = dlg.data_ptr<T>(), *DG = dgate.data_ptr<T>(), *DK0 = dk0.data_ptr<T>(),
+      *DV0 = dv0.data_ptr<T>(), *DWQ = dwq.data_ptr<T>(), *DWK = dwk.data_ptr<T>(),
+      *DMIX = dmix.data_ptr<T>();
     for_units(N * H, [&](int64_t u) {
       const int64_t n = u / H, h = u % H;
       const Seg& sg = segs[n];
-      const int64_t su = n * H + h;
       std::vector<T> Ks(S * K), Vs(S * V), o(V);
-      std::vector<T> gK(DKF + su * S * K, DKF + (su + 1) * S * K);   // adjoint of the slot keys
-      std::vector<T> gV(DVF + su * S * V, DVF + (su + 1) * S * V);   // and of the slot values
+      std::vector<T> gK(DKF + u * S * K, DKF + (u + 1) * S * K);   // adjoint of the slot keys
+      std::vector<T> gV(DVF + u * S * V, DVF + (u + 1) * S * V);   // and of the slot values
       std::vector<T> P(block * S), oldK(block * top_k * K), oldV(block * top_k * V);
+      std::vector<Route<T>> R(block, Route<T>(top_k));             // each token's routing
       const int64_t max_events = has_s2s ? block / C + 2 : 0;
       std::vector<T> pre(max_events * S * V);     // values before each s2s of the block
       std::vector<int64_t> ev_at(block, -1);      // token -> slot in `pre`, -1 if no period end
-      std::vector<T> dp(S), tmp;
-      S2SScratch<T> scr(has_s2s ? S : 0, has_s2s ? V : 0);
-      const T* wqh = has_s2s ? WQ + h * V * V : nullptr;
-      const T* wkh = has_s2s ? WK + h * V * V : nullptr;
-      T* dwqh = DWQ + su * V * V;
-      T* dwkh = DWK + su * V * V;
+      std::vector<T> dp(S), ds(S), dw(top_k), da(top_k);
+      const T* wqh = has_s2s ? in.wq + h * V * V : nullptr;
+      const T* wkh = has_s2s ? in.wk + h * V * V : nullptr;
+      S2SScratch<T> scr(has_s2s ? S : 0, V, wqh, wkh, true);
+      T* dwqh = DWQ + u * V * V;
+      T* dwkh = DWK + u * V * V;
       const T sc = T(scale);
       const int64_t nb = (sg.len + block - 1) / block;
       for (int64_t b = nb - 1; b >= 0; --b) {
@@ -372,15 +508,15 @@ std::vector<Tensor> nstm_cpu_backward(
         int64_t ne = 0;
         for (int64_t t = t0; t < t1; ++t) {      // re-run the block, recording what the reverse needs
           const int64_t tok = (sg.start + t) * H + h, j = t - t0;
-          token_forward(Ks.data(), Vs.data(), Q + tok * K, Kp + tok * K, Vp + tok * V,
-                        I + tok * top_k, W + tok * top_k, o.data(), P.data() + j * S, d,
+          token_forward(Ks.data(), Vs.data(), in.q + tok * K, in.k + tok * K, in.v + tok * V,
+                        in.lg + tok * S, in.gate[tok], o.data(), P.data() + j * S, d, R[j],
                         oldK.data() + j * top_k * K, oldV.data() + j * top_k * V);
           ev_at[j] = -1;
           if (period_end(d, sg.pos, t)) {
             ev_at[j] = ne;
             std::copy(Vs.begin(), Vs.end(), pre.begin() + ne * S * V);
             ++ne;
-            s2s_forward(Vs.data(), wqh, wkh, G[h], d, scr);
+            s2s_forward(Vs.data(), wqh, wkh, in.mix[h], d, scr);
           }
         }
         for (int64_t t = t1 - 1; t >= t0; --t) {
@@ -388,32 +524,32 @@ std::vector<Tensor> nstm_cpu_backward(
           if (ev_at[j] >= 0) {                    // undo the s2s: back to the values it mixed
             const T* vp = pre.data() + ev_at[j] * S * V;
             std::copy(vp, vp + S * V, Vs.begin());
-            s2s_backward(Vs.data(), gV.data(), wqh, wkh, G[h], dwqh, dwkh, DMIX + su, d, scr, tmp);
+            s2s_backward(Vs.data(), gV.data(), wqh, wkh, in.mix[h], dwqh, dwkh, DMIX + u, d, scr);
           }
           // the read: o = sum_i p_i V_i, p = softmax(scale q.K_i)
           const T* p = P.data() + j * S;
-          const T* qt = Q + tok * K;
+          const T* qt = in.q + tok * K;
           const T* dot_ = DO + tok * V;
           T inner = 0;
           for (int64_t i = 0; i < S; ++i) {
             dp[i] = dot(dot_, Vs.data() + i * V, V);
             inner += p[i] * dp[i];
           }
-          T* dqt = DQ + tok * K;
           for (int64_t i = 0; i < S; ++i) {
-            const T ds = sc * p[i] * (dp[i] - inner);
-            axpy(ds, Ks.data() + i * K, dqt, K);
-            axpy(ds, qt, gK.data() + i * K, K);
+            ds[i] = sc * p[i] * (dp[i] - inner);
+            axpy(ds[i], qt, gK.data() + i * K, K);
             axpy(p[i], dot_, gV.data() + i * V, V);
           }
+          mm_acc(ds.data(), Ks.data(), DQ + tok * K, 1, S, K);
           // the write of the routed rows: X_i = (1 - w) X_i,old + w x
-          const T* kt = Kp + tok * K;
-          const T* vt = Vp + tok * V;
+          const T* kt = in.k + tok * K;
+          const T* vt = in.v + tok * V;
           T* dkt = DK + tok * K;
           T* dvt = DV + tok * V;
+          const Route<T>& r = R[j];
           for (int64_t jj = 0; jj < top_k; ++jj) {
-            const int64_t i = I[tok * top_k + jj];
-            const T wj = W[tok * top_k + jj];
+            const int64_t i = r.idx[jj];
+            const T wj = r.w[jj];
             const T* ko = oldK.data() + (j * top_k + jj) * K;
             const T* vo = oldV.data() + (j * top_k + jj) * V;
             T* gk = gK.data() + i * K;
@@ -421,33 +557,44 @@ std::vector<Tensor> nstm_cpu_backward(
             T dwj = 0;
             for (int64_t e = 0; e < K; ++e) dwj += gk[e] * (kt[e] - ko[e]);
             for (int64_t e = 0; e < V; ++e) dwj += gv[e] * (vt[e] - vo[e]);
-            DW[tok * top_k + jj] = dwj;
+            dw[jj] = dwj;
             axpy(wj, gk, dkt, K);
             axpy(wj, gv, dvt, V);
-            const T r = T(1) - wj;
-            for (int64_t e = 0; e < K; ++e) gk[e] *= r;
-            for (int64_t e = 0; e < V; ++e) gv[e] *= r;
+            const T rt = T(1) - wj;
+            for (int64_t e = 0; e < K; ++e) gk[e] *= rt;
+            for (int64_t e = 0; e < V; ++e) gv[e] *= rt;
             std::copy(ko, ko + K, Ks.begin() + i * K);
             std::copy(vo, vo + V, Vs.begin() + i * V);
           }
+          // the routing: w = alpha beta, alpha = softmax(selected logits), beta = sigmoid(gate)
+          // (d alpha first, then softmax's y (g - sum g y), as torch: exactly 0 for top_k = 1)
+          T dbeta = 0, ainner = 0;
+          for (int64_t jj = 0; jj < top_k; ++jj) {
+            dbeta += dw[jj] * r.alpha[jj];
+            da[jj] = dw[jj] * r.beta;
+          }
+          for (int64_t jj = 0; jj < top_k; ++jj) ainner += da[jj] * r.alpha[jj];
+          for (int64_t jj = 0; jj < top_k; ++jj)
+            DLG[tok * S + r.idx[jj]] = r.alpha[jj] * (da[jj] - ainner);
+          DG[tok] = dbeta * r.beta * (T(1) - r.beta);
         }
       }
-      std::copy(gK.begin(), gK.end(), DK0 + su * S * K);
-      std::copy(gV.begin(), gV.end(), DV0 + su * S * V);
+      std::copy(gK.begin(), gK.end(), DK0 + u * S * K);
+      std::copy(gV.begin(), gV.end(), DV0 + u * S * V);
     });
   });
-  return {dq, dk, dv, dw, dk0, dv0, dwq, dwk, dmix};
+  return {dq, dk, dv, dlg, dgate, dk0, dv0, dwq, dwk, dmix};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(nstm_cpu, m) {
-  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor idx, Tensor w, Tensor k0, Tensor v0, "
-        "Tensor seg, Tensor wq, Tensor wk, Tensor mix, int C, bool has_s2s, float scale, "
-        "int block) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("backward(Tensor q, Tensor k, Tensor v, Tensor idx, Tensor w, Tensor seg, Tensor wq, "
-        "Tensor wk, Tensor mix, Tensor ck, Tensor d_o, Tensor dkf, Tensor dvf, int C, "
-        "bool has_s2s, float scale, int block) -> Tensor[]");
+  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor logits, Tensor gate, Tensor k0, Tensor v0, "
+        "Tensor seg, Tensor wq, Tensor wk, Tensor mix, int top_k, int C, bool has_s2s, "
+        "float scale, int block) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("backward(Tensor q, Tensor k, Tensor v, Tensor logits, Tensor gate, Tensor seg, "
+        "Tensor wq, Tensor wk, Tensor mix, Tensor ck, Tensor d_o, Tensor dkf, Tensor dvf, "
+        "int top_k, int C, bool has_s2s, float scale, int block) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(nstm_cpu, CPU, m) {

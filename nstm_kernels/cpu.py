@@ -36,7 +36,6 @@ from typing import Optional
 import torch
 
 from . import settings
-from .routing import route_torch
 from .state import NSTMState, S2SParams
 from .utils import compute_dtype
 from .varlen import final_pos, flatten, needs_segments, segments
@@ -174,33 +173,33 @@ def usable(q: torch.Tensor, top_k: int, return_maps: bool) -> bool:
 
 class _CPUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, w, k0, v0, wq, wk, mix, idx, seg, C, has_s2s, scale):
-        keep = any(ctx.needs_input_grad[:9])     # checkpoints only when a backward can follow
-        o, kf, vf, ck = torch.ops.nstm_cpu.forward(q, k, v, idx, w, k0, v0, seg, wq, wk, mix,
-                                                    C, has_s2s, scale, BLOCK if keep else 0)
-        ctx.save_for_backward(q, k, v, w, wq, wk, mix, idx, seg, ck)
-        ctx.args = (C, has_s2s, scale)
+    def forward(ctx, q, k, v, logits, gate, k0, v0, wq, wk, mix, seg, top_k, C, has_s2s, scale):
+        keep = any(ctx.needs_input_grad[:10])    # checkpoints only when a backward can follow
+        o, kf, vf, ck = torch.ops.nstm_cpu.forward(q, k, v, logits, gate, k0, v0, seg, wq, wk, mix,
+                                                    top_k, C, has_s2s, scale, BLOCK if keep else 0)
+        ctx.save_for_backward(q, k, v, logits, gate, wq, wk, mix, seg, ck)
+        ctx.args = (top_k, C, has_s2s, scale)
         ctx.mark_non_differentiable(ck)
         return o, kf, vf, ck
 
     @staticmethod
     def backward(ctx, do, dkf, dvf, _dck):
-        q, k, v, w, wq, wk, mix, idx, seg, ck = ctx.saved_tensors
-        C, has_s2s, scale = ctx.args
-        N, H = seg.shape[0], q.shape[1]
-        S = ck.shape[2]
+        q, k, v, logits, gate, wq, wk, mix, seg, ck = ctx.saved_tensors
+        top_k, C, has_s2s, scale = ctx.args
+        N, H, S = seg.shape[0], q.shape[1], logits.shape[2]
         K, V = q.shape[2], v.shape[2]
         z = q.new_zeros
         do = z(v.shape) if do is None else do.contiguous()
         dkf = z(N, H, S, K) if dkf is None else dkf.contiguous()
         dvf = z(N, H, S, V) if dvf is None else dvf.contiguous()
-        dq, dk, dv, dw, dk0, dv0, dwq, dwk, dmix = torch.ops.nstm_cpu.backward(
-            q, k, v, idx, w, seg, wq, wk, mix, ck, do, dkf, dvf, C, has_s2s, scale, BLOCK)
+        dq, dk, dv, dlg, dg, dk0, dv0, dwq, dwk, dmix = torch.ops.nstm_cpu.backward(
+            q, k, v, logits, gate, seg, wq, wk, mix, ck, do, dkf, dvf, top_k, C, has_s2s, scale,
+            BLOCK)
         if has_s2s:
             dwq, dwk, dmix = dwq.sum(0), dwk.sum(0), dmix.sum(0)
         else:
             dwq = dwk = dmix = None
-        return dq, dk, dv, dw, dk0, dv0, dwq, dwk, dmix, None, None, None, None, None
+        return dq, dk, dv, dlg, dg, dk0, dv0, dwq, dwk, dmix, None, None, None, None, None
 
 
 def _run(q, k, v, route_logits, write_gate, top_k, s2s, C, k0, v0, segs, scale):
@@ -211,10 +210,9 @@ def _run(q, k, v, route_logits, write_gate, top_k, s2s, C, k0, v0, segs, scale):
     if reason is not None:
         raise RuntimeError(f"nstm_kernels: the C++ CPU kernel cannot run: {reason}")
     dt = compute_dtype(q.dtype)
-    idx, wts = route_torch(route_logits, write_gate, top_k, dtype=dt)
     T, H = q.shape[1], q.shape[2]
-    c = [x.reshape(T, H, x.shape[-1]).to(dt).contiguous() for x in (q, k, v, wts)]
-    idx = idx.reshape(T, H, top_k).contiguous()
+    c = [x.reshape(T, H, x.shape[-1]).to(dt).contiguous() for x in (q, k, v, route_logits)]
+    gate = write_gate.reshape(T, H).to(dt).contiguous()
     seg = torch.tensor(segs, dtype=torch.int64).reshape(-1, 3)
     if s2s is not None:
         wq, wk = s2s.w_q.to(dt).contiguous(), s2s.w_k.to(dt).contiguous()
@@ -222,8 +220,8 @@ def _run(q, k, v, route_logits, write_gate, top_k, s2s, C, k0, v0, segs, scale):
     else:
         wq = wk = mix = q.new_zeros(0, dtype=dt)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    o, kf, vf, _ = _CPUFunction.apply(*c, k0.to(dt).contiguous(), v0.to(dt).contiguous(), wq, wk,
-                                      mix, idx, seg, int(C), s2s is not None, scale)
+    o, kf, vf, _ = _CPUFunction.apply(*c, gate, k0.to(dt).contiguous(), v0.to(dt).contiguous(), wq,
+                                      wk, mix, seg, int(top_k), int(C), s2s is not None, scale)
     return o.unsqueeze(0), kf, vf
 
 

@@ -42,6 +42,10 @@ CASES = [
     (1, 70, 3, 4, 4, 6, 1, 1, 0, True, True),
     (2, 65, 2, 4, 4, 4, 3, 8, 3, False, True),
     (1, 1, 2, 4, 4, 4, 2, 1, 0, True, True),
+    # the lengths with unrolled loops (16, 32, 64, 128) next to generic ones
+    (1, 70, 2, 16, 32, 16, 4, 16, 3, True, True),
+    (1, 40, 1, 64, 16, 32, 2, 8, 0, True, True),
+    (1, 20, 1, 128, 128, 8, 3, 8, 0, True, True),
 ]
 
 
@@ -196,18 +200,21 @@ def test_switched_off_or_unbuildable_falls_back(monkeypatch, caplog):
 
 
 def test_the_raw_op_rejects_bad_inputs():
-    _need_kernel()
     q = torch.randn(5, 2, 4)
-    idx = torch.zeros(5, 2, 1, dtype=torch.int64)
-    w = torch.rand(5, 2, 1)
+    lg = torch.randn(5, 2, 3)
+    gate = torch.randn(5, 2)
     k0 = torch.zeros(1, 2, 3, 4)
     seg = torch.tensor([[0, 5, 0]])
     e = torch.zeros(0)
-    ok = (q, q, q, idx, w, k0, k0, seg, e, e, e, 8, False, 0.5, 64)
+    ok = (q, q, q, lg, gate, k0, k0, seg, e, e, e, 2, 8, False, 0.5, 64)
     torch.ops.nstm_cpu.forward(*ok)
     with pytest.raises(RuntimeError, match="contiguous"):
         torch.ops.nstm_cpu.forward(q.transpose(0, 1).contiguous().transpose(0, 1), *ok[1:])
     with pytest.raises(RuntimeError, match="outside the time axis"):
         torch.ops.nstm_cpu.forward(*ok[:7], torch.tensor([[2, 5, 0]]), *ok[8:])
     with pytest.raises(RuntimeError, match="dtype"):
-        torch.ops.nstm_cpu.forward(*ok[:4], w.double(), *ok[5:])
+        torch.ops.nstm_cpu.forward(*ok[:3], lg.double(), *ok[4:])
+    with pytest.raises(RuntimeError, match="top_k must be in"):
+        torch.ops.nstm_cpu.forward(*ok[:11], 4, *ok[12:])
+    with pytest.raises(RuntimeError, match="initial keys"):
+        torch.ops.nstm_cpu.forward(*ok[:5], torch.zeros(2, 2, 3, 4), *ok[6:])
