@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -69,11 +70,57 @@ inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
   return s;
 }
 
-template <typename T>
-inline void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+// sum a (b - c), fixed lengths for the common n
+template <typename T, int N>
+inline T dot_diff_n(const T* __restrict a, const T* __restrict b, const T* __restrict c) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int i = 0; i < N; ++i) s += a[i] * (b[i] - c[i]);
+  return s;
 }
+
+template <typename T>
+inline T dot_diff(const T* __restrict a, const T* __restrict b, const T* __restrict c, int64_t n) {
+  switch (n) {
+#define NSTM_CASE(N) case N: return dot_diff_n<T, N>(a, b, c);
+    NSTM_FIXED_LENGTHS(NSTM_CASE)
+#undef NSTM_CASE
+    default: break;
+  }
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * (b[i] - c[i]);
+  return s;
+}
+
+// y += alpha x; y = (1 - w) y + w x; y *= r: fixed-length loops for the common lengths
+#define NSTM_ROW_OP(NAME, ARGS, BODY)                                   \
+  template <typename T, int N>                                          \
+  inline void NAME##_n ARGS {                                           \
+    _Pragma("omp simd") for (int i = 0; i < N; ++i) BODY;               \
+  }                                                                     \
+  template <typename T>                                                 \
+  inline void NAME ARGS {                                               \
+    switch (n) {                                                        \
+      case 16: return NAME##_n<T, 16>(ROW_ARGS);                        \
+      case 32: return NAME##_n<T, 32>(ROW_ARGS);                        \
+      case 64: return NAME##_n<T, 64>(ROW_ARGS);                        \
+      case 128: return NAME##_n<T, 128>(ROW_ARGS);                      \
+      default: break;                                                   \
+    }                                                                   \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) BODY;           \
+  }
+
+#define ROW_ARGS alpha, x, y, n
+NSTM_ROW_OP(axpy, (T alpha, const T* __restrict x, T* __restrict y, int64_t n), y[i] += alpha * x[i])
+#undef ROW_ARGS
+#define ROW_ARGS w, x, y, n
+NSTM_ROW_OP(lerp_, (T w, const T* __restrict x, T* __restrict y, int64_t n),
+            y[i] = (T(1) - w) * y[i] + w * x[i])
+#undef ROW_ARGS
+#define ROW_ARGS r, y, n
+NSTM_ROW_OP(scale_, (T r, T* __restrict y, int64_t n), y[i] *= r)
+#undef ROW_ARGS
 
 // exp(x) for the softmaxes, where x = value - max <= 0, or NaN (which stays NaN). fp32: a Cephes
 // polynomial (~1 ulp) written so that the compiler vectorises the loop around it; fp64: std::exp.
@@ -294,11 +341,18 @@ inline bool period_end(const Dims& d, int64_t pos, int64_t t) {
   return d.s2s && (pos + t + 1) % d.C == 0;
 }
 
-// x ranks above y in the routing order: a NaN above every number, then larger values
+// The routing order as integers: a larger key ranks higher; -0 and +0 are equal, every NaN ranks
+// above every number (and NaNs tie among themselves). Ties go to the lower slot index.
 template <typename T>
-inline bool ranks_above(T x, T y) {
-  return std::isnan(x) ? !std::isnan(y) : (!std::isnan(y) && x > y);
-}
+struct Key {
+  using type = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  static inline type of(T x) {
+    constexpr type top = std::numeric_limits<type>::max();
+    const type bits = __builtin_bit_cast(type, static_cast<T>(x + T(0)));   // -0 -> +0
+    const type key = bits ^ ((bits >> (8 * sizeof(T) - 1)) & top);          // floats ordered as ints
+    return x != x ? top : key;
+  }
+};
 
 // the routing of one token (spec step 1): the top_k logits (ties to the lower slot index),
 // alpha = softmax over them, beta = sigmoid(gate), w = alpha beta
@@ -306,24 +360,31 @@ template <typename T>
 struct Route {
   std::vector<int64_t> idx;
   std::vector<T> alpha, w;
+  std::vector<typename Key<T>::type> keys;
   T beta = 0;
-  explicit Route(int64_t k) : idx(k), alpha(k), w(k) {}
+  Route(int64_t k, int64_t S) : idx(k), alpha(k), w(k), keys(S) {}
 };
 
 template <typename T>
 inline void route(const T* lg, T gate, const Dims& d, Route<T>& r) {
-  const int64_t k = d.top_k;
-  int64_t n = 0;
-  for (int64_t i = 0; i < d.S; ++i) {
-    if (n == k && !ranks_above(lg[i], r.alpha[k - 1])) continue;
-    int64_t j = n < k ? n++ : k - 1;        // insert, keeping the order (stable: equals stay after)
-    while (j > 0 && ranks_above(lg[i], r.alpha[j - 1])) {
-      r.alpha[j] = r.alpha[j - 1];
-      r.idx[j] = r.idx[j - 1];
-      --j;
-    }
-    r.alpha[j] = lg[i];
-    r.idx[j] = i;
+  using K_t = typename Key<T>::type;
+  const int64_t S = d.S, k = d.top_k;
+  K_t* key = r.keys.data();
+  for (int64_t i = 0; i < S; ++i) key[i] = Key<T>::of(lg[i]);
+  // top_k passes of a vectorised argmax: the largest key left, at its lowest index (the tie
+  // rule), then taken out (no real key is the type's minimum)
+  constexpr K_t taken = std::numeric_limits<K_t>::min();
+  const K_t n = static_cast<K_t>(S);
+  for (int64_t j = 0; j < k; ++j) {
+    K_t m = taken;
+#pragma omp simd reduction(max : m)
+    for (K_t i = 0; i < n; ++i) m = key[i] > m ? key[i] : m;
+    K_t at = n;
+#pragma omp simd reduction(min : at)
+    for (K_t i = 0; i < n; ++i) at = (key[i] == m && i < at) ? i : at;
+    key[at] = taken;
+    r.idx[j] = at;
+    r.alpha[j] = lg[at];
   }
   softmax_(r.alpha.data(), k);
   r.beta = T(1) / (T(1) + std::exp(-gate));
@@ -349,11 +410,8 @@ inline void token_forward(T* Ks, T* Vs, const T* q, const T* k, const T* v, cons
       std::copy(k, k + K, kr);
       std::copy(v, v + V, vr);
     } else {
-      const T rt = T(1) - wj;
-#pragma omp simd
-      for (int64_t e = 0; e < K; ++e) kr[e] = rt * kr[e] + wj * k[e];
-#pragma omp simd
-      for (int64_t e = 0; e < V; ++e) vr[e] = rt * vr[e] + wj * v[e];
+      lerp_(wj, k, kr, K);
+      lerp_(wj, v, vr, V);
     }
   }
   const T sc = T(d.scale);
@@ -424,7 +482,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nstm_cpu_forward(
       std::vector<T> Ks(K0 + u * S * K, K0 + (u + 1) * S * K);
       std::vector<T> Vs(V0 + u * S * V, V0 + (u + 1) * S * V);
       std::vector<T> p(S);
-      Route<T> r(top_k);
+      Route<T> r(top_k, S);
       const T* wqh = has_s2s ? in.wq + h * V * V : nullptr;
       const T* wkh = has_s2s ? in.wk + h * V * V : nullptr;
       S2SScratch<T> scr(has_s2s ? S : 0, V, wqh, wkh, false);
@@ -488,7 +546,7 @@ std::vector<Tensor> nstm_cpu_backward(
       std::vector<T> gK(DKF + u * S * K, DKF + (u + 1) * S * K);   // adjoint of the slot keys
       std::vector<T> gV(DVF + u * S * V, DVF + (u + 1) * S * V);   // and of the slot values
       std::vector<T> P(block * S), oldK(block * top_k * K), oldV(block * top_k * V);
-      std::vector<Route<T>> R(block, Route<T>(top_k));             // each token's routing
+      std::vector<Route<T>> R(block, Route<T>(top_k, S));             // each token's routing
       const int64_t max_events = has_s2s ? block / C + 2 : 0;
       std::vector<T> pre(max_events * S * V);     // values before each s2s of the block
       std::vector<int64_t> ev_at(block, -1);      // token -> slot in `pre`, -1 if no period end
@@ -554,15 +612,11 @@ std::vector<Tensor> nstm_cpu_backward(
             const T* vo = oldV.data() + (j * top_k + jj) * V;
             T* gk = gK.data() + i * K;
             T* gv = gV.data() + i * V;
-            T dwj = 0;
-            for (int64_t e = 0; e < K; ++e) dwj += gk[e] * (kt[e] - ko[e]);
-            for (int64_t e = 0; e < V; ++e) dwj += gv[e] * (vt[e] - vo[e]);
-            dw[jj] = dwj;
+            dw[jj] = dot_diff(gk, kt, ko, K) + dot_diff(gv, vt, vo, V);
             axpy(wj, gk, dkt, K);
             axpy(wj, gv, dvt, V);
-            const T rt = T(1) - wj;
-            for (int64_t e = 0; e < K; ++e) gk[e] *= rt;
-            for (int64_t e = 0; e < V; ++e) gv[e] *= rt;
+            scale_(T(1) - wj, gk, K);
+            scale_(T(1) - wj, gv, V);
             std::copy(ko, ko + K, Ks.begin() + i * K);
             std::copy(vo, vo + V, Vs.begin() + i * V);
           }
