@@ -73,6 +73,15 @@ CPU_ISSUE_CFG = dict(
     prefill_chunk=2048, train=[(2048, 1)], train_iters=2, train_warmup=1,
     cpu_cache_limit=12 << 30, threads=2,
 )
+# Issue 12's model-level targets on this CPU: 4 layers, d_model 128 (the size of bench/flops.py),
+# training at T = 1K and 4K, decode at batch 1 from 1K. 2 threads (the machine).
+CPU_MEDIUM_CFG = dict(
+    model=dict(vocab_size=256, d_model=128, n_layers=4, num_heads=4, num_states=32, top_k=4,
+               comm_every=64),
+    dtype="float32", batches=[1], contexts=[1024, 4096, 16384], steps=30, warmup=3,
+    prefill_budget=16384, prefill_chunk=4096, train=[(1024, 4), (4096, 1)], train_iters=4,
+    train_warmup=1, cpu_cache_limit=2 << 30, threads=2,
+)
 QUICK_CFG = dict(CPU_CFG, batches=[1, 4], contexts=[256, 4096, 1048576], steps=8, warmup=2,
                  prefill_budget=512, prefill_chunk=256, train=[(128, 2)], train_iters=2,
                  train_warmup=1, cpu_cache_limit=256 << 20)
@@ -80,10 +89,13 @@ QUICK_CFG = dict(CPU_CFG, batches=[1, 4], contexts=[256, 4096, 1048576], steps=8
 
 # ----------------------------------------------------------------------------------------- misc
 def pick_config(device_type: str, quick: bool = False, size: str = "auto") -> dict:
-    """The benchmark configuration: ``size`` is "small" (the CPU models), "issue" (12 layers x 768,
-    the issue's models, on whichever device) or "auto" (issue on the GPU, small on the CPU)."""
-    if size not in ("auto", "small", "issue"):
-        raise ValueError(f"size must be 'auto', 'small' or 'issue', got {size!r}")
+    """The benchmark configuration: ``size`` is "small" (the CPU models), "medium" (4 layers x 128),
+    "issue" (12 layers x 768, the issue's models, on whichever device) or "auto" (issue on the GPU,
+    small on the CPU)."""
+    if size not in ("auto", "small", "medium", "issue"):
+        raise ValueError(f"size must be 'auto', 'small', 'medium' or 'issue', got {size!r}")
+    if size == "medium" and not quick:
+        return dict(CPU_MEDIUM_CFG, size="medium")
     if quick:
         if size == "issue":
             raise ValueError("--quick runs the small models; it cannot be combined with --size issue")
@@ -486,9 +498,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run at tiny sizes (< 20 s)")
-    ap.add_argument("--size", choices=["auto", "small", "issue"], default="auto",
+    ap.add_argument("--size", choices=["auto", "small", "medium", "issue"], default="auto",
                     help="model sizes: 'issue' = 12 layers x 768 (the GPU default; on this CPU about "
-                         "25 minutes), 'small' = 2 layers x 64 (the CPU default)")
+                         "25 minutes), 'medium' = 4 layers x 128 (training at T = 1K and 4K), "
+                         "'small' = 2 layers x 64 (the CPU default)")
     ap.add_argument("--sections", nargs="+", choices=["decode", "train"], default=["decode", "train"])
     ap.add_argument("--batches", type=int, nargs="+")
     ap.add_argument("--contexts", type=int, nargs="+")
@@ -535,7 +548,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{slug(name) if dev == 'cuda' else 'cpu'}-{commit}-models"
                         + ("-quick" if args.quick else "")
-                        + ("-issue-size" if dev == "cpu" and cfg["size"] == "issue" else ""))
+                        + (f"-{cfg['size']}-size" if dev == "cpu" and cfg["size"] in ("issue", "medium")
+                           else ""))
 
     def write(rows, partial=True):
         """JSON + markdown of the rows so far (after every row: a run killed part-way, by the

@@ -447,10 +447,14 @@ struct Inputs {
         wk(s2s ? wk_.data_ptr<T>() : nullptr), mix(s2s ? mix_.data_ptr<T>() : nullptr) {}
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> nstm_cpu_forward(
+// maps > 0: also the routing (indices, weights [T, H, top_k]), the reads p [T, H, S] and the
+// s2s maps [maps, N, H, S, S] (event e of each unit at [e, n, h]; every segment must have the
+// same number of period ends, `maps` of them, as the rows of one batch do)
+std::vector<Tensor> nstm_cpu_forward(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lg, const Tensor& gate,
     const Tensor& k0, const Tensor& v0, const Tensor& seg, const Tensor& wq, const Tensor& wk,
-    const Tensor& mix, int64_t top_k, int64_t C, bool has_s2s, double scale, int64_t block) {
+    const Tensor& mix, int64_t top_k, int64_t C, bool has_s2s, double scale, int64_t block,
+    bool want_maps, int64_t n_events) {
   check_inputs(q, k, v, lg, gate, k0, v0, wq, wk, mix, top_k);
   const int64_t H = q.size(1), K = q.size(2), V = v.size(2), S = lg.size(2);
   int64_t nblocks = 0;
@@ -471,6 +475,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nstm_cpu_forward(
   auto kf = at::empty_like(k0);
   auto vf = at::empty_like(v0);
   auto ck = at::empty({block > 0 ? nblocks : 0, H, S, K + V}, q.options());
+  const int64_t TT = want_maps ? q.size(0) : 0;
+  auto m_idx = at::zeros({TT, H, top_k}, q.options().dtype(at::kLong));
+  auto m_w = at::zeros({TT, H, top_k}, q.options());
+  auto m_p = at::zeros({TT, H, S}, q.options());
+  auto m_a = at::zeros({want_maps ? n_events : 0, N, H, S, S}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nstm_cpu_forward", [&] {
     using T = scalar_t;
     const Inputs<T> in(q, k, v, lg, gate, wq, wk, mix, has_s2s);
@@ -486,6 +495,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nstm_cpu_forward(
       const T* wqh = has_s2s ? in.wq + h * V * V : nullptr;
       const T* wkh = has_s2s ? in.wk + h * V * V : nullptr;
       S2SScratch<T> scr(has_s2s ? S : 0, V, wqh, wkh, false);
+      int64_t ev = 0;
       for (int64_t t = 0; t < sg.len; ++t) {
         if (block > 0 && t % block == 0) {
           T* c = CK + ((sg.blk + t / block) * H + h) * S * (K + V);
@@ -496,13 +506,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nstm_cpu_forward(
         token_forward(Ks.data(), Vs.data(), in.q + tok * K, in.k + tok * K, in.v + tok * V,
                       in.lg + tok * S, in.gate[tok], O + tok * V, p.data(), d, r,
                       static_cast<T*>(nullptr), static_cast<T*>(nullptr));
-        if (period_end(d, sg.pos, t)) s2s_forward(Vs.data(), wqh, wkh, in.mix[h], d, scr);
+        if (want_maps) {
+          std::copy(r.idx.begin(), r.idx.end(), m_idx.data_ptr<int64_t>() + tok * top_k);
+          std::copy(r.w.begin(), r.w.end(), m_w.data_ptr<T>() + tok * top_k);
+          std::copy(p.begin(), p.end(), m_p.data_ptr<T>() + tok * S);
+        }
+        if (period_end(d, sg.pos, t)) {
+          s2s_forward(Vs.data(), wqh, wkh, in.mix[h], d, scr);
+          if (want_maps && ev < n_events) {   // the caller counts them: never fewer
+            std::copy(scr.a.begin(), scr.a.end(), m_a.data_ptr<T>() + ((ev * N + n) * H + h) * S * S);
+          }
+          ++ev;
+        }
       }
       std::copy(Ks.begin(), Ks.end(), KF + u * S * K);
       std::copy(Vs.begin(), Vs.end(), VF + u * S * V);
     });
   });
-  return {o, kf, vf, ck};
+  return {o, kf, vf, ck, m_idx, m_w, m_p, m_a};
 }
 
 // returns dq, dk, dv, dlogits, dgate, dk0, dv0, dwq [N, H, V, V], dwk, dmix [N, H] (the s2s
@@ -645,7 +666,7 @@ std::vector<Tensor> nstm_cpu_backward(
 TORCH_LIBRARY(nstm_cpu, m) {
   m.def("forward(Tensor q, Tensor k, Tensor v, Tensor logits, Tensor gate, Tensor k0, Tensor v0, "
         "Tensor seg, Tensor wq, Tensor wk, Tensor mix, int top_k, int C, bool has_s2s, "
-        "float scale, int block) -> (Tensor, Tensor, Tensor, Tensor)");
+        "float scale, int block, bool maps=False, int n_events=0) -> Tensor[]");
   m.def("backward(Tensor q, Tensor k, Tensor v, Tensor logits, Tensor gate, Tensor seg, "
         "Tensor wq, Tensor wk, Tensor mix, Tensor ck, Tensor d_o, Tensor dkf, Tensor dvf, "
         "int top_k, int C, bool has_s2s, float scale, int block) -> Tensor[]");

@@ -47,8 +47,12 @@ class ShortConv(nn.Module):
             y = torch.einsum("bwc,cw->bc", xc, self.weight[:, 0].to(x.dtype)) + self.bias.to(x.dtype)
             y = y.unsqueeze(1)
         else:
-            y = F.conv1d(xc.transpose(1, 2), self.weight.to(x.dtype), self.bias.to(x.dtype),
-                         groups=C).transpose(1, 2)
+            # W shifted multiply-adds: the same sums as conv1d(groups=C), at half its cost on the
+            # CPU for these widths (its depthwise backward was ~9 ms per layer at T = 1K, B = 4)
+            w = self.weight[:, 0].t().to(x.dtype)                            # [W, C]
+            y = torch.addcmul(self.bias.to(x.dtype), xc[:, :T], w[0])
+            for j in range(1, self.width):
+                y = torch.addcmul(y, xc[:, j:j + T], w[j])
         return F.silu(y), xc[:, xc.shape[1] - (self.width - 1):]
 
 

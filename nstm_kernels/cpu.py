@@ -158,7 +158,7 @@ def _tell(reason: str) -> None:
 
 def usable(q: torch.Tensor, top_k: int, return_maps: bool) -> bool:
     """Whether a ``"chunked"`` call on these inputs runs the C++ kernel."""
-    if q.device.type != "cpu" or return_maps or top_k < 1:
+    if q.device.type != "cpu" or top_k < 1:
         return False
     if q.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         return False
@@ -173,17 +173,20 @@ def usable(q: torch.Tensor, top_k: int, return_maps: bool) -> bool:
 
 class _CPUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, logits, gate, k0, v0, wq, wk, mix, seg, top_k, C, has_s2s, scale):
+    def forward(ctx, q, k, v, logits, gate, k0, v0, wq, wk, mix, seg, top_k, C, has_s2s, scale,
+                n_maps):
         keep = any(ctx.needs_input_grad[:10])    # checkpoints only when a backward can follow
-        o, kf, vf, ck = torch.ops.nstm_cpu.forward(q, k, v, logits, gate, k0, v0, seg, wq, wk, mix,
-                                                    top_k, C, has_s2s, scale, BLOCK if keep else 0)
+        out = torch.ops.nstm_cpu.forward(q, k, v, logits, gate, k0, v0, seg, wq, wk, mix, top_k, C,
+                                         has_s2s, scale, BLOCK if keep else 0, n_maps >= 0,
+                                         max(n_maps, 0))
+        ck = out[3]
         ctx.save_for_backward(q, k, v, logits, gate, wq, wk, mix, seg, ck)
         ctx.args = (top_k, C, has_s2s, scale)
-        ctx.mark_non_differentiable(ck)
-        return o, kf, vf, ck
+        ctx.mark_non_differentiable(*out[3:])
+        return tuple(out)
 
     @staticmethod
-    def backward(ctx, do, dkf, dvf, _dck):
+    def backward(ctx, do, dkf, dvf, *_maps):
         q, k, v, logits, gate, wq, wk, mix, seg, ck = ctx.saved_tensors
         top_k, C, has_s2s, scale = ctx.args
         N, H, S = seg.shape[0], q.shape[1], logits.shape[2]
@@ -199,13 +202,15 @@ class _CPUFunction(torch.autograd.Function):
             dwq, dwk, dmix = dwq.sum(0), dwk.sum(0), dmix.sum(0)
         else:
             dwq = dwk = dmix = None
-        return dq, dk, dv, dlg, dg, dk0, dv0, dwq, dwk, dmix, None, None, None, None, None
+        return dq, dk, dv, dlg, dg, dk0, dv0, dwq, dwk, dmix, None, None, None, None, None, None
 
 
-def _run(q, k, v, route_logits, write_gate, top_k, s2s, C, k0, v0, segs, scale):
+def _run(q, k, v, route_logits, write_gate, top_k, s2s, C, k0, v0, segs, scale, n_maps=-1):
     """The kernel over the flattened time axis ``[1, T, H, *]`` and its segments
     ``[(start, length, pos), ...]``, each starting from its row of ``k0 [N, H, S, K]`` / ``v0``.
-    Returns ``o [1, T, H, V]`` (compute dtype) and the final slot memories ``[N, H, S, *]``."""
+    Returns ``o [1, T, H, V]`` (compute dtype), the final slot memories ``[N, H, S, *]`` and the
+    maps (``n_maps >= 0``: indices, weights, reads ``[T, H, *]``, s2s ``[n_maps, N, H, S, S]``;
+    every segment must have ``n_maps`` period ends) or None."""
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"nstm_kernels: the C++ CPU kernel cannot run: {reason}")
@@ -220,21 +225,26 @@ def _run(q, k, v, route_logits, write_gate, top_k, s2s, C, k0, v0, segs, scale):
     else:
         wq = wk = mix = q.new_zeros(0, dtype=dt)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    o, kf, vf, _ = _CPUFunction.apply(*c, gate, k0.to(dt).contiguous(), v0.to(dt).contiguous(), wq,
-                                      wk, mix, seg, int(top_k), int(C), s2s is not None, scale)
-    return o.unsqueeze(0), kf, vf
+    out = _CPUFunction.apply(*c, gate, k0.to(dt).contiguous(), v0.to(dt).contiguous(), wq, wk, mix,
+                             seg, int(top_k), int(C), s2s is not None, scale, int(n_maps))
+    o, kf, vf = out[:3]
+    return o.unsqueeze(0), kf, vf, (out[4:] if n_maps >= 0 else None)
 
 
 def cpu_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2SParams] = None,
              comm_every: int = 64, initial_state: Optional[NSTMState] = None,
              output_final_state: bool = False, scale: Optional[float] = None,
-             cu_seqlens=None):
-    """The operator through the C++ kernel; the signature and results of ``chunk_nstm`` (without
-    maps). Raises ``RuntimeError`` when the kernel cannot be had (``usable`` says beforehand)."""
+             return_maps: bool = False, cu_seqlens=None):
+    """The operator through the C++ kernel; the signature and results of ``chunk_nstm`` (the maps
+    are not differentiable here; packed batches and per-row positions have none, as there).
+    Raises ``RuntimeError`` when the kernel cannot be had (``usable`` says beforehand)."""
     B, T, H, K = q.shape
     V, S = v.shape[-1], route_logits.shape[-1]
     dt = compute_dtype(q.dtype)
     if needs_segments(initial_state, cu_seqlens):
+        if return_maps:
+            raise ValueError("return_maps is not available for packed batches (cu_seqlens) or "
+                             "per-row positions; call each sequence on its own for its maps")
         seg = segments(B, T, initial_state, cu_seqlens)
         xs = (q, k, v, route_logits, write_gate)
         if not seg.packed:
@@ -245,8 +255,8 @@ def cpu_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2SPar
             v0 = q.new_zeros(rows, H, S, V, dtype=dt)
         else:
             k0, v0 = initial_state.k, initial_state.v
-        o, kf, vf = _run(*xs, top_k, s2s, comm_every, k0, v0,
-                         list(zip(seg.starts, seg.lengths, seg.pos)), scale)
+        o, kf, vf, _ = _run(*xs, top_k, s2s, comm_every, k0, v0,
+                            list(zip(seg.starts, seg.lengths, seg.pos)), scale)
         o = o.reshape(B, T, H, V).to(q.dtype)
         final = None
         if output_final_state:
@@ -260,11 +270,17 @@ def cpu_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2SPar
     else:
         k0, v0, pos = initial_state.k, initial_state.v, int(initial_state.pos)
     xs = tuple(flatten(x) for x in (q, k, v, route_logits, write_gate))
-    o, kf, vf = _run(*xs, top_k, s2s, comm_every, k0, v0,
-                     [(b * T, T, pos) for b in range(B)], scale)
+    ends = [p for p in range(pos, pos + T) if (p + 1) % comm_every == 0] if s2s is not None else []
+    o, kf, vf, maps = _run(*xs, top_k, s2s, comm_every, k0, v0,
+                           [(b * T, T, pos) for b in range(B)], scale,
+                           len(ends) if return_maps else -1)
     o = o.reshape(B, T, H, V).to(q.dtype)
     final = NSTMState(kf, vf, pos + T) if output_final_state else None
-    return o, final
+    if not return_maps:
+        return o, final
+    idx, w, p, a = maps
+    return o, final, {"indices": idx.reshape(B, T, H, top_k), "weights": w.reshape(B, T, H, top_k),
+                      "read": p.reshape(B, T, H, S), "s2s": a, "s2s_pos": ends}
 
 
 def chunked_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2SParams] = None,
@@ -275,7 +291,7 @@ def chunked_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2
     PyTorch chunk form (``chunk_nstm``, which also takes ``chunk_size=``)."""
     if not kw and usable(q, top_k, return_maps):
         return cpu_nstm(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, initial_state,
-                        output_final_state, scale, cu_seqlens=cu_seqlens)
+                        output_final_state, scale, return_maps=return_maps, cu_seqlens=cu_seqlens)
     from .chunked import chunk_nstm
     return chunk_nstm(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, initial_state,
                       output_final_state, scale, return_maps=return_maps, cu_seqlens=cu_seqlens, **kw)

@@ -29,7 +29,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import settings
-from .chunked import chunk_nstm, recurrent_nstm_step, recurrent_nstm_step_
+from .chunked import recurrent_nstm_step, recurrent_nstm_step_
 from .cpu import chunked_nstm
 from .reference import naive_nstm_step, naive_recurrent_nstm
 from .routing import route_torch
@@ -66,7 +66,7 @@ TABLE: Dict[str, Dict[str, Callable]] = {
     "nstm_attention": {"reference": naive_recurrent_nstm, "chunked": chunked_nstm,
                   "triton": _Lazy(_TRITON, "triton_nstm")},
     # the same, plus the maps: -> (o, final_state, maps); the PyTorch paths only
-    "nstm_attention_with_maps": {"reference": naive_recurrent_nstm, "chunked": chunk_nstm},
+    "nstm_attention_with_maps": {"reference": naive_recurrent_nstm, "chunked": chunked_nstm},
     # one token, functional: (q, k, v, logits, gate, top_k, s2s, C, state, scale) -> (o, state)
     "nstm_step": {"reference": naive_nstm_step, "chunked": recurrent_nstm_step,
              "triton": _Lazy(_TRITON, "triton_nstm_step"), "cuda": _Lazy(_CUDA, "cuda_nstm_step")},

@@ -165,10 +165,24 @@ def test_the_chunked_backend_runs_the_kernel_on_cpu(monkeypatch):
     inp = make_inputs(1, 20, 2, 4, 4, 4, seed=1)
     nstm_attention(*inp[:5], 2, inp.s2s, 8, backend="chunked")
     assert calls == [1]
-    # maps come from the PyTorch chunk form
+    # the maps come from the same kernel, so asking for them does not change a bit of the output
     from nstm_kernels import nstm_attention_with_maps
-    nstm_attention_with_maps(*inp[:5], 2, inp.s2s, 8, backend="chunked")
-    assert calls == [1]
+    o, _ = nstm_attention(*inp[:5], 2, inp.s2s, 8, backend="chunked")
+    om, _, _ = nstm_attention_with_maps(*inp[:5], 2, inp.s2s, 8, backend="chunked")
+    assert calls == [1, 1, 1] and torch.equal(o, om)
+
+
+@pytest.mark.parametrize("pos", [0, 5])
+def test_maps_match_the_reference(pos):
+    inp = make_inputs(2, 37, 2, 4, 6, 5, pos=pos, seed=4)
+    o, st, maps = _cpu(*inp[:5], 2, inp.s2s, 8, inp.initial_state, True, return_maps=True)
+    ro, rst, rmaps = naive_recurrent_nstm(*inp[:5], 2, inp.s2s, 8, inp.initial_state, True,
+                                          return_maps=True)
+    assert_close(o, ro, name="o")
+    assert torch.equal(maps["indices"], rmaps["indices"])
+    assert maps["s2s_pos"] == rmaps["s2s_pos"] and len(maps["s2s_pos"]) == maps["s2s"].shape[0]
+    for name in ("weights", "read", "s2s"):
+        assert_close(maps[name], rmaps[name], name=name)
 
 
 def test_switched_off_or_unbuildable_falls_back(monkeypatch, caplog):

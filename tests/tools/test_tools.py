@@ -112,3 +112,28 @@ def test_flops_bench_counts_both_models_and_writes_table_json_and_plot(tmp_path)
         assert r["counted_train_no_conv_bwd"] > 2 * r["counted_fwd"]
     assert _is_png(tmp_path / path.replace(".json", ".png"))
     assert (tmp_path / path.replace(".json", ".md")).read_text().count("| nstm |") == 2
+
+
+def test_cpu_operator_bench_writes_rows_for_every_path(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    import cpu as cpu_bench
+    rows = cpu_bench.main(["--quick", "--no-contention", "--threads", "1", "--reps", "1",
+                           "--no-plot", "--out", str(tmp_path)])
+    assert {r["impl"] for r in rows} == {"nstm", "nstm-torch", "sdpa"}
+    assert all(r["threads"] == 1 and r["neighbour"] == "alone" and r["ms"] > 0 for r in rows)
+    assert all(r["gflops"] > 0 for r in rows if r["impl"] != "sdpa")
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 2 and files[0].endswith("-quick.json") and files[1].endswith("-quick.md")
+    md = (tmp_path / files[1]).read_text()
+    assert "| 512 | 1 | fwd | 1 | alone |" in md
+    assert json.loads((tmp_path / files[0]).read_text()) == rows
+
+
+def test_cpu_bench_neighbour_is_ended_by_its_pid():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    import cpu as cpu_bench
+    with cpu_bench.Neighbour("busy") as n:
+        pid = n.proc.pid
+        assert n.proc.poll() is None          # running
+    assert n.proc.poll() is not None          # ended
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
