@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sweep.py
 	$(BIN)/python bench/models.py
 	$(BIN)/python bench/cpu_paths.py --json bench/results/cpu-paths.json
+	$(BIN)/python bench/cpu.py
 	$(BIN)/python bench/flops.py
 
 bench-gpu:
