@@ -306,9 +306,9 @@ void s2s_backward(const T* Vs, T* dV, const T* wq, const T* wk, T g, T* dwq, T* 
 
 // runs fn(unit) for unit in [0, n) on the intra-op threads, one unit at a time from a counter
 template <typename F>
-void for_units(int64_t n, const F& fn) {
+void for_units(int64_t n, const F& fn, bool serial = false) {
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  const int64_t workers = serial ? 1 : std::min<int64_t>(n, at::get_num_threads());
   if (workers <= 1) {
     for (int64_t u = 0; u < n; ++u) fn(u);
     return;
@@ -661,6 +661,50 @@ std::vector<Tensor> nstm_cpu_backward(
   return {dq, dk, dv, dlg, dgate, dk0, dv0, dwq, dwk, dmix};
 }
 
+// One token for every (row, head), the slot memory updated IN PLACE (decoding): q, k [B, H, K],
+// v [B, H, V], logits [B, H, S], gate [B, H], sk [B, H, S, K], sv [B, H, S, V] (all of one dtype,
+// contiguous), pos int64 [1] or [B] (the token's absolute position; not incremented). Returns o.
+Tensor nstm_cpu_step_(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lg,
+                      const Tensor& gate, const Tensor& sk, const Tensor& sv, const Tensor& pos,
+                      const Tensor& wq, const Tensor& wk, const Tensor& mix, int64_t top_k,
+                      int64_t C, bool has_s2s, double scale) {
+  check_inputs(q, k, v, lg, gate, sk, sv, wq, wk, mix, top_k);
+  const int64_t B = q.size(0), H = q.size(1), K = q.size(2), V = v.size(2), S = lg.size(2);
+  TORCH_CHECK(sk.dim() == 4 && sk.size(0) == B && sk.size(1) == H && sk.size(2) == S &&
+                  sk.size(3) == K && sv.dim() == 4 && sv.size(0) == B && sv.size(1) == H &&
+                  sv.size(2) == S && sv.size(3) == V,
+              "nstm_cpu: the slot memory must be [B, H, S, K] and [B, H, S, V]");
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() &&
+                  (pos.numel() == 1 || pos.numel() == B),
+              "nstm_cpu: pos must be an int64 tensor of 1 or B elements");
+  TORCH_CHECK(!has_s2s || (C > 0 && wq.dim() == 3 && wq.size(0) == H && wq.size(1) == V &&
+                           wq.size(2) == V && wk.sizes() == wq.sizes() && mix.numel() == H),
+              "nstm_cpu: s2s weights must be [H, V, V] and the mix [H]");
+  const Dims d{H, S, K, V, top_k, C, 0, has_s2s, scale};
+  auto o = at::empty({B, H, V}, q.options());
+  const int64_t* P = pos.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nstm_cpu_step_", [&] {
+    using T = scalar_t;
+    const Inputs<T> in(q, k, v, lg, gate, wq, wk, mix, has_s2s);
+    T *SK = sk.data_ptr<T>(), *SV = sv.data_ptr<T>(), *O = o.data_ptr<T>();
+    // a decode step is ~1 us per (row, head): threads only pay off for large batches
+    const bool serial = B * H * S * (K + V) < (1 << 18);
+    for_units(B * H, [&](int64_t u) {
+      const int64_t b = u / H, h = u % H;
+      std::vector<T> p(S);
+      Route<T> r(top_k, S);
+      token_forward(SK + u * S * K, SV + u * S * V, in.q + u * K, in.k + u * K, in.v + u * V,
+                    in.lg + u * S, in.gate[u], O + u * V, p.data(), d, r,
+                    static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+      if (period_end(d, P[pos.numel() == 1 ? 0 : b], 0)) {
+        S2SScratch<T> scr(S, V, in.wq + h * V * V, in.wk + h * V * V, false);
+        s2s_forward(SV + u * S * V, in.wq + h * V * V, in.wk + h * V * V, in.mix[h], d, scr);
+      }
+    }, serial);
+  });
+  return o;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(nstm_cpu, m) {
@@ -670,9 +714,13 @@ TORCH_LIBRARY(nstm_cpu, m) {
   m.def("backward(Tensor q, Tensor k, Tensor v, Tensor logits, Tensor gate, Tensor seg, "
         "Tensor wq, Tensor wk, Tensor mix, Tensor ck, Tensor d_o, Tensor dkf, Tensor dvf, "
         "int top_k, int C, bool has_s2s, float scale, int block) -> Tensor[]");
+  m.def("step_(Tensor q, Tensor k, Tensor v, Tensor logits, Tensor gate, Tensor(a!) sk, "
+        "Tensor(b!) sv, Tensor pos, Tensor wq, Tensor wk, Tensor mix, int top_k, int C, "
+        "bool has_s2s, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nstm_cpu, CPU, m) {
   m.impl("forward", &nstm_cpu_forward);
   m.impl("backward", &nstm_cpu_backward);
+  m.impl("step_", &nstm_cpu_step_);
 }

@@ -295,3 +295,79 @@ def chunked_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2
     from .chunked import chunk_nstm
     return chunk_nstm(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, initial_state,
                       output_final_state, scale, return_maps=return_maps, cu_seqlens=cu_seqlens, **kw)
+
+
+def _step_args(q, k, v, route_logits, write_gate, s2s, dt):
+    xs = [x.to(dt).contiguous() for x in (q, k, v, route_logits, write_gate)]
+    if s2s is not None:
+        w = [s2s.w_q.to(dt).contiguous(), s2s.w_k.to(dt).contiguous(),
+             torch.sigmoid(s2s.gate.to(dt)).contiguous()]
+    else:
+        w = [xs[0].new_zeros(0)] * 3
+    return xs, w
+
+
+def _pos_tensor(pos) -> torch.Tensor:
+    if isinstance(pos, torch.Tensor):
+        return pos.reshape(-1).to(torch.int64).contiguous()
+    return torch.tensor([int(pos)], dtype=torch.int64)
+
+
+@torch.no_grad()
+def cpu_nstm_step_(q, k, v, route_logits, write_gate, top_k: int, s2s, comm_every: int,
+                   state_k: torch.Tensor, state_v: torch.Tensor, pos, scale=None) -> torch.Tensor:
+    """``recurrent_nstm_step_`` through the C++ kernel: one call for all rows and heads.
+    ``state_k``/``state_v`` must be contiguous in q's compute dtype (they are updated in place)."""
+    dt = compute_dtype(q.dtype)
+    xs, w = _step_args(q, k, v, route_logits, write_gate, s2s, dt)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    o = torch.ops.nstm_cpu.step_(*xs, state_k, state_v, _pos_tensor(pos), *w, int(top_k),
+                                 int(comm_every), s2s is not None, scale)
+    return o.to(q.dtype)
+
+
+def _step_ok(q, top_k, state_k, state_v) -> bool:
+    dt = compute_dtype(q.dtype)
+    return (usable(q, top_k, False) and state_k.dtype == dt and state_v.dtype == dt
+            and state_k.device.type == "cpu" and state_k.is_contiguous() and state_v.is_contiguous())
+
+
+def chunked_nstm_step_(q, k, v, route_logits, write_gate, top_k: int, s2s, comm_every: int,
+                       state_k, state_v, pos, scale=None):
+    """The ``"chunked"`` in-place step: the C++ kernel for CPU tensors where it runs, else
+    ``recurrent_nstm_step_``."""
+    if _step_ok(q, top_k, state_k, state_v):
+        return cpu_nstm_step_(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, state_k,
+                              state_v, pos, scale)
+    from .chunked import recurrent_nstm_step_
+    return recurrent_nstm_step_(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, state_k,
+                                state_v, pos, scale)
+
+
+def _needs_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
+                                           for x in xs)
+
+
+def chunked_nstm_step(q, k, v, route_logits, write_gate, top_k: int, s2s, comm_every: int,
+                      state: Optional[NSTMState], scale=None):
+    """The ``"chunked"`` functional step: without gradients on CPU tensors, the C++ kernel on a
+    copy of the state; else ``recurrent_nstm_step`` (differentiable)."""
+    from .chunked import recurrent_nstm_step
+    tensors = [q, k, v, route_logits, write_gate] + (list(s2s) if s2s is not None else []) + \
+        ([state.k, state.v] if state is not None else [])
+    if not _needs_grad(*tensors) and usable(q, top_k, False):
+        B, H, K = q.shape
+        V, S = v.shape[-1], route_logits.shape[-1]
+        dt = compute_dtype(q.dtype)
+        if state is None:
+            sk, sv, pos = q.new_zeros(B, H, S, K, dtype=dt), q.new_zeros(B, H, S, V, dtype=dt), 0
+        else:
+            sk = state.k.to(dt, memory_format=torch.contiguous_format, copy=True)
+            sv = state.v.to(dt, memory_format=torch.contiguous_format, copy=True)
+            pos = state.pos if isinstance(state.pos, torch.Tensor) else int(state.pos)
+        o = cpu_nstm_step_(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, sk, sv, pos,
+                           scale)
+        return o, NSTMState(sk, sv, pos + 1)
+    return recurrent_nstm_step(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, state,
+                               scale)

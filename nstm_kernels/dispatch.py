@@ -29,8 +29,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import settings
-from .chunked import recurrent_nstm_step, recurrent_nstm_step_
-from .cpu import chunked_nstm
+from .cpu import chunked_nstm, chunked_nstm_step, chunked_nstm_step_
 from .reference import naive_nstm_step, naive_recurrent_nstm
 from .routing import route_torch
 from .s2s import state_attention_torch
@@ -68,10 +67,10 @@ TABLE: Dict[str, Dict[str, Callable]] = {
     # the same, plus the maps: -> (o, final_state, maps); the PyTorch paths only
     "nstm_attention_with_maps": {"reference": naive_recurrent_nstm, "chunked": chunked_nstm},
     # one token, functional: (q, k, v, logits, gate, top_k, s2s, C, state, scale) -> (o, state)
-    "nstm_step": {"reference": naive_nstm_step, "chunked": recurrent_nstm_step,
+    "nstm_step": {"reference": naive_nstm_step, "chunked": chunked_nstm_step,
              "triton": _Lazy(_TRITON, "triton_nstm_step"), "cuda": _Lazy(_CUDA, "cuda_nstm_step")},
     # one token, in place: (q, k, v, logits, gate, top_k, s2s, C, state_k, state_v, pos, scale) -> o
-    "nstm_step_": {"chunked": recurrent_nstm_step_, "cuda": _Lazy(_CUDA, "cuda_nstm_step_")},
+    "nstm_step_": {"chunked": chunked_nstm_step_, "cuda": _Lazy(_CUDA, "cuda_nstm_step_")},
     # (route_logits, write_gate, top_k) -> (indices, weights)
     "sparse_route": {"reference": route_torch, "chunked": route_torch,
               "triton": _Lazy(_TRITON, "triton_sparse_route")},

@@ -133,12 +133,21 @@ def test_prefill_in_pieces_equals_one_pass():
 
 
 @pytest.mark.parametrize("pos", [3, torch.tensor([3])])
-def test_in_place_torch_step_equals_recurrent_step(pos):
+@pytest.mark.parametrize("impl", ["pytorch", "chunked"])
+def test_in_place_torch_step_equals_recurrent_step(pos, impl):
+    """The in-place step equals the functional one bit for bit: the PyTorch pair, and the chunked
+    backend's pair (the C++ kernel on CPU tensors)."""
+    from nstm_kernels import nstm_step
+    from nstm_kernels.chunked import recurrent_nstm_step_
     inp = as_step(make_inputs(B=2, T=1, H=2, K=8, V=8, S=6, dtype=torch.float32, pos=3))
     args = (*inp[:5], 2, inp.s2s, 4)
     sk, sv = inp.initial_state.k.clone(), inp.initial_state.v.clone()
-    o = nstm_step_(*args, sk, sv, pos)                      # pos 3 ends a period (C = 4)
-    eo, es = recurrent_nstm_step(*args, inp.initial_state)
+    if impl == "pytorch":
+        o = recurrent_nstm_step_(*args, sk, sv, pos)            # pos 3 ends a period (C = 4)
+        eo, es = recurrent_nstm_step(*args, inp.initial_state)
+    else:
+        o = nstm_step_(*args, sk, sv, pos, backend="chunked")
+        eo, es = nstm_step(*args, inp.initial_state, backend="chunked")
     torch.testing.assert_close(o, eo, rtol=0, atol=0)
     torch.testing.assert_close(sv, es.v, rtol=0, atol=0)
     torch.testing.assert_close(sk, es.k, rtol=0, atol=0)

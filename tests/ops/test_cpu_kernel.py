@@ -232,3 +232,36 @@ def test_the_raw_op_rejects_bad_inputs():
         torch.ops.nstm_cpu.forward(*ok[:11], 4, *ok[12:])
     with pytest.raises(RuntimeError, match="initial keys"):
         torch.ops.nstm_cpu.forward(*ok[:5], torch.zeros(2, 2, 3, 4), *ok[6:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("pos", [0, 7, "rows"])
+@pytest.mark.parametrize("s2s", [True, False])
+def test_step_matches_the_reference(dtype, pos, s2s):
+    from nstm_kernels.reference import naive_nstm_step
+    from tests.helpers import as_step
+    p = torch.tensor([7, 3, 15]) if pos == "rows" else pos
+    inp = as_step(make_inputs(3, 1, 2, 8, 8, 8, dtype=dtype, s2s=s2s, pos=0, seed=6))
+    st = inp.initial_state._replace(pos=p)
+    args = (*inp[:5], 3, inp.s2s, 8)
+    o, new = cpu.chunked_nstm_step(*args, st)
+    ro, rnew = naive_nstm_step(*args, st)
+    tol = None if dtype == torch.float64 else 1e-5
+    assert_close(o, ro, tol, name="o")
+    assert_close(new.k, rnew.k, tol, name="k")
+    assert_close(new.v, rnew.v, tol, name="v")
+    assert torch.equal(torch.as_tensor(new.pos), torch.as_tensor(rnew.pos))
+    assert not torch.equal(new.v, st.v)          # a new state; the caller's is untouched
+    # in place
+    sk, sv = st.k.clone(), st.v.clone()
+    o2 = cpu.chunked_nstm_step_(*args, sk, sv, p)
+    assert torch.equal(o2, o) and torch.equal(sk, new.k) and torch.equal(sv, new.v)
+
+
+def test_step_with_gradients_runs_the_differentiable_pytorch_step():
+    from tests.helpers import as_step
+    full = make_inputs(2, 1, 2, 4, 4, 4, seed=2, requires_grad=True)
+    inp = as_step(full)
+    o, new = cpu.chunked_nstm_step(*inp[:5], 2, inp.s2s, 4, inp.initial_state)
+    (o.sum() + new.v.sum()).backward()
+    assert full.q.grad is not None and full.initial_state.v.grad is not None

@@ -70,8 +70,8 @@ def test_cuda_backend_on_cpu_falls_back_with_one_warning(fresh_warnings, caplog)
         o2, s2 = nstm_step(q, k, v, lg, g, 2, s2s, 7, s1, backend="cuda")
     lines = [r for r in caplog.records if "backend 'cuda' unavailable" in r.getMessage()]
     assert len(lines) == 1 and "using 'chunked'" in lines[0].getMessage()
-    e1, f1 = recurrent_nstm_step(q, k, v, lg, g, 2, s2s, 7, st)
-    e2, f2 = recurrent_nstm_step(q, k, v, lg, g, 2, s2s, 7, f1)
+    e1, f1 = nstm_step(q, k, v, lg, g, 2, s2s, 7, st, backend="chunked")
+    e2, f2 = nstm_step(q, k, v, lg, g, 2, s2s, 7, f1, backend="chunked")
     for a, b in ((o1, e1), (o2, e2), (s2.k, f2.k), (s2.v, f2.v)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert s2.pos == 8
