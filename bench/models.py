@@ -79,7 +79,7 @@ CPU_MEDIUM_CFG = dict(
     model=dict(vocab_size=256, d_model=128, n_layers=4, num_heads=4, num_states=32, top_k=4,
                comm_every=64),
     dtype="float32", batches=[1], contexts=[1024, 4096, 16384], steps=30, warmup=3,
-    prefill_budget=16384, prefill_chunk=4096, train=[(1024, 4), (4096, 1)], train_iters=4,
+    prefill_budget=16384, prefill_chunk=4096, train=[(1024, 4), (4096, 1)], train_iters=8,
     train_warmup=1, cpu_cache_limit=2 << 30, threads=2,
 )
 QUICK_CFG = dict(CPU_CFG, batches=[1, 4], contexts=[256, 4096, 1048576], steps=8, warmup=2,

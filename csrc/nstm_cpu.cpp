@@ -705,6 +705,34 @@ Tensor nstm_cpu_step_(const Tensor& q, const Tensor& k, const Tensor& v, const T
   return o;
 }
 
+// The routing alone (no gradient): logits [N, S], gate [N] -> indices [N, top_k], weights [N, top_k]
+std::tuple<Tensor, Tensor> nstm_cpu_route(const Tensor& lg, const Tensor& gate, int64_t top_k) {
+  TORCH_CHECK(lg.device().is_cpu() && lg.is_contiguous() && gate.is_contiguous() &&
+                  lg.dim() == 2 && gate.dim() == 1 && gate.size(0) == lg.size(0) &&
+                  gate.scalar_type() == lg.scalar_type(),
+              "nstm_cpu: route takes contiguous CPU logits [N, S] and gates [N] of one dtype");
+  const int64_t N = lg.size(0), S = lg.size(1);
+  TORCH_CHECK(top_k >= 1 && top_k <= S, "nstm_cpu: top_k must be in [1, S]");
+  auto idx = at::empty({N, top_k}, lg.options().dtype(at::kLong));
+  auto w = at::empty({N, top_k}, lg.options());
+  const Dims d{1, S, 0, 0, top_k, 1, 0, false, 1.0};
+  AT_DISPATCH_FLOATING_TYPES(lg.scalar_type(), "nstm_cpu_route", [&] {
+    using T = scalar_t;
+    const T *L = lg.data_ptr<T>(), *G = gate.data_ptr<T>();
+    int64_t* I = idx.data_ptr<int64_t>();
+    T* W = w.data_ptr<T>();
+    at::parallel_for(0, N, 2048, [&](int64_t b, int64_t e) {
+      Route<T> r(top_k, S);
+      for (int64_t n = b; n < e; ++n) {
+        route(L + n * S, G[n], d, r);
+        std::copy(r.idx.begin(), r.idx.end(), I + n * top_k);
+        std::copy(r.w.begin(), r.w.end(), W + n * top_k);
+      }
+    });
+  });
+  return {idx, w};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(nstm_cpu, m) {
@@ -714,6 +742,7 @@ TORCH_LIBRARY(nstm_cpu, m) {
   m.def("backward(Tensor q, Tensor k, Tensor v, Tensor logits, Tensor gate, Tensor seg, "
         "Tensor wq, Tensor wk, Tensor mix, Tensor ck, Tensor d_o, Tensor dkf, Tensor dvf, "
         "int top_k, int C, bool has_s2s, float scale, int block) -> Tensor[]");
+  m.def("route(Tensor logits, Tensor gate, int top_k) -> (Tensor, Tensor)");
   m.def("step_(Tensor q, Tensor k, Tensor v, Tensor logits, Tensor gate, Tensor(a!) sk, "
         "Tensor(b!) sv, Tensor pos, Tensor wq, Tensor wk, Tensor mix, int top_k, int C, "
         "bool has_s2s, float scale) -> Tensor");
@@ -723,4 +752,5 @@ TORCH_LIBRARY_IMPL(nstm_cpu, CPU, m) {
   m.impl("forward", &nstm_cpu_forward);
   m.impl("backward", &nstm_cpu_backward);
   m.impl("step_", &nstm_cpu_step_);
+  m.impl("route", &nstm_cpu_route);
 }

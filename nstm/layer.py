@@ -177,7 +177,10 @@ class NSTMLayer(nn.Module):
         """Switch-style load balancing per head: S * sum_i f_i P_i (1 when balanced)."""
         S = logits.shape[-1]
         probs = torch.softmax(logits.float(), dim=-1).flatten(0, -3).mean(0)          # [H, S]
-        counts = F.one_hot(indices, S).float().flatten(0, -4).sum((0, 2))              # [H, S]
+        H = indices.shape[-2]
+        slot = (torch.arange(H, device=indices.device)[:, None] * S + indices).reshape(-1)
+        counts = torch.zeros(H * S, device=indices.device).index_add_(
+            0, slot, torch.ones(slot.numel(), device=indices.device)).view(H, S)       # [H, S]
         frac = counts / counts.sum(-1, keepdim=True)
         return (S * (frac * probs).sum(-1)).mean()
 

@@ -158,8 +158,8 @@ def _tell(reason: str) -> None:
 
 def usable(q: torch.Tensor, top_k: int, return_maps: bool) -> bool:
     """Whether a ``"chunked"`` call on these inputs runs the C++ kernel."""
-    if q.device.type != "cpu" or top_k < 1:
-        return False
+    if q.device.type != "cpu" or top_k < 1 or torch.compiler.is_compiling():
+        return False          # (while tracing, the sequence op runs as nstm_kernels::attention)
     if q.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         return False
     if not settings.cpu_kernel_enabled():       # asked for: no log line
@@ -371,3 +371,16 @@ def chunked_nstm_step(q, k, v, route_logits, write_gate, top_k: int, s2s, comm_e
         return o, NSTMState(sk, sv, pos + 1)
     return recurrent_nstm_step(q, k, v, route_logits, write_gate, top_k, s2s, comm_every, state,
                                scale)
+
+
+def chunked_sparse_route(route_logits, write_gate, top_k: int):
+    """The ``"chunked"`` routing: without gradients on CPU tensors, the kernel's own routing (the
+    same tie rule; one parallel call); else ``route_torch`` (differentiable)."""
+    from .routing import route_torch
+    if not _needs_grad(route_logits, write_gate) and usable(route_logits, top_k, False):
+        dt = compute_dtype(route_logits.dtype)
+        lead, S = route_logits.shape[:-1], route_logits.shape[-1]
+        idx, w = torch.ops.nstm_cpu.route(route_logits.to(dt).reshape(-1, S).contiguous(),
+                                          write_gate.to(dt).reshape(-1).contiguous(), int(top_k))
+        return idx.reshape(*lead, top_k), w.reshape(*lead, top_k)
+    return route_torch(route_logits, write_gate, top_k)

@@ -29,7 +29,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import settings
-from .cpu import chunked_nstm, chunked_nstm_step, chunked_nstm_step_
+from .cpu import chunked_nstm, chunked_nstm_step, chunked_nstm_step_, chunked_sparse_route
 from .reference import naive_nstm_step, naive_recurrent_nstm
 from .routing import route_torch
 from .s2s import state_attention_torch
@@ -72,7 +72,7 @@ TABLE: Dict[str, Dict[str, Callable]] = {
     # one token, in place: (q, k, v, logits, gate, top_k, s2s, C, state_k, state_v, pos, scale) -> o
     "nstm_step_": {"chunked": chunked_nstm_step_, "cuda": _Lazy(_CUDA, "cuda_nstm_step_")},
     # (route_logits, write_gate, top_k) -> (indices, weights)
-    "sparse_route": {"reference": route_torch, "chunked": route_torch,
+    "sparse_route": {"reference": route_torch, "chunked": chunked_sparse_route,
               "triton": _Lazy(_TRITON, "triton_sparse_route")},
     # (v_state, s2s) -> mixed v_state
     "state_attention": {"reference": state_attention_torch, "chunked": state_attention_torch,

@@ -265,3 +265,19 @@ def test_step_with_gradients_runs_the_differentiable_pytorch_step():
     o, new = cpu.chunked_nstm_step(*inp[:5], 2, inp.s2s, 4, inp.initial_state)
     (o.sum() + new.v.sum()).backward()
     assert full.q.grad is not None and full.initial_state.v.grad is not None
+
+
+def test_routing_without_gradients_equals_route_torch():
+    from nstm_kernels.routing import route_torch
+    torch.manual_seed(3)
+    lg = torch.randn(3, 50, 2, 16).bfloat16().float().round()   # many ties
+    lg[0, 3, 1, 5] = math.nan
+    lg[1, 7, 0, :] = -math.inf
+    gate = torch.randn(3, 50, 2)
+    idx, w = cpu.chunked_sparse_route(lg, gate, 4)
+    ridx, rw = route_torch(lg, gate, 4)
+    assert torch.equal(idx, ridx)
+    torch.testing.assert_close(w, rw, equal_nan=True)
+    lg.requires_grad_(True)                                      # with gradients: route_torch
+    _, wg = cpu.chunked_sparse_route(lg, gate, 4)
+    assert wg.requires_grad
