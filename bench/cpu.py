@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -35,12 +34,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nstm_kernels import S2SParams, cpu, nstm_attention  # noqa: E402
+from nstm_kernels import cpu, nstm_attention  # noqa: E402
 from nstm_kernels.chunked import chunk_nstm  # noqa: E402
 from nstm_kernels.flops import nstm_flops  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import atomic_write, cpu_name, git_commit  # noqa: E402
+import cpu_paths  # noqa: E402
+from common import atomic_write, cpu_name, git_commit, timeit  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 H, D, TOP_K, C = 4, 32, 4, 64
@@ -59,17 +59,7 @@ NEIGHBOURS = {
 
 
 def make_inputs(B, T, requires_grad):
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
-    logits = torch.randn(B, T, H, D, generator=g) * 2
-    gate = torch.randn(B, T, H, generator=g)
-    s2s = S2SParams(*(torch.randn(H, D, D, generator=g) * D ** -0.5 for _ in range(2)),
-                    torch.full((H,), 0.5))
-    ts = [q, k, v, logits, gate]
-    if requires_grad:
-        for t in ts + list(s2s):
-            t.requires_grad_(True)
-    return ts, s2s
+    return cpu_paths.make_inputs(B, T, H, D, D, requires_grad=requires_grad)
 
 
 def runner(impl, B, T, mode):
@@ -92,17 +82,6 @@ def runner(impl, B, T, mode):
         if grad:
             (o.square().sum() + st.v.sum()).backward()
     return run
-
-
-def timeit(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-    return statistics.median(times), q[0], q[-1]
 
 
 def matmul_gflops(reps=5):

@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -22,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from nstm_kernels import S2SParams, nstm_attention  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_name, git_commit  # noqa: E402
+from common import cpu_name, git_commit, timeit  # noqa: E402
 
 
 def make_inputs(B, T, H, K, S, seed=0, requires_grad=False):
@@ -45,18 +43,6 @@ def run_once(backend, tensors, s2s, top_k, C, mode):
     if mode == "fwdbwd":
         (o.square().sum() + st.v.sum()).backward()
     return o
-
-
-def timeit(fn, reps):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-    return statistics.median(times), q[0], q[-1]
 
 
 def main(argv=None):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -39,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from nstm_kernels import S2SParams, nstm_attention  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import atomic_write, device_name, git_commit, slug  # noqa: E402
+from common import atomic_write, device_name, git_commit, slug, timeit  # noqa: E402
 
 HBM_BYTES_PER_S = 3.0e12      # H100 copy bandwidth measured in ANCHORS.md (read + written)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -137,13 +136,7 @@ def time_ms(fn: Callable, device: torch.device, reps: int) -> float:
     if device.type == "cuda":
         import triton.testing
         return float(triton.testing.do_bench(fn, warmup=25, rep=max(50, reps * 10)))
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return timeit(fn, reps)[0]
 
 
 def peak_mib(fn: Callable, device: torch.device) -> Optional[float]:

@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from . import settings
+from . import _jit, settings
 from .state import NSTMState, S2SParams
 from .utils import compute_dtype
 from .varlen import final_pos, flatten, needs_segments, segments
@@ -60,23 +60,21 @@ def _source() -> str:
 
 def _cpu_tag() -> str:
     """The build folder is per machine type: the code is compiled for the CPU it runs on."""
-    model = platform.processor() or ""
+    facts = {"processor": platform.processor() or ""}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(("model name", "flags", "Features")):
-                    model += line
+            for line in f:                      # the first core's model and instruction sets
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features") and key not in facts:
+                    facts[key] = line
     except OSError:
         pass
-    return hashlib.sha1(model.encode()).hexdigest()[:10]
+    return hashlib.sha1(repr(sorted(facts.items())).encode()).hexdigest()[:10]
 
 
 def build_dir() -> str:
-    d = settings.cpu_build_dir()
-    if d:
-        return d
     tag = f"cpu-{torch.__version__.split('+')[0]}-{platform.machine()}-{_cpu_tag()}"
-    return os.path.join(os.path.expanduser("~"), ".cache", "nstm_kernels", tag)
+    return _jit.build_dir(settings.cpu_build_dir(), tag)
 
 
 def _flags():
@@ -110,14 +108,7 @@ def _build() -> None:
         except OSError:
             pass
     except Exception as e:  # noqa: BLE001 - any build/load error means: fall back
-        log = os.path.join(directory, "build.log")
-        try:
-            with open(log, "w", encoding="utf-8") as f:
-                f.write(f"{type(e).__name__}: {e}")
-        except OSError:
-            log = "(not written)"
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise RuntimeError(f"building the C++ CPU kernel failed: {first[:200]} (full log: {log})") from e
+        raise _jit.build_failure(e, directory, "the C++ CPU kernel") from e
 
 
 def unavailable_reason() -> Optional[str]:
@@ -270,7 +261,9 @@ def cpu_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2SPar
     else:
         k0, v0, pos = initial_state.k, initial_state.v, int(initial_state.pos)
     xs = tuple(flatten(x) for x in (q, k, v, route_logits, write_gate))
-    ends = [p for p in range(pos, pos + T) if (p + 1) % comm_every == 0] if s2s is not None else []
+    ends = []                                   # the period ends, for the maps only
+    if return_maps and s2s is not None:
+        ends = list(range(pos + (comm_every - 1 - pos % comm_every), pos + T, comm_every))
     o, kf, vf, maps = _run(*xs, top_k, s2s, comm_every, k0, v0,
                            [(b * T, T, pos) for b in range(B)], scale,
                            len(ends) if return_maps else -1)

@@ -33,7 +33,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import settings
+from . import _jit, settings
 from .state import NSTMState, S2SParams
 
 logger = logging.getLogger("nstm_kernels")
@@ -60,11 +60,8 @@ _error: Optional[str] = None
 
 
 def build_dir() -> str:
-    d = settings.cuda_build_dir()
-    if d:
-        return d
     tag = f"cuda-{torch.__version__.split('+')[0]}-{torch.version.cuda or 'none'}"
-    return os.path.join(os.path.expanduser("~"), ".cache", "nstm_kernels", tag)
+    return _jit.build_dir(settings.cuda_build_dir(), tag)
 
 
 def toolkit_reason() -> Optional[str]:
@@ -88,7 +85,6 @@ def _build():
     if settings.flag("NSTM_CUDA_REBUILD"):
         shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory, exist_ok=True)
-    log = os.path.join(directory, "build.log")
     try:
         ext = cpp_extension.load(
             name=EXT_NAME,
@@ -100,14 +96,7 @@ def _build():
             verbose=settings.flag("NSTM_CUDA_VERBOSE"),
         )
     except Exception as e:  # noqa: BLE001 - any build/load error means: fall back
-        text = f"{type(e).__name__}: {e}"
-        try:
-            with open(log, "w", encoding="utf-8") as f:
-                f.write(text)
-        except OSError:
-            log = "(not written)"
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise RuntimeError(f"building the CUDA step kernel failed: {first[:200]} (full log: {log})") from e
+        raise _jit.build_failure(e, directory, "the CUDA step kernel") from e
     return ext
 
 
