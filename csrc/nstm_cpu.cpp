@@ -242,7 +242,7 @@ struct S2SScratch {
 template <typename T>
 void s2s_core(const T* Vs, const T* wq, const T* wk, const Dims& d, S2SScratch<T>& w) {
   const int64_t S = d.S, V = d.V;
-  const T c = T(1) / std::sqrt(T(V));
+  const T rs = std::sqrt(T(V));   // divided by, not multiplied by its inverse: PyTorch's rounding
   mm(Vs, wq, w.qs.data(), S, V, V);
   mm(Vs, wk, w.ks.data(), S, V, V);
   transpose(w.ks.data(), w.ksT.data(), S, V);
@@ -250,7 +250,7 @@ void s2s_core(const T* Vs, const T* wq, const T* wk, const Dims& d, S2SScratch<T
   for (int64_t s = 0; s < S; ++s) {
     T* row = w.a.data() + s * S;
 #pragma omp simd
-    for (int64_t r = 0; r < S; ++r) row[r] *= c;
+    for (int64_t r = 0; r < S; ++r) row[r] /= rs;
     softmax_(row, S);
   }
   mm(w.a.data(), Vs, w.m.data(), S, S, V);
@@ -270,7 +270,7 @@ template <typename T>
 void s2s_backward(const T* Vs, T* dV, const T* wq, const T* wk, T g, T* dwq, T* dwk, T* dg,
                   const Dims& d, S2SScratch<T>& w) {
   const int64_t S = d.S, V = d.V;
-  const T c = T(1) / std::sqrt(T(V));
+  const T rs = std::sqrt(T(V));
   s2s_core(Vs, wq, wk, d, w);
   T *dA = w.dA.data(), *dAT = w.dAT.data(), *dqs = w.dqs.data(), *dks = w.dks.data(),
     *dVp = w.dVp.data(), *vT = w.vT.data(), *aT = w.aT.data();
@@ -278,19 +278,21 @@ void s2s_backward(const T* Vs, T* dV, const T* wq, const T* wk, T g, T* dwq, T* 
   for (int64_t i = 0; i < S * V; ++i) gsum += dV[i] * (w.m[i] - Vs[i]);
   *dg += gsum;
   for (int64_t i = 0; i < S * V; ++i) dVp[i] = (T(1) - g) * dV[i];
-  // m = a V: dA = g dV V^T, dVp += g a^T dV
+  // m = a V: dA = (g dV) V^T, dVp += g a^T dV (g applied first, as autograd does; dks holds g dV
+  // until it is computed below)
   transpose(Vs, vT, S, V);
-  mm(dV, vT, dA, S, V, S);
+  for (int64_t i = 0; i < S * V; ++i) dks[i] = g * dV[i];
+  mm(dks, vT, dA, S, V, S);
   transpose(w.a.data(), aT, S, S);
   for (int64_t i = 0; i < S * S; ++i) aT[i] *= g;
   mm_acc(aT, dV, dVp, S, S, V);
-  // softmax backward (dA is d/d(a) / g), times g and the 1/sqrt(V) of the logits: dA becomes dZ
+  // softmax backward, then the 1/sqrt(V) of the logits: dA becomes dZ
   for (int64_t s = 0; s < S; ++s) {
     T* da = dA + s * S;
     const T* a = w.a.data() + s * S;
     const T inner = dot(a, da, S);
 #pragma omp simd
-    for (int64_t r = 0; r < S; ++r) da[r] = c * g * a[r] * (da[r] - inner);
+    for (int64_t r = 0; r < S; ++r) da[r] = a[r] * (da[r] - inner) / rs;
   }
   // Z = qs ks^T: dqs = dZ ks, dks = dZ^T qs
   mm(dA, w.ks.data(), dqs, S, S, V);
