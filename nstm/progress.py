@@ -9,9 +9,10 @@ a program's stdout stays clean.
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Iterable, Optional
+
+from nstm_kernels import settings
 
 __all__ = ["progress", "progress_enabled"]
 
@@ -19,14 +20,14 @@ __all__ = ["progress", "progress_enabled"]
 def progress_enabled(enabled: bool = True) -> bool:
     """Whether a bar would be drawn: ``enabled``, tqdm importable and stdout a terminal (or
     ``NSTM_PROGRESS=1``); ``NSTM_PROGRESS=0`` turns every bar off."""
-    env = os.environ.get("NSTM_PROGRESS", "").strip()
-    if not enabled or env == "0":
+    env = settings.progress_override()
+    if not enabled or env is False:
         return False
     try:
         import tqdm  # noqa: F401
     except ImportError:
         return False
-    if env == "1":
+    if env:
         return True
     try:
         return sys.stdout.isatty()

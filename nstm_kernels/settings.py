@@ -19,6 +19,7 @@ environment variable only overrides an argument left at None, and is read when t
 | ``NSTM_CPU_BUILD_DIR`` | where the C++ CPU kernel is built | ``~/.cache/nstm_kernels/...`` |
 | ``NSTM_CPU_REBUILD=1`` | rebuild the C++ CPU kernel from scratch | |
 | ``NSTM_CPU_VERBOSE=1`` | show the compiler's output | |
+| ``NSTM_PROGRESS`` | progress bars (``nstm.progress``) | unset: at a terminal, 1: always, 0: never |
 """
 from __future__ import annotations
 
@@ -100,3 +101,14 @@ def cpu_kernel_enabled() -> bool:
 def cpu_build_dir() -> Optional[str]:
     """``NSTM_CPU_BUILD_DIR`` (None: the default cache folder)."""
     return _env("NSTM_CPU_BUILD_DIR")
+
+
+def progress_override() -> Optional[bool]:
+    """``NSTM_PROGRESS``: True (1) forces progress bars on, False (0) off, None (unset) leaves it to
+    whether stdout is a terminal."""
+    value = _env("NSTM_PROGRESS")
+    if value is None:
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"NSTM_PROGRESS must be 0 or 1, got {value!r}")
+    return value == "1"
