@@ -21,6 +21,7 @@ from nstm_kernels import (
     nstm_step_,
     sparse_route,
 )
+from nstm_kernels.utils import check_cu_seqlens
 
 from .config import NSTMConfig
 from .modules import RMSNorm, ShortConv
@@ -138,7 +139,8 @@ class NSTMLayer(nn.Module):
         logits, gate = self.router.split(r, self.states.log_importance())
         return qkv, z, logits, gate
 
-    def _validate(self, x: torch.Tensor, state, step: bool) -> None:
+    def _validate(self, x: torch.Tensor, state, step: bool, cu_seqlens=None) -> int:
+        """Check ``x`` and ``state``; returns the number of streams (B, or N when packed)."""
         want = "[B, D] or [B, 1, D]" if step else "[B, T, D]"
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor of shape {want}, got {type(x).__name__}")
@@ -151,15 +153,23 @@ class NSTMLayer(nn.Module):
             raise ValueError(f"x must hold at least one token (T >= 1), got shape {list(x.shape)}")
         if x.shape[0] < 1:
             raise ValueError(f"x must hold at least one sequence (B >= 1), got shape {list(x.shape)}")
+        streams = x.shape[0]
+        if cu_seqlens is not None:
+            streams = check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], x.device)
         if state is not None:
             if not isinstance(state, NSTMLayerState):
                 raise TypeError(f"state must be an NSTMLayerState (from return_state=True or "
                                 f"init_state), got {type(state).__name__}")
-            if state.op.k.shape[0] != x.shape[0]:
-                raise ValueError(f"state is for batch {state.op.k.shape[0]}, x has batch {x.shape[0]}")
+            if state.op.k.shape[0] != streams:
+                what = f"{streams} packed documents (cu_seqlens)" if cu_seqlens is not None \
+                    else f"batch {streams}"
+                raise ValueError(f"state is for batch {state.op.k.shape[0]}, x has {what}")
+            if state.conv is not None and state.conv.shape[0] != streams:
+                raise ValueError(f"state.conv is for batch {state.conv.shape[0]}, expected {streams}")
             if state.op.k.shape[2] != self.num_states:
                 raise ValueError(f"state has {state.op.k.shape[2]} slots, the layer has "
                                  f"{self.num_states} (was the layer pruned after the state was made?)")
+        return streams
 
     def init_state(self, batch: int) -> NSTMLayerState:
         """The state before the first token: the learned initial memory, an empty conv cache."""
@@ -185,23 +195,32 @@ class NSTMLayer(nn.Module):
         return (S * (frac * probs).sum(-1)).mean()
 
     def forward(self, x: torch.Tensor, state: Optional[NSTMLayerState] = None,
-                return_state: bool = False, return_maps: bool = False
-                ) -> Union[torch.Tensor, LayerOutput]:
+                return_state: bool = False, return_maps: bool = False,
+                cu_seqlens: Optional[torch.Tensor] = None) -> Union[torch.Tensor, LayerOutput]:
         """``x [B, T, D]`` -> ``y [B, T, D]``.
+
+        ``cu_seqlens`` (int64 ``[N + 1]``, ``[0, l1, l1 + l2, ..., T]``): ``x`` is a packed batch
+        ``[1, T, D]`` of N documents laid end to end. Each starts from the learned initial memory
+        (or from its row of ``state``, batch N) with an empty short-conv window, and no document
+        sees another's tokens or state: the result equals running the documents one by one. The
+        returned state then has batch N (one row per document, per-row positions).
 
         With ``return_state`` or ``return_maps``: ``LayerOutput(y, state, maps)``, where ``state``
         is the ``NSTMLayerState`` after the last token (pass it back as ``state`` to continue the
         stream) and ``maps`` a dict (routing ``indices``/``weights``, ``read`` distributions,
         ``s2s`` attention maps and their positions ``s2s_pos``); None when not asked for."""
-        self._validate(x, state, step=False)
+        streams = self._validate(x, state, step=False, cu_seqlens=cu_seqlens)
+        if return_maps and cu_seqlens is not None:
+            raise ValueError("return_maps is not available for packed batches (cu_seqlens): run the "
+                             "documents as a padded batch or one at a time to draw their maps")
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         qkv, z, logits, gate = self._project(x)
         conv_cache = None
         if self.conv is not None:
-            qkv, conv_cache = self.conv(qkv, None if state is None else state.conv)
+            qkv, conv_cache = self.conv(qkv, None if state is None else state.conv, cu_seqlens=cu_seqlens)
         q, k, v = qkv.unflatten(-1, (3, H, K)).unbind(2)
-        op_state = self.states.initial_state(B) if state is None else state.op
+        op_state = self.states.initial_state(streams) if state is None else state.op
         s2s = self.s2s.params() if self.s2s is not None else None
         top_k = min(self.top_k, self.num_states)
         args = (q, k, v, logits, gate, top_k, s2s, self.comm_every, op_state, return_state)
@@ -209,7 +228,7 @@ class NSTMLayer(nn.Module):
         if return_maps:
             o, final, maps = nstm_attention_with_maps(*args, backend=self.backend)
         else:
-            o, final = nstm_attention(*args, backend=self.backend)
+            o, final = nstm_attention(*args, cu_seqlens=cu_seqlens, backend=self.backend)
         if self.training or return_maps:
             with torch.no_grad():
                 indices, weights = sparse_route(logits.detach(), gate.detach(), top_k)

@@ -33,9 +33,10 @@ class NSTMBlock(nn.Module):
         self.mlp = MLP(d_model, mlp_ratio)
 
     def forward(self, x, state: Optional[NSTMLayerState] = None, return_state: bool = False,
-                return_maps: bool = False):
+                return_maps: bool = False, cu_seqlens: Optional[torch.Tensor] = None):
         asked = return_state or return_maps
-        out = self.mixer(self.norm1(x), state=state, return_state=return_state, return_maps=return_maps)
+        out = self.mixer(self.norm1(x), state=state, return_state=return_state, return_maps=return_maps,
+                         cu_seqlens=cu_seqlens)
         x = x + (out.y if asked else out)
         x = x + self.mlp(self.norm2(x))
         return LayerOutput(x, out.state, out.maps) if asked else x
@@ -70,7 +71,7 @@ class _NSTMStack(nn.Module):
                                     for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model)
 
-    def _run_blocks(self, h, state, return_state, return_maps):
+    def _run_blocks(self, h, state, return_state, return_maps, cu_seqlens=None):
         if state is not None and len(state) != len(self.blocks):
             raise ValueError(f"state must hold one NSTMLayerState per layer ({len(self.blocks)}), "
                              f"got {len(state)}")
@@ -78,7 +79,7 @@ class _NSTMStack(nn.Module):
         asked = return_state or return_maps
         for i, block in enumerate(self.blocks):
             out = block(h, state=None if state is None else state[i], return_state=return_state,
-                        return_maps=return_maps)
+                        return_maps=return_maps, cu_seqlens=cu_seqlens)
             if asked:
                 h = out.y
                 states.append(out.state)
@@ -167,13 +168,17 @@ class NSTMLM(GenerateMixin, _NSTMStack):
         return cls(**config.to_dict())
 
     def forward(self, idx: torch.Tensor, state: Optional[List[NSTMLayerState]] = None,
-                return_state: bool = False, return_maps: bool = False):
+                return_state: bool = False, return_maps: bool = False,
+                cu_seqlens: Optional[torch.Tensor] = None):
         """``idx [B, T]`` -> ``logits [B, T, vocab]``; with ``return_state`` / ``return_maps``
-        ``LMOutput(logits, per-layer states or None, per-layer maps or None)``."""
+        ``LMOutput(logits, per-layer states or None, per-layer maps or None)``.
+
+        ``cu_seqlens`` (int64 ``[N + 1]``): ``idx [1, T]`` holds N documents end to end, each run
+        as if alone (``NSTMLayer.forward``); the states returned then have batch N."""
         check_tokens(idx, 2, self.vocab_size)
         if idx.shape[1] < 1:
             raise ValueError(f"idx must hold at least one token (T >= 1), got shape {list(idx.shape)}")
-        h, states, maps = self._run_blocks(self.embed(idx), state, return_state, return_maps)
+        h, states, maps = self._run_blocks(self.embed(idx), state, return_state, return_maps, cu_seqlens)
         logits = self.head(h)
         if return_state or return_maps:
             return LMOutput(logits, states, maps)

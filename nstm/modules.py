@@ -39,7 +39,10 @@ class ShortConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
 
-    def forward(self, x: torch.Tensor, cache: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, cache: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        if cu_seqlens is not None:
+            return self._forward_packed(x, cache, cu_seqlens)
         B, T, C = x.shape
         if cache is None:
             cache = x.new_zeros(B, self.width - 1, C)
@@ -57,6 +60,35 @@ class ShortConv(nn.Module):
             for j in range(1, self.width):
                 y = torch.addcmul(y, xc[:, j:j + T], w[j])
         return F.silu(y), xc[:, xc.shape[1] - (self.width - 1):]
+
+    def _forward_packed(self, x: torch.Tensor, cache: Optional[torch.Tensor],
+                        cu_seqlens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A packed batch ``x [1, T, C]`` of N documents (``cu_seqlens [N + 1]``, already checked):
+        each document's window starts from its own cache (``cache [N, W-1, C]``, zeros if None),
+        never from the tokens of the document before it. Returns ``(y [1, T, C], caches [N, W-1, C])``.
+
+        The documents are laid out with their W - 1 cache rows in front of each (``E``), and the
+        convolution reads each token's window from there: one gather, no loop over documents."""
+        _, T, C = x.shape
+        W1, N = self.width - 1, cu_seqlens.numel() - 1
+        dev = x.device
+        cu = cu_seqlens.to(dev)
+        lens = cu[1:] - cu[:-1]
+        doc = torch.repeat_interleave(torch.arange(N, device=dev), lens, output_size=T)       # [T]
+        at = torch.arange(T, device=dev) + (doc + 1) * W1                   # token t's row in E
+        E = x.new_zeros(T + N * W1, C)
+        if cache is not None and W1 > 0:
+            rows = (cu[:-1] + torch.arange(N, device=dev) * W1)[:, None] + torch.arange(W1, device=dev)
+            E = E.index_copy(0, rows.reshape(-1), cache.to(x.dtype).reshape(N * W1, C))
+        E = E.index_copy(0, at, x[0])
+        win = at[None, :] - W1 + torch.arange(self.width, device=dev)[:, None]              # [W, T]
+        w = self.weight[:, 0].t().to(x.dtype)                                                # [W, C]
+        y = torch.addcmul(self.bias.to(x.dtype), E[win[0]], w[0])
+        for j in range(1, self.width):
+            y = torch.addcmul(y, E[win[j]], w[j])
+        ends = cu[1:] + (torch.arange(N, device=dev) + 1) * W1                 # one past each doc's last row
+        last = ends[:, None] - W1 + torch.arange(W1, device=dev)[None, :]                   # [N, W-1]
+        return F.silu(y).unsqueeze(0), E[last]
 
 
 class MLP(nn.Module):
