@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nstm_kernels.utils import check_cu_seqlens
+
 from .generation import GenerateMixin, check_tokens
 from .models import NSTMLM, NSTMClassifier
 from .modules import MLP, RMSNorm, check_classifier_inputs, pool_hidden
@@ -126,13 +128,17 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * num_heads * head_dim, bias=False)
         self.out_proj = nn.Linear(num_heads * head_dim, d_model, bias=False)
 
-    def forward(self, x, cos, sin, kv=None, start: int = 0):
+    def forward(self, x, cos, sin, kv=None, start: int = 0, mask=None):
         """``x [B, T, D]``; with ``kv = (k_cache, v_cache)`` the new keys/values are written at
-        ``start:start+T`` and the queries attend to everything up to their own position."""
+        ``start:start+T`` and the queries attend to everything up to their own position. ``mask``
+        (bool ``[T, T]``, True where a query may see a key) replaces the causal mask (packed
+        documents: block-diagonal causal)."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv is None:
+        if mask is not None:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif kv is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and T > 1)
         else:
             kc, vc = kv
@@ -161,8 +167,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = RMSNorm(d_model)
         self.mlp = MLP(d_model, mlp_ratio)
 
-    def forward(self, x, cos, sin, kv=None, start: int = 0):
-        x = x + self.attn(self.norm1(x), cos, sin, kv, start)
+    def forward(self, x, cos, sin, kv=None, start: int = 0, mask=None):
+        x = x + self.attn(self.norm1(x), cos, sin, kv, start, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -186,13 +192,30 @@ class _TransformerStack(nn.Module):
             if name.endswith("out_proj.weight") or name.endswith("down.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.n_layers))
 
-    def _run(self, h, start=0, cache: Optional[KVCache] = None):
+    def _run(self, h, start=0, cache: Optional[KVCache] = None, cu_seqlens=None):
         T = h.shape[1]
-        cos, sin = rotary_cos_sin(torch.arange(start, start + T, device=h.device), self.head_dim)
+        mask = None
+        if cu_seqlens is None:
+            positions = torch.arange(start, start + T, device=h.device)
+        else:   # packed documents: positions restart at each document, attention stays inside it
+            positions, mask = _packed_positions_and_mask(cu_seqlens, T, h.device)
+        cos, sin = rotary_cos_sin(positions, self.head_dim)
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            h = block(h, cos, sin, kv, start)
+            h = block(h, cos, sin, kv, start, mask)
         return self.norm(h)
+
+
+def _packed_positions_and_mask(cu_seqlens: torch.Tensor, T: int, device):
+    """For a checked ``cu_seqlens [N + 1]``: each token's position inside its document ``[T]`` and
+    the block-diagonal causal mask ``[T, T]`` (a query sees the keys of its own document up to
+    itself)."""
+    cu = cu_seqlens.to(device)
+    lens = cu[1:] - cu[:-1]
+    doc = torch.repeat_interleave(torch.arange(lens.numel(), device=device), lens, output_size=T)
+    t = torch.arange(T, device=device)
+    mask = (doc[:, None] == doc[None, :]) & (t[None, :] <= t[:, None])
+    return t - cu[doc], mask
 
 
 # ---- language model ----------------------------------------------------------------------------
@@ -220,12 +243,21 @@ class TransformerLM(GenerateMixin, _TransformerStack):
             self.head.weight = self.embed.weight
         self._init_residual_out()
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """``idx [B, T]`` -> ``logits [B, T, vocab]`` (causal)."""
+    def forward(self, idx: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``idx [B, T]`` -> ``logits [B, T, vocab]`` (causal).
+
+        ``cu_seqlens`` (int64 ``[N + 1]``, ``[0, l1, l1 + l2, ..., T]``): ``idx [1, T]`` holds N
+        documents end to end; each is attended to on its own (block-diagonal causal mask, rotary
+        positions from 0 in each), as if run alone. The dense ``[T, T]`` mask costs O(T^2) memory,
+        as the attention itself does here."""
         check_tokens(idx, 2, self.vocab_size)
-        if self.max_len is not None and idx.shape[1] > self.max_len:
-            raise ValueError(f"sequence length {idx.shape[1]} exceeds max_len {self.max_len}")
-        return self.head(self._run(self.embed(idx)))
+        longest = idx.shape[1]
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, idx.shape[0], idx.shape[1], idx.device)
+            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if self.max_len is not None and longest > self.max_len:
+            raise ValueError(f"sequence length {longest} exceeds max_len {self.max_len}")
+        return self.head(self._run(self.embed(idx), cu_seqlens=cu_seqlens))
 
     # -- decoding ----------------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:

@@ -146,3 +146,18 @@ def test_packed_input_errors_leave_the_input_alone():
     with pytest.raises(ValueError, match="return_maps"):
         layer(x, return_maps=True, cu_seqlens=torch.tensor([0, 4, 10]))
     assert torch.equal(x, before)
+
+
+def test_packed_transformer_baseline_equals_documents_one_by_one():
+    from nstm.baseline import TransformerLM
+    torch.manual_seed(0)
+    model = TransformerLM(vocab_size=11, d_model=16, n_layers=2, num_heads=2, max_len=13).double()
+    cu = cu_of(LENS)
+    idx = torch.randint(0, 11, (1, sum(LENS)))
+    logits = model(idx, cu_seqlens=cu)
+    pieces = torch.cat([model(idx[:, a:b]) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+    assert_close(logits, pieces)
+    with pytest.raises(ValueError, match="exceeds max_len 13"):
+        model(idx, cu_seqlens=torch.tensor([0, 2, sum(LENS)]))      # a document of 24 tokens
+    with pytest.raises(ValueError, match="strictly increasing"):
+        model(idx, cu_seqlens=torch.tensor([0, 0, sum(LENS)]))
