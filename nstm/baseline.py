@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import List, Optional, Union
+from typing import List, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -128,16 +128,21 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * num_heads * head_dim, bias=False)
         self.out_proj = nn.Linear(num_heads * head_dim, d_model, bias=False)
 
-    def forward(self, x, cos, sin, kv=None, start: int = 0, mask=None):
+    def forward(self, x, cos, sin, kv=None, start: int = 0, packed: Optional[_Packed] = None):
         """``x [B, T, D]``; with ``kv = (k_cache, v_cache)`` the new keys/values are written at
-        ``start:start+T`` and the queries attend to everything up to their own position. ``mask``
-        (bool ``[T, T]``, True where a query may see a key) replaces the causal mask (packed
-        documents: block-diagonal causal)."""
+        ``start:start+T`` and the queries attend to everything up to their own position. With
+        ``packed`` (``x [1, T, D]`` holding N documents), each document attends only to itself:
+        the documents are gathered into a padded batch ``[N, L]``, attended causally (padding
+        sits after each document, so no real query sees it) and scattered back."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if mask is not None:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if packed is not None:
+            qp, kp, vp = (t[0][:, packed.index].transpose(0, 1) for t in (q, k, v))      # [N, H, L, Dh]
+            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=packed.index.shape[1] > 1)
+            o = q.new_empty(self.num_heads, T, self.head_dim)
+            o[:, packed.index[packed.valid]] = op.transpose(0, 1)[:, packed.valid]
+            o = o.unsqueeze(0)
         elif kv is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and T > 1)
         else:
@@ -167,8 +172,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = RMSNorm(d_model)
         self.mlp = MLP(d_model, mlp_ratio)
 
-    def forward(self, x, cos, sin, kv=None, start: int = 0, mask=None):
-        x = x + self.attn(self.norm1(x), cos, sin, kv, start, mask)
+    def forward(self, x, cos, sin, kv=None, start: int = 0, packed=None):
+        x = x + self.attn(self.norm1(x), cos, sin, kv, start, packed)
         return x + self.mlp(self.norm2(x))
 
 
@@ -194,28 +199,39 @@ class _TransformerStack(nn.Module):
 
     def _run(self, h, start=0, cache: Optional[KVCache] = None, cu_seqlens=None):
         T = h.shape[1]
-        mask = None
+        packed = None
         if cu_seqlens is None:
             positions = torch.arange(start, start + T, device=h.device)
         else:   # packed documents: positions restart at each document, attention stays inside it
-            positions, mask = _packed_positions_and_mask(cu_seqlens, T, h.device)
+            packed = _packed_layout(cu_seqlens, T, h.device)
+            positions = packed.positions
         cos, sin = rotary_cos_sin(positions, self.head_dim)
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            h = block(h, cos, sin, kv, start, mask)
+            h = block(h, cos, sin, kv, start, packed)
         return self.norm(h)
 
 
-def _packed_positions_and_mask(cu_seqlens: torch.Tensor, T: int, device):
-    """For a checked ``cu_seqlens [N + 1]``: each token's position inside its document ``[T]`` and
-    the block-diagonal causal mask ``[T, T]`` (a query sees the keys of its own document up to
-    itself)."""
+class _Packed(NamedTuple):
+    """Where the tokens of a packed batch go in a padded ``[N, L]`` layout (L: the longest document):
+    ``index [N, L]`` (a token's row in the packed batch; 0 at padding), ``valid [N, L]``, and each
+    token's position inside its document ``positions [T]``."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    positions: torch.Tensor
+
+
+def _packed_layout(cu_seqlens: torch.Tensor, T: int, device) -> _Packed:
     cu = cu_seqlens.to(device)
     lens = cu[1:] - cu[:-1]
-    doc = torch.repeat_interleave(torch.arange(lens.numel(), device=device), lens, output_size=T)
-    t = torch.arange(T, device=device)
-    mask = (doc[:, None] == doc[None, :]) & (t[None, :] <= t[:, None])
-    return t - cu[doc], mask
+    N, L = lens.numel(), int(lens.max())
+    doc = torch.repeat_interleave(torch.arange(N, device=device), lens, output_size=T)
+    positions = torch.arange(T, device=device) - cu[doc]
+    j = torch.arange(L, device=device)
+    valid = j[None, :] < lens[:, None]
+    index = torch.where(valid, cu[:-1, None] + j[None, :], torch.zeros((), dtype=cu.dtype, device=device))
+    return _Packed(index, valid, positions)
 
 
 # ---- language model ----------------------------------------------------------------------------
@@ -247,9 +263,8 @@ class TransformerLM(GenerateMixin, _TransformerStack):
         """``idx [B, T]`` -> ``logits [B, T, vocab]`` (causal).
 
         ``cu_seqlens`` (int64 ``[N + 1]``, ``[0, l1, l1 + l2, ..., T]``): ``idx [1, T]`` holds N
-        documents end to end; each is attended to on its own (block-diagonal causal mask, rotary
-        positions from 0 in each), as if run alone. The dense ``[T, T]`` mask costs O(T^2) memory,
-        as the attention itself does here."""
+        documents end to end; each is attended to on its own (rotary positions from 0 in each),
+        as if run alone, at the cost of a padded batch of the documents (not of a [T, T] mask)."""
         check_tokens(idx, 2, self.vocab_size)
         longest = idx.shape[1]
         if cu_seqlens is not None:

@@ -155,8 +155,14 @@ def test_packed_transformer_baseline_equals_documents_one_by_one():
     cu = cu_of(LENS)
     idx = torch.randint(0, 11, (1, sum(LENS)))
     logits = model(idx, cu_seqlens=cu)
+    logits.square().mean().backward()
+    g = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
     pieces = torch.cat([model(idx[:, a:b]) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+    pieces.square().mean().backward()
     assert_close(logits, pieces)
+    for n, p in model.named_parameters():
+        assert_close(g[n], p.grad, tol=tol_for(n), name=n)
     with pytest.raises(ValueError, match="exceeds max_len 13"):
         model(idx, cu_seqlens=torch.tensor([0, 2, sum(LENS)]))      # a document of 24 tokens
     with pytest.raises(ValueError, match="strictly increasing"):
