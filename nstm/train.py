@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one of: " + ", ".join(TASKS))
     g.add_argument("--seq-len", type=int, default=None,
                    help="copy: length L (32); passkey: training context (1024, at most 2048); listops: "
-                        "max length (2000); shakespeare/wikitext2: context (256); lra-listops: truncation (2000)")
+                        "max length (2000); shakespeare/wikitext2/text: context (256); lra-listops: truncation (2000)")
     g.add_argument("--vocab", type=int, default=None, help="copy (16) / mqar (64) vocabulary size")
     g.add_argument("--num-pairs", type=int, default=None, help="mqar key-value pairs (8)")
     g.add_argument("--min-len", type=int, default=None, help="listops minimum length (seq-len / 4)")
@@ -71,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passkey: comma-separated evaluation contexts (default L,4L,16L)")
     g.add_argument("--data-root", default="data", help="where downloadable data sets are cached (smnist, "
                    "psmnist, shakespeare)")
-    g.add_argument("--data-path", default=None, help="local copy of the data set for lra-listops, cifar10, wikitext2")
+    g.add_argument("--data-path", default=None, help="local copy of the data set for lra-listops, cifar10, wikitext2; "
+                   "text: your UTF-8 text file")
+    g.add_argument("--pack", action="store_true",
+                   help="shakespeare, wikitext2, text: packed batches of batch-size x seq-len tokens in one row, "
+                        "windows that never cross a document (work, article), no padding")
 
     # the dests of the model flags are NSTMConfig field names (nstm_config reads them by name)
     g = ap.add_argument_group("model")
@@ -174,6 +178,9 @@ def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             ap.error(f"--eval-contexts must be positive integers, got {a.eval_contexts!r}")
     if TASKS[a.task].options and "data_path" in TASKS[a.task].options and not a.data_path:
         ap.error(f"--task {a.task} reads a local copy of its data set: give --data-path")
+    if a.pack and "pack" not in TASKS[a.task].options:
+        packs = ", ".join(n for n, t in TASKS.items() if "pack" in t.options)
+        ap.error(f"--pack packs language-model documents: it works with {packs}, not {a.task}")
     if a.data_path is not None and not os.path.exists(a.data_path):
         ap.error(f"--data-path {a.data_path} does not exist")
     if a.eval_batches == 0 and a.task in ("copy", "mqar", "passkey", "listops"):
@@ -219,7 +226,8 @@ def task_options(a) -> Dict:
     """The ``build_task`` options the flags give."""
     contexts = [int(c) for c in a.eval_contexts.split(",") if c.strip()] if a.eval_contexts else None
     return dict(seq_len=a.seq_len, vocab_size=a.vocab, num_pairs=a.num_pairs, min_len=a.min_len,
-                max_depth=a.max_depth, eval_contexts=contexts, data_root=a.data_root, data_path=a.data_path)
+                max_depth=a.max_depth, eval_contexts=contexts, data_root=a.data_root, data_path=a.data_path,
+                pack=a.pack or None)
 
 
 # ---- the model -----------------------------------------------------------------------------------

@@ -114,6 +114,20 @@ def wikitext_words(text: str) -> List[str]:
     return out
 
 
+def wikitext_articles(text: str) -> List[str]:
+    """The articles of a WikiText split: a new one starts at each top-level heading line
+    (`` = Title = ``; section headings have two or more ``=``). Text before the first heading, if
+    any, is an article of its own; every line belongs to exactly one article."""
+    out: List[List[str]] = []
+    for line in text.splitlines(keepends=True):
+        s = line.strip()
+        top = len(s) > 4 and s.startswith("= ") and s.endswith(" =") and not s.startswith("= =")
+        if top or not out:
+            out.append([])
+        out[-1].append(line)
+    return ["".join(a) for a in out]
+
+
 def word_vocab(words: Iterable[str], min_count: int = WIKITEXT_MIN_COUNT) -> List[str]:
     """The vocabulary (id -> word): ``"<unk>"`` (id 0), then the words seen at least ``min_count``
     times, sorted (about 30K words of the raw train split, like the tokenized release)."""

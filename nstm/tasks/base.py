@@ -32,13 +32,18 @@ EVAL_SEED = 1234            # evaluation batches come from generators seeded fro
 
 
 class Batch(NamedTuple):
+    """``inputs``, ``targets``; ``lengths [B]`` for right-padded classifier inputs; ``cu_seqlens``
+    (int64 ``[N + 1]``) for a packed language-model batch ``[1, T]`` of N documents end to end."""
+
     inputs: torch.Tensor
     targets: torch.Tensor
     lengths: Optional[torch.Tensor] = None
+    cu_seqlens: Optional[torch.Tensor] = None
 
     def to(self, device) -> Batch:
         return Batch(self.inputs.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
-                     None if self.lengths is None else self.lengths.to(device, non_blocking=True))
+                     None if self.lengths is None else self.lengths.to(device, non_blocking=True),
+                     None if self.cu_seqlens is None else self.cu_seqlens.to(device, non_blocking=True))
 
     @property
     def num_tokens(self) -> int:
@@ -86,6 +91,8 @@ class Task:
 
     # -- loss and metrics --------------------------------------------------------------------------
     def logits(self, model, batch: Batch) -> torch.Tensor:
+        if batch.cu_seqlens is not None:
+            return model(batch.inputs, cu_seqlens=batch.cu_seqlens)
         if self.kind == "lm":
             return model(batch.inputs)
         if batch.lengths is not None:

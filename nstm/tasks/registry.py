@@ -17,7 +17,7 @@ from .base import EVAL_SEED, Batch, Task  # noqa: F401  (re-exported: nstm.tasks
 from .images import PSMNIST_SEED, cifar10_task, psmnist_task, smnist_task  # noqa: F401
 from .lra import listops_task, lra_listops_task
 from .synthetic import copy_task, mqar_task, passkey_task
-from .text import WIKITEXT_MIN_COUNT, shakespeare_task, wikitext_task  # noqa: F401
+from .text import WIKITEXT_MIN_COUNT, shakespeare_task, text_file_task, wikitext_task  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -39,16 +39,18 @@ TASKS: Dict[str, TaskSpec] = {
     "psmnist": TaskSpec(psmnist_task, "permuted sequential MNIST (fixed seeded pixel permutation)",
                         ("data_root",)),
     "shakespeare": TaskSpec(shakespeare_task, "character-level Tiny Shakespeare (val loss, bits per char)",
-                            ("seq_len", "data_root")),
+                            ("seq_len", "data_root", "pack")),
+    "text": TaskSpec(text_file_task, "a character model of your own UTF-8 text file, --data-path FILE "
+                     "(the last 10% held out; val loss in bits per char)", ("seq_len", "data_path", "pack")),
     "lra-listops": TaskSpec(lra_listops_task, "Long Range Arena ListOps from --data-path",
                             ("seq_len", "data_path")),
     "cifar10": TaskSpec(cifar10_task, "sequential CIFAR-10 (1024 RGB pixels) from --data-path", ("data_path",)),
     "wikitext2": TaskSpec(wikitext_task, "word-level WikiText-2 from --data-path (val perplexity)",
-                          ("seq_len", "data_path")),
+                          ("seq_len", "data_path", "pack")),
 }
 
 OPTIONS = ("seq_len", "vocab_size", "num_pairs", "min_len", "max_depth", "eval_contexts",
-           "data_root", "data_path")
+           "data_root", "data_path", "pack")
 
 
 def available_tasks() -> List[str]:
@@ -57,7 +59,7 @@ def available_tasks() -> List[str]:
 
 def build_task(name: str, **options) -> Task:
     """Build task ``name`` with options ``seq_len``, ``vocab_size``, ``num_pairs``, ``min_len``,
-    ``max_depth``, ``eval_contexts``, ``data_root``, ``data_path`` (each task reads the ones listed in
+    ``max_depth``, ``eval_contexts``, ``data_root``, ``data_path``, ``pack`` (each task reads the ones listed in
     ``TASKS[name].options``; ``None`` means the task's default)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")

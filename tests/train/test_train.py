@@ -148,7 +148,7 @@ def test_data_path_tasks_with_fake_loaders(monkeypatch, tmp_path):
 def test_registry_is_a_table_of_builders_by_kind():
     kinds = {"copy": "synthetic", "mqar": "synthetic", "passkey": "synthetic", "listops": "lra",
              "lra-listops": "lra", "smnist": "images", "psmnist": "images", "cifar10": "images",
-             "shakespeare": "text", "wikitext2": "text"}
+             "shakespeare": "text", "wikitext2": "text", "text": "text"}
     assert set(kinds) == set(registry.TASKS)
     for name, kind in kinds.items():
         assert registry.TASKS[name].builder.__module__ == f"nstm.tasks.{kind}", name
