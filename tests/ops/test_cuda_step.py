@@ -27,13 +27,7 @@ from tests.helpers import as_step, make_inputs
 CSRC = ncuda.CSRC
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster, and immune to a busy machine's OpenMP contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def step_inputs(B=2, H=2, K=16, V=16, S=8, dtype=torch.float32, s2s=True, pos=0, seed=0,

@@ -11,13 +11,7 @@ from nstm.tasks.registry import build_task
 from nstm.tasks.text import packed_lm_task
 from nstm.train import main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def docs(lengths, base=0):

@@ -20,12 +20,7 @@ TINY = ["--d-model", "16", "--layers", "1", "--heads", "2", "--num-states", "4",
         "--no-progress", "--lr", "3e-3"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)           # tiny models: threads only add overhead and noise
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(tmp_path, *args, steps=2):
