@@ -1,4 +1,9 @@
-"""What every benchmark script shares: the commit, the device's name, file names, atomic writes."""
+"""What every benchmark script shares: the commit, the device's name, file names, atomic writes.
+
+Result files are named by what made them: the script's prefix, the commit and the date
+(``result_stem``), and a run never overwrites a file that is already there (a tracked result in
+``bench/results``, an earlier run of the same commit on the same day): it takes the next free
+``-2``, ``-3``, ... suffix instead, and prints where it wrote."""
 from __future__ import annotations
 
 import os
@@ -6,6 +11,7 @@ import platform
 import statistics
 import subprocess
 import time
+from typing import Sequence
 
 import torch
 
@@ -42,6 +48,46 @@ def device_name(device: torch.device) -> str:
 def slug(name: str) -> str:
     keep = "".join(c.lower() if c.isalnum() else "-" for c in name)
     return "-".join(p for p in keep.split("-") if p)[:40]
+
+
+def run_date() -> str:
+    """Today as ``YYYYMMDD`` (local time), for result file names."""
+    return time.strftime("%Y%m%d")
+
+
+def result_stem(out_dir: str, name: str, exts: Sequence[str]) -> str:
+    """``out_dir/name`` (the folder is created), or ``out_dir/name-2``, ``-3``, ... when a file
+    ``<that stem><ext>`` already exists for one of ``exts``: the stem of a new set of result
+    files that overwrites nothing."""
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, name)
+    stem, n = base, 1
+    while any(os.path.exists(stem + ext) for ext in exts):
+        n += 1
+        stem = f"{base}-{n}"
+    return stem
+
+
+def new_path(path: str) -> str:
+    """``path``, or ``<root>-2<ext>``, ``-3``, ... when it exists: a file name that is not taken."""
+    root, ext = os.path.splitext(path)
+    return result_stem(os.path.dirname(os.path.abspath(path)), os.path.basename(root), [ext]) + ext
+
+
+def _plain(v, _pos=None) -> str:
+    return f"{v:,.0f}" if v >= 1 and v == int(v) else f"{v:g}"
+
+
+def plain_log_ticks(ax, axes: str = "xy") -> None:
+    """Tick labels of a log-scaled axis as plain numbers (0.5, 2, 300, 4,096, 1,048,576), not 2 x 10^0; minor
+    ticks are labelled only where a decade would otherwise have few labels."""
+    from matplotlib.ticker import FuncFormatter, LogFormatter
+    for name in axes:
+        axis = ax.xaxis if name == "x" else ax.yaxis
+        if axis.get_scale() != "log":
+            continue
+        axis.set_major_formatter(FuncFormatter(_plain))
+        axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
 
 
 def atomic_write(path: str, text: str) -> None:

@@ -18,7 +18,9 @@ training). It also times a 2048 x 2048 fp32 matmul at the same thread count, the
 ceiling, and reports the operator's GFLOP/s (FLOPs by the operator's definition,
 ``nstm_kernels.flops.nstm_flops``) against it. Medians of ``--reps`` runs after one warm-up; the
 device, the thread count and the commit are in every row. Writes
-``bench/results/cpu-<commit>.{json,md,png}`` (or ``--out``) and says where.
+``bench/results/cpu-<commit>-<date>.{json,md,png}`` (or into ``--out``; ``-2``, ``-3``, ... is
+added to the name when such files exist, so nothing is overwritten) and says where. A progress
+bar on stderr follows the rows when stdout is a terminal (``--no-progress`` turns it off).
 """
 from __future__ import annotations
 
@@ -34,13 +36,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from nstm.progress import progress  # noqa: E402
 from nstm_kernels import cpu, nstm_attention  # noqa: E402
 from nstm_kernels.chunked import chunk_nstm  # noqa: E402
 from nstm_kernels.flops import nstm_flops  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cpu_paths  # noqa: E402
-from common import atomic_write, cpu_name, git_commit, timeit  # noqa: E402
+from common import atomic_write, cpu_name, git_commit, plain_log_ticks, result_stem, run_date, timeit  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 H, D, TOP_K, C = 4, 32, 4, 64
@@ -119,6 +122,7 @@ def main(argv=None):
     ap.add_argument("--no-contention", action="store_true", help="skip the cases next to a neighbour")
     ap.add_argument("--out", default=RESULTS, help="output directory")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 
     cases = QUICK_CASES if args.quick else CASES
@@ -131,6 +135,8 @@ def main(argv=None):
           f"({'C++ kernel' if kernel is None else 'PyTorch chunk form: ' + kernel})")
     rows = []
     threads_before = torch.get_num_threads()
+    bar = progress(total=len(impls) * (len(args.threads) * len(cases) + 2 * len(contention)),
+                   desc="cpu bench", unit="row", enabled=not args.no_progress)
 
     def record(T, B, mode, threads, neighbour, ceiling):
         base = {}
@@ -148,9 +154,11 @@ def main(argv=None):
                        matmul_gflops=round(ceiling, 1))
             base[impl] = ms
             rows.append(row)
-            print(f"T={T:>6} B={B} {mode:>6} threads={threads} {neighbour:>6} {impl:>10}: "
-                  f"{ms:9.1f} ms [{lo:.1f}, {hi:.1f}]"
-                  + (f"  {row['gflops']:.2f} GFLOP/s of {ceiling:.0f}" if flops else ""), flush=True)
+            bar.update(1)
+            bar.write(f"T={T:>6} B={B} {mode:>6} threads={threads} {neighbour:>6} {impl:>10}: "
+                      f"{ms:9.1f} ms [{lo:.1f}, {hi:.1f}]"
+                      + (f"  {row['gflops']:.2f} GFLOP/s of {ceiling:.0f}" if flops else ""),
+                      file=sys.stdout)
         for r in rows[-len(impls):]:
             r["vs_sdpa"] = round(r["ms"] / base["sdpa"], 3)
 
@@ -158,7 +166,7 @@ def main(argv=None):
         for threads in args.threads:
             torch.set_num_threads(threads)
             ceiling = matmul_gflops()
-            print(f"# matmul 2048^2 fp32 at {threads} threads: {ceiling:.1f} GFLOP/s")
+            bar.write(f"# matmul 2048^2 fp32 at {threads} threads: {ceiling:.1f} GFLOP/s", file=sys.stdout)
             for T, B, mode in cases:
                 record(T, B, mode, threads, "alone", ceiling)
         for neighbour in ("busy", "matmul"):
@@ -169,6 +177,7 @@ def main(argv=None):
                 record(T, B, mode, 2, neighbour, ceiling)
     finally:
         torch.set_num_threads(threads_before)
+        bar.close()
 
     # slowdown next to a neighbour, against the same case alone
     alone = {(r["T"], r["B"], r["mode"], r["impl"]): r["ms"] for r in rows
@@ -177,8 +186,8 @@ def main(argv=None):
         a = alone.get((r["T"], r["B"], r["mode"], r["impl"]))
         r["slowdown"] = None if a is None else round(r["ms"] / a, 2)
 
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"cpu-{commit}" + ("-quick" if args.quick else ""))
+    stem = result_stem(args.out, f"cpu-{commit}-{run_date()}" + ("-quick" if args.quick else ""),
+                       [".json", ".md", ".png"])
     atomic_write(stem + ".json", json.dumps(rows, indent=1) + "\n")
     atomic_write(stem + ".md", markdown(rows, device, commit))
     print(f"# wrote {stem}.json and {stem}.md")
@@ -188,6 +197,8 @@ def main(argv=None):
             print(f"# wrote {stem}.png")
         except ImportError:
             print("# matplotlib is not installed: no plot")
+        except ValueError as e:
+            print(f"# no plot: {e}")
     return rows
 
 
@@ -212,27 +223,48 @@ def markdown(rows, device, commit):
     return "\n".join(out) + "\n"
 
 
+IMPL_STYLE = {   # one colour and marker per implementation, the same in every panel
+    "nstm": dict(color="tab:blue", marker="o", ls="-", label="nstm (C++ kernel)"),
+    "nstm-torch": dict(color="tab:orange", marker="s", ls="--", label="nstm (PyTorch chunk form)"),
+    "sdpa": dict(color="tab:green", marker="^", ls="-", label="SDPA (causal)"),
+}
+
+
 def plot(rows, path, device, commit):
+    """Forward + backward time per 1K tokens against T, alone, one panel per thread count (one
+    shared y axis). Only measured rows are drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     alone = [r for r in rows if r["neighbour"] == "alone" and r["mode"] == "fwdbwd"]
-    for th, ax in zip(sorted({r["threads"] for r in alone}), axes):
-        for impl, style in (("nstm", "o-"), ("nstm-torch", "s--"), ("sdpa", "^-")):
+    threads = sorted({r["threads"] for r in alone})
+    if not threads:
+        raise ValueError("no forward + backward rows without a neighbour to plot")
+    fig, axes = plt.subplots(1, len(threads), figsize=(5.5 * len(threads), 4), sharey=True,
+                             squeeze=False)
+    for th, ax in zip(threads, axes[0]):
+        for impl, style in IMPL_STYLE.items():
             pts = sorted((r["T"], r["ms"] / (r["B"] * r["T"] / 1024)) for r in alone
                          if r["threads"] == th and r["impl"] == impl)
             if pts:
-                ax.loglog(*zip(*pts), style, label=impl, base=2)
+                ax.plot(*zip(*pts), **style)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xlabel("sequence length T (tokens)")
         ax.set_ylabel("forward + backward time per 1K tokens (ms)")
+        ax.yaxis.set_tick_params(which="both", labelleft=True)
         ax.set_title(f"alone, {th} thread{'s' if th > 1 else ''}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"NSTM (H={H}, S=K=V={D}) vs SDPA on {device} @ {commit}", fontsize=9)
+        ax.legend(fontsize=8)
+        plain_log_ticks(ax, "x")
+    plain_log_ticks(axes[0, 0], "y")                    # the y axis is shared: set once
+    fig.suptitle(f"NSTM (H={H}, S=K=V={D}, top_k={TOP_K}, C={C}, fp32) vs SDPA on {device} @ {commit}",
+                 fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
     python bench/cpu_paths.py                      # T = 2048, B = 2, H = 4, S = K = V = 32, top_k 4, C 64
     python bench/cpu_paths.py --T 512 2048 --mode fwd fwdbwd --json out.json
+    python bench/cpu_paths.py --out bench/results   # also writes cpu-paths-<commit>-<date>.json
 
 Checks that both paths agree before it reports any time. Prints one row per (T, mode) with the
-median and 20/80 % quantiles of wall time, the speed-up, the device and the git commit.
+median and 20/80 % quantiles of wall time, the speed-up, the device and the git commit. With
+``--json`` or ``--out`` the rows also go to a new JSON file (an existing file is never
+overwritten: ``-2``, ``-3``, ... is added to the name), and the script says where.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from nstm_kernels import S2SParams, nstm_attention  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_name, git_commit, timeit  # noqa: E402
+from common import atomic_write, cpu_name, git_commit, new_path, result_stem, run_date, timeit  # noqa: E402
 
 
 def make_inputs(B, T, H, K, S, seed=0, requires_grad=False):
@@ -55,7 +58,9 @@ def main(argv=None):
     ap.add_argument("--C", type=int, default=64)
     ap.add_argument("--mode", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--json", help="append the rows to this JSON file")
+    dest = ap.add_mutually_exclusive_group()
+    dest.add_argument("--json", help="write the rows to this new JSON file")
+    dest.add_argument("--out", help="write the rows to DIR/cpu-paths-<commit>-<date>.json")
     args = ap.parse_args(argv)
 
     device, commit = cpu_name(), git_commit()
@@ -80,15 +85,14 @@ def main(argv=None):
                        chunked_q80_ms=t_chk[2], speedup=t_ref[0] / t_chk[0], rel_err=err)
             rows.append(row)
             print(f"{T:>6} {mode:>7} {t_ref[0]:>14.1f} {t_chk[0]:>12.1f} {row['speedup']:>8.1f}x")
+    path = None
     if args.json:
-        old = []
-        if os.path.exists(args.json):
-            with open(args.json) as f:
-                old = json.load(f)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(old + rows, f, indent=1)
-        os.replace(tmp, args.json)
+        path = new_path(args.json)
+    elif args.out:
+        path = result_stem(args.out, f"cpu-paths-{commit}-{run_date()}", [".json"]) + ".json"
+    if path:
+        atomic_write(path, json.dumps(rows, indent=1) + "\n")
+        print(f"# wrote {path}")
     return rows
 
 

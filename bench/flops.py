@@ -17,7 +17,9 @@ Both models are built as in ``bench/models.py`` (the Transformer parameter-match
   score matrix even when causal, i.e. twice the causal work, so the counted Transformer attention
   is about 2x its analytic value: both are reported as they are.
 
-Writes ``bench/results/flops-<commit>.{json,md,png}`` (the plot: FLOPs per token against T).
+Writes ``bench/results/flops-<commit>-<date>.{json,md,png}`` (the plot: FLOPs per token against
+T; ``-2``, ``-3``, ... is added to the name when such files exist, so nothing is overwritten) and
+says where. A progress bar on stderr follows the rows when stdout is a terminal (``--no-progress``).
 """
 from __future__ import annotations
 
@@ -33,10 +35,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import atomic_write, device_name, git_commit  # noqa: E402
+from common import atomic_write, device_name, git_commit, plain_log_ticks, result_stem, run_date  # noqa: E402
 
 from nstm import NSTMLM  # noqa: E402
 from nstm.baseline import TransformerLM, matched_transformer_config  # noqa: E402
+from nstm.progress import progress  # noqa: E402
 from nstm_kernels.flops import nstm_flops  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -148,22 +151,28 @@ def plot(rows, path: str) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, style in (("nstm", "o-"), ("transformer", "s-")):
+    for name, marker, colour in (("nstm", "o", "tab:blue"), ("transformer", "s", "tab:red")):
         rs = sorted((r for r in rows if r["model"] == name), key=lambda r: r["T"])
+        if not rs:
+            continue
         ts = [r["T"] for r in rs]
-        ax.plot(ts, [r["counted_train_no_conv_bwd"] / 1e6 for r in rs], style,
-                label=f"{name}, counted (training, no conv backward)")
-        ax.plot(ts, [r["analytic_train"] / 1e6 for r in rs], style.replace("-", "--"), alpha=0.6,
-                label=f"{name}, analytic (training)")
+        ax.plot(ts, [r["counted_train_no_conv_bwd"] / 1e6 for r in rs], marker=marker, ls="-",
+                color=colour, label=f"{name}, counted (training, no conv backward)")
+        ax.plot(ts, [r["analytic_train"] / 1e6 for r in rs], marker=marker, ls="--", color=colour,
+                alpha=0.6, mfc="none", label=f"{name}, analytic (training)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    plain_log_ticks(ax)
     ax.set_xlabel("context T (tokens)")
     ax.set_ylabel("MFLOP per token")
-    ax.set_title("Training FLOPs per token (4 layers, d_model 128)")
+    ax.set_title(f"Training FLOPs per token ({MODEL['n_layers']} layers, d_model {MODEL['d_model']}, "
+                 "batch 1)", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
     plt.close(fig)
+    os.replace(tmp, path)
     return True
 
 
@@ -172,6 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     for T in args.contexts:
         if T < 2:
@@ -182,24 +192,26 @@ def main(argv=None) -> int:
     tf = TransformerLM(**tcfg)
     d_head = tcfg["d_model"] // tcfg["num_heads"]
     rows, t0 = [], time.perf_counter()
-    for T in args.contexts:
-        for name, model in (("nstm", nstm), ("transformer", tf)):
-            a = analytic(name, model, T, MODEL, tcfg["num_heads"], d_head)
-            fwd, _ = counted(model, T, False)
-            train, conv_bwd = counted(model, T, True)
-            r = dict(T=T, model=name, analytic_fwd=a, analytic_train=3 * a, counted_fwd=fwd / T,
-                     counted_train=train / T, counted_conv_backward=conv_bwd / T,
-                     counted_train_no_conv_bwd=(train - conv_bwd) / T)
-            rows.append(r)
-            print(f"T = {T:>6,} {name:<11} analytic {a / 1e6:8.2f}  counted fwd {r['counted_fwd'] / 1e6:8.2f} "
+    jobs = [(T, name, model) for T in args.contexts for name, model in (("nstm", nstm), ("transformer", tf))]
+    bar = progress(jobs, desc="flops", unit="row", enabled=not args.no_progress)
+    for T, name, model in bar:
+        a = analytic(name, model, T, MODEL, tcfg["num_heads"], d_head)
+        fwd, _ = counted(model, T, False)
+        train, conv_bwd = counted(model, T, True)
+        r = dict(T=T, model=name, analytic_fwd=a, analytic_train=3 * a, counted_fwd=fwd / T,
+                 counted_train=train / T, counted_conv_backward=conv_bwd / T,
+                 counted_train_no_conv_bwd=(train - conv_bwd) / T)
+        rows.append(r)
+        bar.write(f"T = {T:>6,} {name:<11} analytic {a / 1e6:8.2f}  counted fwd {r['counted_fwd'] / 1e6:8.2f} "
                   f"train {r['counted_train_no_conv_bwd'] / 1e6:8.2f} MFLOP/token "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                  f"({time.perf_counter() - t0:.0f} s)", file=sys.stdout)
+    bar.close()
     commit = git_commit()
     meta = dict(commit=commit, device=device_name(torch.device("cpu")), model=MODEL, transformer=tcfg,
                 params=dict(nstm=sum(p.numel() for p in nstm.parameters()),
                             transformer=sum(p.numel() for p in tf.parameters())))
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"flops-{commit}" + (f"-{args.tag}" if args.tag else ""))
+    stem = result_stem(args.out, f"flops-{commit}-{run_date()}" + (f"-{args.tag}" if args.tag else ""),
+                       [".json", ".md", ".png"])
     atomic_write(stem + ".json", json.dumps(dict(meta=meta, rows=rows), indent=1))
     md = markdown(rows, meta)
     atomic_write(stem + ".md", md)

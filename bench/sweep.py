@@ -11,16 +11,20 @@ T from 512 to 65,536 (B = 32,768 / T, at least 1). Methods:
 - ``nstm-chunked``: the PyTorch chunk-parallel path (the CUDA default until the GPU grid passes);
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (causal, flash backend);
 - ``fla-chunk_gsa`` / ``fla-chunk_gla``: fla's kernels on the same shapes when ``fla`` imports
-  (``pip install --no-deps fla-core==0.6.0 einops``; ``make bench`` installs them from ``.whl/``).
+  (``pip install --no-deps fla-core==0.6.0 einops``, or ``make bench-deps``; ``make bench`` itself
+  installs nothing).
 
 Each row has the forward and forward+backward medians (``triton.testing.do_bench`` on GPU,
 wall-clock medians on CPU), peak memory of a forward+backward (GPU), and for NSTM the time as a
 multiple of the memory floor: the bytes of the operator's inputs and outputs (and for the backward
-their gradients) over 3.0 TB/s, the H100's measured copy bandwidth. Before timing, every NSTM path
-is checked against the chunked path on the first shape; a path that fails or disagrees is reported
-with the reason, not timed.
+their gradients) over the GPU's measured copy bandwidth (3.0 TB/s on an H100; on a GPU without a
+measured bandwidth in ``COPY_BYTES_PER_S`` the × floor columns stay empty rather than compare it
+with another GPU's). Before timing, every NSTM path is checked against the chunked path on the
+first shape; a path that fails or disagrees is reported with the reason, not timed.
 
-Writes ``bench/results/<device>-<commit>.{md,json,png}`` (``-cpu-sweep`` on the CPU).
+Writes ``bench/results/<device>-<commit>-<date>.{md,json,png}`` (``cpu-<commit>-<date>-sweep`` on
+the CPU; ``-2``, ``-3``, ... is added when such files exist, so nothing is overwritten) and says
+where. A progress bar on stderr follows the rows when stdout is a terminal (``--no-progress``).
 """
 from __future__ import annotations
 
@@ -35,12 +39,24 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from nstm.progress import progress as progress_bar  # noqa: E402
 from nstm_kernels import S2SParams, nstm_attention  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import atomic_write, device_name, git_commit, slug, timeit  # noqa: E402
+from common import (  # noqa: E402
+    atomic_write,
+    device_name,
+    git_commit,
+    plain_log_ticks,
+    result_stem,
+    run_date,
+    slug,
+    timeit,
+)
 
-HBM_BYTES_PER_S = 3.0e12      # H100 copy bandwidth measured in ANCHORS.md (read + written)
+# measured copy bandwidth (bytes read + written per second) of the GPUs the floor is known for,
+# matched against the device name: the H100's is from ANCHORS.md
+COPY_BYTES_PER_S = {"H100": 3.0e12}
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 GPU_CFG = dict(tokens=32768, H=16, D=64, top_k=8, C=64, dtype="bfloat16",
@@ -149,16 +165,21 @@ def peak_mib(fn: Callable, device: torch.device) -> Optional[float]:
     return torch.cuda.max_memory_allocated(device) / 2 ** 20
 
 
-def nstm_floor_ms(B, T, H, D, dtype) -> Dict[str, float]:
-    """Memory floor of the NSTM operator: every input read once and the output written once (fwd);
-    the backward reads the inputs and d_o and writes a gradient per input."""
+def copy_bandwidth(name: str) -> Optional[float]:
+    """The measured copy bandwidth of the GPU called ``name``, or None when it is not known."""
+    return next((bw for key, bw in COPY_BYTES_PER_S.items() if key.lower() in name.lower()), None)
+
+
+def nstm_floor_ms(B, T, H, D, dtype, bytes_per_s: float) -> Dict[str, float]:
+    """Memory floor of the NSTM operator at ``bytes_per_s``: every input read once and the output
+    written once (fwd); the backward reads the inputs and d_o and writes a gradient per input."""
     elt = torch.finfo(getattr(torch, dtype)).bits // 8
     n = B * T * H
     inputs = n * (3 * D + D + 1) * elt          # q, k, v, route logits (S = D), gate
     out = n * D * elt
     fwd = inputs + out
     bwd = inputs + out + inputs
-    return {"fwd": fwd / HBM_BYTES_PER_S * 1e3, "fwdbwd": (fwd + bwd) / HBM_BYTES_PER_S * 1e3}
+    return {"fwd": fwd / bytes_per_s * 1e3, "fwdbwd": (fwd + bwd) / bytes_per_s * 1e3}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -189,23 +210,21 @@ def check_nstm_paths(methods, cfg, T, device) -> Dict[str, str]:
     return bad
 
 
-def run_sweep(device: torch.device, cfg: dict, methods: List[str], reps: int, progress=True):
+def run_sweep(device: torch.device, cfg: dict, methods: List[str], reps: int, progress=True,
+              bytes_per_s: Optional[float] = None):
+    """The rows, one per (T, method); ``bytes_per_s`` (the GPU's copy bandwidth) adds the
+    × floor columns of the NSTM rows."""
     dtype = getattr(torch, cfg["dtype"])
     skipped = check_nstm_paths(methods, cfg, cfg["T"][0], device)
     rows = []
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=len(cfg["T"]) * len(methods), desc="sweep", disable=not progress)
-    except ImportError:
-        bar = None
+    bar = progress_bar(total=len(cfg["T"]) * len(methods), desc="sweep", unit="row", enabled=progress)
     for T in cfg["T"]:
         B = max(1, cfg["tokens"] // T)
         for m in methods:
             row = dict(method=m, T=T, B=B, H=cfg["H"], K=cfg["D"], V=cfg["D"], dtype=cfg["dtype"])
             if m.startswith("nstm-"):
                 row.update(S=cfg["D"], top_k=cfg["top_k"], C=cfg["C"], s2s=True)
-            if bar is not None:
-                bar.set_postfix_str(f"T={T} {m}")
+            bar.set_postfix(T=T, method=m)
             if m in skipped:
                 row["error"] = skipped[m]
             elif m == "nstm-reference" and T > REFERENCE_MAX_T:
@@ -228,16 +247,14 @@ def run_sweep(device: torch.device, cfg: dict, methods: List[str], reps: int, pr
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            if m.startswith("nstm-") and "fwd_ms" in row and device.type == "cuda":
-                floor = nstm_floor_ms(B, T, cfg["H"], cfg["D"], cfg["dtype"])
+            if m.startswith("nstm-") and "fwd_ms" in row and device.type == "cuda" and bytes_per_s:
+                floor = nstm_floor_ms(B, T, cfg["H"], cfg["D"], cfg["dtype"], bytes_per_s)
                 row["floor_fwd_ms"], row["floor_fwdbwd_ms"] = floor["fwd"], floor["fwdbwd"]
                 row["fwd_x_floor"] = row["fwd_ms"] / floor["fwd"]
                 row["fwdbwd_x_floor"] = row["fwdbwd_ms"] / floor["fwdbwd"]
             rows.append(row)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update(1)
+    bar.close()
     return rows
 
 
@@ -256,7 +273,10 @@ def markdown(rows, meta) -> str:
              f"Shapes: B·T = {meta['cfg']['tokens']:,} tokens, H = {meta['cfg']['H']}, "
              f"K = V = S = {meta['cfg']['D']}, top_k = {meta['cfg']['top_k']}, "
              f"C = {meta['cfg']['C']}, {meta['cfg']['dtype']}. Times are medians in ms; "
-             "× floor is the time over the memory floor (inputs and outputs at 3.0 TB/s).", "",
+             + (f"× floor is the time over the memory floor (inputs and outputs at "
+                f"{meta['copy_bytes_per_s'] / 1e12:.1f} TB/s, this GPU's measured copy bandwidth)."
+                if meta.get("copy_bytes_per_s") else
+                "the × floor columns are empty (no measured copy bandwidth for this device)."), "",
              "| method | T | B | fwd ms | fwd+bwd ms | peak MiB (fwd+bwd) | fwd × floor | fwd+bwd × floor | note |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -269,28 +289,41 @@ def markdown(rows, meta) -> str:
 
 
 def plot(rows, meta, path) -> Optional[str]:
+    """Forward and forward + backward medians against T, one colour per method in both panels.
+    Only timed rows are drawn; the rows that were not timed are listed under the panels."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, key in enumerate(("fwd_ms", "fwdbwd_ms")):
-        for m in dict.fromkeys(r["method"] for r in rows):
+        for m in methods:
             pts = [(r["T"], r[key]) for r in rows if r["method"] == m and r.get(key) is not None]
             if pts:
                 xs, ys = zip(*pts)
-                ax[i].plot(xs, ys, marker="o", label=m)
+                ax[i].plot(xs, ys, marker="o", color=colour[m], label=m)
         ax[i].set_xscale("log", base=2)
         ax[i].set_yscale("log")
-        ax[i].set_xlabel("T (B = tokens / T)")
-        ax[i].set_ylabel("ms (median)")
+        ax[i].set_xlabel(f"sequence length T (tokens; batch B = {meta['cfg']['tokens']:,} / T)")
+        ax[i].set_ylabel("time per call (ms, median)")
         ax[i].set_title("forward" if key == "fwd_ms" else "forward + backward")
         ax[i].grid(True, which="both", alpha=0.3)
-    ax[0].legend(fontsize=8)
+        ax[i].legend(fontsize=8)
+        plain_log_ticks(ax[i])
+    missing = {}
+    for r in rows:
+        if "error" in r:
+            missing.setdefault((r["method"], r["error"]), []).append(r["T"])
+    if missing:
+        text = "not timed or failed (no point drawn for a time not measured): " + "; ".join(
+            f"{m} at T = {', '.join(f'{t:,}' for t in ts)} ({why[:70]})" for (m, why), ts in missing.items())
+        fig.text(0.01, 0.01, text, fontsize=7, wrap=True, va="bottom")
     fig.suptitle(f"{meta['device']} · {meta['cfg']['dtype']} · commit {meta['commit']}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08 if missing else 0, 1, 1))
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -334,28 +367,32 @@ def main(argv=None):
         methods = ["nstm-chunked", "nstm-reference", "sdpa"]
         note = ("CPU sweep at small sizes: no GPU here, so these rows time the PyTorch paths on the "
                 "CPU (fp32); they are not comparable with the GPU anchors, and the × floor columns "
-                "(the H100's 3.0 TB/s) are left empty.")
+                "(a GPU's memory bandwidth) are left empty.")
     if args.methods:
         methods = args.methods
     reps = args.reps or (3 if device.type == "cpu" else 10)
 
     name = device_name(device)
     commit = git_commit()
+    bandwidth = copy_bandwidth(name) if device.type == "cuda" else None
+    if device.type == "cuda" and bandwidth is None:
+        note += (" No measured copy bandwidth for this GPU (COPY_BYTES_PER_S): the × floor columns "
+                 "are left empty.")
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
     meta = dict(device=name, commit=commit, torch=torch.__version__, triton=triton_version,
-                date=time.strftime("%Y-%m-%d"), cfg=cfg, methods=methods, note=note)
+                date=time.strftime("%Y-%m-%d"), cfg=cfg, methods=methods, note=note,
+                copy_bytes_per_s=bandwidth)
     print(f"# {name} · commit {commit} · {note}", flush=True)
-    rows = run_sweep(device, cfg, methods, reps, progress=not args.no_progress)
+    rows = run_sweep(device, cfg, methods, reps, progress=not args.no_progress, bytes_per_s=bandwidth)
     for r in rows:
         r["device"], r["commit"] = name, commit
 
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{slug(name) if device.type == 'cuda' else 'cpu'}-{commit}"
-                        + ("" if device.type == "cuda" else "-sweep"))
+    stem = result_stem(args.out, f"{slug(name) if device.type == 'cuda' else 'cpu'}-{commit}-{run_date()}"
+                       + ("" if device.type == "cuda" else "-sweep"), [".md", ".json", ".png"])
     md = markdown(rows, meta)
     atomic_write(stem + ".md", md)
     atomic_write(stem + ".json", json.dumps(dict(meta=meta, rows=rows), indent=1))

