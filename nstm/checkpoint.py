@@ -138,8 +138,9 @@ def save_checkpoint(path: str, model: torch.nn.Module, optimizer=None, scheduler
         "version": VERSION,
         "step": step,
         "config": dict(config or {}),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        # a module or its state dict (a full state gathered from shards, say)
+        "model": model if isinstance(model, dict) else model.state_dict(),
+        "optimizer": optimizer if optimizer is None or isinstance(optimizer, dict) else optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "extra": dict(extra or {}),
         "torch_version": str(torch.__version__),

@@ -3,7 +3,7 @@ JSON (written atomically), the curves PNG, the checkpoint and ``--resume``, and 
 interpretability PNGs with their pruning report.
 
     files = RunFiles.at("results", "mqar", "nstm-d128-l2-s0")   # .json .png .ckpt .run_dir
-    state = TrainState(model, optimizer, scheduler, scaler, torch.Generator().manual_seed(0))
+    state = TrainState(model, optimizer, scheduler, scaler, [torch.Generator().manual_seed(0)])
     state.save(files.ckpt, device, config, spec, task.state, files.run_name)
     state.restore(load_for_resume(files.ckpt, config), device)  # --resume
     write_json_atomic(files.json, results_json(header, state.progress, final, "completed", wall_s))
@@ -31,7 +31,10 @@ SCHEMA = "nstm-train-results/1"
 RESUME_MAY_CHANGE = ("steps", "time_budget", "eval_every", "eval_batches", "eval_batch_size",
                      "eval_contexts", "ckpt_every", "log_every", "resume", "out", "device", "amp",
                      "maps", "prune_threshold", "no_progress", "data_root", "data_path", "backend",
-                     "stop_after", "run_name")
+                     "stop_after", "run_name", "overwrite", "fsdp")
+
+# settings added after the first checkpoints were written, with the value those runs had
+_ADDED = {"pack": False, "grad_accum": 1, "world_size": 1}
 
 # run-config keys of checkpoints written before the flags took the NSTMConfig field names
 _RENAMED = {"heads": "num_heads", "layers": "n_layers"}
@@ -163,35 +166,55 @@ class Progress:
 # ---- checkpoint and resume -------------------------------------------------------------------------
 @dataclass
 class TrainState:
-    """Everything a checkpoint saves and ``--resume`` restores."""
+    """Everything a checkpoint saves and ``--resume`` restores. ``data_rngs``: this process's data
+    streams (one per micro-step of gradient accumulation; ``nstm.distributed``)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any                                   # torch.optim.lr_scheduler.LRScheduler
     scaler: Optional[torch.amp.GradScaler]
-    data_rng: torch.Generator
+    data_rngs: List[torch.Generator]
     progress: Progress = field(default_factory=Progress)
 
     def save(self, path: str, device: torch.device, config: Dict, spec: ModelSpec, task_state: Dict,
-             run_name: str) -> None:
+             run_name: str, model_state: Optional[Dict] = None, optimizer_state: Optional[Dict] = None,
+             data_rng_states: Optional[List[torch.Tensor]] = None) -> None:
         """Atomically save the weights, optimiser, schedule, RNG states and progress, with the run
-        config and the model's spec (``nstm.checkpoint.load_model`` rebuilds the model from it)."""
+        config and the model's spec (``nstm.checkpoint.load_model`` rebuilds the model from it).
+        ``model_state`` / ``optimizer_state`` / ``data_rng_states``: what to save instead of this
+        process's own (the full state of a sharded model; every process's data streams)."""
         p = self.progress
-        save_checkpoint(path, self.model, self.optimizer, self.scheduler, p.step, config, model_spec=spec, extra={
-            "data_rng": self.data_rng.get_state(), "torch_rng": torch.get_rng_state(),
+        rngs = data_rng_states if data_rng_states is not None else [g.get_state() for g in self.data_rngs]
+        save_checkpoint(path, model_state if model_state is not None else self.model,
+                        optimizer_state if optimizer_state is not None else self.optimizer,
+                        self.scheduler, p.step, config, model_spec=spec, extra={
+            "data_rngs": rngs, "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "history": p.history, "window": p.window, "train_time_s": p.train_time_s, "tokens": p.tokens,
             "task_state": task_state, "run_name": run_name,
         })
 
-    def restore(self, ckpt: Dict, device: torch.device) -> None:
-        """Continue from ``ckpt`` (of ``load_for_resume``): weights, optimiser, schedule, RNGs, progress."""
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+    def restore(self, ckpt: Dict, device: torch.device, streams: Optional[List[int]] = None,
+                load_weights: bool = True, load_optimizer: bool = True) -> None:
+        """Continue from ``ckpt`` (of ``load_for_resume``): weights, optimiser, schedule, RNGs,
+        progress. ``streams``: which of the saved data streams are this process's (default: the
+        first ones); ``load_weights`` / ``load_optimizer`` False when the caller loads those itself
+        (a sharded model)."""
+        if load_weights:
+            self.model.load_state_dict(ckpt["model"])
+        if load_optimizer:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         ex = ckpt["extra"]
-        self.data_rng.set_state(ex["data_rng"])
+        saved = ex["data_rngs"] if "data_rngs" in ex else [ex["data_rng"]]   # one stream before 0.3
+        streams = list(range(len(self.data_rngs))) if streams is None else streams
+        if max(streams) >= len(saved):
+            raise CheckpointError(f"the checkpoint holds {len(saved)} data streams, this run needs "
+                                  f"{max(streams) + 1} (processes x --grad-accum): resume with the same "
+                                  "number of processes and --grad-accum")
+        for g, j in zip(self.data_rngs, streams):
+            g.set_state(saved[j])
         torch.set_rng_state(ex["torch_rng"])
         if device.type == "cuda" and ex.get("cuda_rng"):
             torch.cuda.set_rng_state_all(ex["cuda_rng"])
@@ -218,6 +241,8 @@ def upgrade_run_config(saved: Dict) -> Dict:
     """A checkpoint's run config under today's names (``heads`` -> ``num_heads``, ``layers`` ->
     ``n_layers``, ``no_s2s`` -> ``use_s2s``), so that runs from before the rename still resume."""
     config = {_RENAMED.get(k, k): v for k, v in saved.items()}
+    for k, v in _ADDED.items():
+        config.setdefault(k, v)
     if "no_s2s" in config and "use_s2s" not in config:
         config["use_s2s"] = not config.pop("no_s2s")
     return config
@@ -294,9 +319,10 @@ def _time_forwards(models, task: Task, batch, autocast, repeats: int = 7) -> Lis
 
 
 def write_maps(model, spec: ModelSpec, task: Task, run_dir: str, device, autocast: Callable,
-               eval_bs: int, eval_batches: int, threshold: float, final: Dict) -> Dict:
+               eval_bs: int, eval_batches: int, threshold: Optional[float], final: Dict) -> Dict:
     """Routing heatmaps, slot usage, s2s maps and importance before/after pruning a copy of the
-    NSTM ``model`` (built again from ``spec``) at ``threshold``; returns what was written and the
+    NSTM ``model`` (built again from ``spec``) at ``threshold`` (None: the 25th percentile of the
+    model's slot importances); returns what was written and the
     pruning report (loss, metric, parameters and forward time before/after)."""
     from . import plots
 
@@ -326,6 +352,10 @@ def write_maps(model, spec: ModelSpec, task: Task, run_dir: str, device, autocas
             files.append(plots.s2s_maps(s2s, os.path.join(maps_dir, f"s2s_layer{i}.png"),
                                         title=f"{task.name}: layer {i} state-to-state attention (last period)"))
     before_imp = [layer.states.importance().detach().cpu() for layer in layers]
+    chosen = "given"
+    if threshold is None:        # the model's 25th percentile: pruning then removes about a quarter
+        threshold = float(torch.quantile(torch.cat([i.float().flatten() for i in before_imp]), 0.25))
+        chosen = "the 25th percentile of the model's slot importances"
 
     # prune a fresh copy (deepcopy would share the router back-references of the original)
     clone = spec.build().to(device)
@@ -341,7 +371,7 @@ def write_maps(model, spec: ModelSpec, task: Task, run_dir: str, device, autocas
                                       title=f"{task.name}: layer {i} slot importance before/after pruning"))
     metric = task.metric
     prune = {
-        "threshold": threshold,
+        "threshold": threshold, "threshold_is": chosen,
         "slots": [{"before": r.old_num_states, "after": r.new_num_states} for r in reports],
         "loss_before": final.get("loss"), "loss_after": after.get("loss"),
         "metric": metric, "metric_before": final.get(metric), "metric_after": after.get(metric),

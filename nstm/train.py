@@ -44,19 +44,35 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from . import runs
+from nstm_kernels.settings import BACKENDS
+
+from . import distributed, runs
 from .checkpoint import CheckpointError, ModelSpec
 from .config import NSTMConfig
+from .progress import progress
 from .runs import RESUME_MAY_CHANGE, SCHEMA  # noqa: F401  (re-exported)
 from .tasks.registry import TASKS, Task, build_task
 
 
 # ---- arguments ---------------------------------------------------------------------------------
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` keeps the task list's layout and shows every flag's default (not a None, whose
+    meaning the help text gives, nor a switch's False)."""
+
+    def _get_help_string(self, action):
+        text = (action.help or "").strip()
+        d = action.default
+        if (action.option_strings and d is not None and d is not argparse.SUPPRESS and d is not False
+                and "%(default)" not in text):
+            text = f"{text} (default: %(default)s)".strip()
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     tasks = "\n".join(f"  {n:12s} {s.description}" for n, s in TASKS.items())
     ap = argparse.ArgumentParser(
         prog="nstm-train", description=__doc__.split("\n\n")[0],
-        epilog="tasks:\n" + tasks, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog="tasks:\n" + tasks, formatter_class=_HelpFormatter)
     g = ap.add_argument_group("task")
     g.add_argument("--task", required=True, choices=list(TASKS), metavar="TASK",
                    help="one of: " + ", ".join(TASKS))
@@ -89,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--conv-size", type=int, default=4, help="NSTM short conv width (0: none)")
     g.add_argument("--no-s2s", dest="use_s2s", action="store_false",
                    help="NSTM without state-to-state attention")
-    g.add_argument("--backend", default=None, help="NSTM operator backend (default: fastest for the device)")
+    g.add_argument("--backend", default=None, choices=list(BACKENDS),
+                   help="NSTM operator backend (default: the automatic choice for the device)")
     g.add_argument("--mlp-ratio", type=float, default=4.0)
     g.add_argument("--match-params", action=argparse.BooleanOptionalAction, default=True,
                    help="transformer: choose the MLP ratio to match the NSTM parameter count (default on)")
@@ -97,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = ap.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=1000)
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--batch-size", type=int, default=32,
+                   help="sequences per micro-step and process (--pack: rows of batch-size x seq-len tokens); "
+                        "the global batch is batch-size x grad-accum x processes")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimiser step (gradient accumulation)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default min(200, steps/10))")
     g.add_argument("--min-lr", type=float, default=None, help="cosine floor (default lr / 10)")
@@ -115,9 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batches per evaluation set (0: the whole split; data-backed tasks only)")
     g.add_argument("--eval-batch-size", type=int, default=None, help="default: --batch-size")
     g.add_argument("--log-every", type=int, default=10, help="steps per history entry")
-    g.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+    g.add_argument("--ckpt-every", type=int, default=200, help="steps between checkpoints (0: only at the end)")
     g.add_argument("--out", default="results", help="results directory")
-    g.add_argument("--run-name", default=None, help="default <model>-d<width>-l<layers>-s<seed>")
+    g.add_argument("--run-name", default=None,
+                   help="default: the model, its size, S/top-k/C (NSTM), lr, batch, the task's settings and "
+                        "the seed, e.g. nstm-d128-l2-S32-k4-C64-lr0.001-b32-s0")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run of the same name (without it, and without --resume, an "
+                        "existing run is refused)")
     g.add_argument("--resume", default=None, metavar="PATH|auto",
                    help="checkpoint (file or run directory) to continue from; auto: this run's checkpoint if any")
     g.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
@@ -126,8 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop cleanly after N steps in this session (the schedule still spans --steps; "
                         "continue with --resume)")
     g.add_argument("--maps", action="store_true", help="NSTM: write interpretability PNGs and a pruning report")
-    g.add_argument("--prune-threshold", type=float, default=0.5, help="importance threshold for --maps pruning")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--prune-threshold", type=float, default=None,
+                   help="--maps: prune the slots whose importance is below this; default: the model's 25th "
+                        "percentile of slot importance, so the report shows what dropping a quarter costs")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none either when stdout is not a terminal)")
+    g = ap.add_argument_group("several processes (torchrun)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the model with FSDP2 (fully_shard per block) instead of DDP; needs torchrun")
+    for action in ap._actions:         # every flag's default in --help, those without a help text too
+        if action.help is None and action.option_strings and action.default not in (None, argparse.SUPPRESS):
+            action.help = "(default: %(default)s)"
     return ap
 
 
@@ -136,8 +170,8 @@ def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         if value is not None and value < low:
             ap.error(f"--{name} must be >= {low}, got {value}")
 
-    for name in ("steps", "batch_size", "d_model", "n_layers", "num_heads", "num_states", "top_k", "comm_every",
-                 "log_every", "eval_batch_size", "stop_after"):
+    for name in ("steps", "batch_size", "grad_accum", "d_model", "n_layers", "num_heads", "num_states", "top_k",
+                 "comm_every", "log_every", "eval_batch_size", "stop_after"):
         positive(name.replace("_", "-"), getattr(a, name))
     for name in ("eval_every", "eval_batches", "ckpt_every", "conv_size", "warmup"):
         positive(name.replace("_", "-"), getattr(a, name), 0)
@@ -165,10 +199,8 @@ def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         ap.error(f"--mlp-ratio must be > 0, got {a.mlp_ratio}")
     if a.time_budget is not None and not a.time_budget > 0:
         ap.error(f"--time-budget must be > 0 seconds, got {a.time_budget}")
-    if not 0 <= a.prune_threshold <= 1:
+    if a.prune_threshold is not None and not 0 <= a.prune_threshold <= 1:
         ap.error(f"--prune-threshold must be in [0, 1], got {a.prune_threshold}")
-    if a.maps and a.model != "nstm":
-        ap.error("--maps draws NSTM routing and slot maps: it needs --model nstm")
     if a.eval_contexts is not None:
         try:
             ctx = [int(c) for c in a.eval_contexts.split(",") if c.strip()]
@@ -295,7 +327,7 @@ def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
 @dataclass
 class Run:
     """One training session's fixed parts: the flags, the task, what builds the model, the device,
-    where the files go and the header of the results JSON."""
+    the processes, where the files go and the header of the results JSON."""
 
     a: argparse.Namespace
     config: Dict                                     # the run config (the flags) of checkpoints and JSON
@@ -307,40 +339,99 @@ class Run:
     eval_batch_size: int
     header: Dict                                     # the fixed part of the results JSON
     wall0: float                                     # perf_counter() at the start of main
+    dist: distributed.Dist = dataclasses.field(default_factory=distributed.Dist)
+    raw: Optional[nn.Module] = None                  # the model outside DDP (FSDP2: the model itself)
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether this process runs the evaluation: rank 0, or every rank under FSDP (the forwards
+        gather the shards)."""
+        return self.dist.is_main or self.a.fsdp
 
     def evaluate(self, state: runs.TrainState) -> Dict[str, float]:
-        m = self.task.evaluate(state.model, self.eval_batch_size, self.a.eval_batches, self.device, self.autocast)
-        state.progress.log_eval(m)
+        m = {}
+        if self.evaluates:
+            m = self.task.evaluate(self.raw, self.eval_batch_size, self.a.eval_batches, self.device, self.autocast)
+            state.progress.log_eval(m)
         return m
 
     def save_checkpoint(self, state: runs.TrainState) -> None:
-        state.save(self.files.ckpt, self.device, self.config, self.spec, self.task.state, self.files.run_name)
+        """Every process calls this (the data streams, and under FSDP the shards, are gathered);
+        rank 0 writes."""
+        rngs = [r for states in self.dist.gather([g.get_state() for g in state.data_rngs]) for r in states]
+        full = distributed.full_state(state.model, state.optimizer, self.a.fsdp) if self.a.fsdp else {}
+        weights = distributed.counted_state(full.get("model") or self.raw.state_dict(), self.dist)
+        if self.dist.is_main:
+            state.save(self.files.ckpt, self.device, self.config, self.spec, self.task.state, self.files.run_name,
+                       model_state=weights, optimizer_state=full.get("optimizer"), data_rng_states=rngs)
 
     def write_results(self, state: runs.TrainState, final: Optional[Dict], status: str, **more) -> None:
-        runs.write_json_atomic(self.files.json, runs.results_json(
-            self.header, state.progress, final, status, time.perf_counter() - self.wall0, **more))
+        if self.dist.is_main:
+            runs.write_json_atomic(self.files.json, runs.results_json(
+                self.header, state.progress, final, status, time.perf_counter() - self.wall0, **more))
+
+    def log(self, msg: str) -> None:
+        if self.dist.is_main:
+            print(msg, file=sys.stderr, flush=True)
 
 
 def _summary(metrics: Dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k)
 
 
-def setup(ap: argparse.ArgumentParser, a: argparse.Namespace, wall0: float) -> Tuple[Run, runs.TrainState]:
-    """Seed, build the task, the model, the optimiser and schedule, continue from ``--resume``;
-    a bad option, missing data or an incompatible checkpoint exits with status 2 (``ap.error``)."""
-    device = _device(a)
+def default_run_name(a) -> str:
+    """A name that tells runs of a sweep apart: model and size, S/top-k/C for NSTM, lr, batch, the
+    task's settings, packing, the seed."""
+    parts = [a.model, f"d{a.d_model}", f"l{a.n_layers}"]
+    if a.model == "nstm":
+        parts += [f"S{a.num_states}", f"k{a.top_k}", f"C{a.comm_every}"]
+        if not a.use_s2s:
+            parts.append("nos2s")
+    parts += [f"lr{a.lr:g}", f"b{a.batch_size}"]
+    if a.grad_accum > 1:
+        parts.append(f"ga{a.grad_accum}")
+    for flag, short in (("seq_len", "T"), ("vocab", "V"), ("num_pairs", "P"), ("min_len", "min"),
+                        ("max_depth", "depth")):
+        if getattr(a, flag) is not None:
+            parts.append(f"{short}{getattr(a, flag)}")
+    if a.pack:
+        parts.append("pack")
+    parts.append(f"s{a.seed}")
+    return "-".join(parts)
+
+
+def _existing_run(files: runs.RunFiles) -> Optional[str]:
+    for path in (files.json, files.ckpt):
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def setup(ap: argparse.ArgumentParser, a: argparse.Namespace, wall0: float,
+          dist: Optional[distributed.Dist] = None) -> Tuple[Run, runs.TrainState]:
+    """Seed, build the task, the model (in DDP / FSDP2 under torchrun), the optimiser and schedule,
+    continue from ``--resume``; a bad option, missing data, an existing run or an incompatible
+    checkpoint exits with status 2 (``ap.error``)."""
+    dist = dist or distributed.Dist()
+    device = distributed.device_for(dist, _device(a))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     amp_dtype = _amp_dtype(a, device)
     autocast = (contextlib.nullcontext if amp_dtype is None
                 else functools.partial(torch.autocast, device.type, dtype=amp_dtype))
     warmup = min(200, a.steps // 10) if a.warmup is None else a.warmup
     min_lr = a.lr / 10 if a.min_lr is None else a.min_lr
     eval_bs = a.eval_batch_size or a.batch_size
-    files = runs.RunFiles.at(a.out, a.task, a.run_name or f"{a.model}-d{a.d_model}-l{a.n_layers}-s{a.seed}")
+    files = runs.RunFiles.at(a.out, a.task, a.run_name or default_run_name(a))
+    a.world_size = dist.world
     config = dict(vars(a))
-    try:
-        import tqdm  # noqa: F401
-    except ImportError:  # pragma: no cover
-        ap.error("the training CLI needs tqdm: pip install 'nstm-kernels[tools]'")
+
+    # an existing run is continued (--resume), replaced (--overwrite) or refused; rank 0 decides
+    existing = _existing_run(files) if dist.is_main and a.resume is None and not a.overwrite else None
+    existing = dist.gather(existing)[0]
+    if existing is not None:
+        ap.error(f"a run named {files.run_name!r} exists ({existing}): continue it with --resume auto, "
+                 "start another with --run-name NAME, or replace it with --overwrite")
 
     torch.manual_seed(a.seed)
     if device.type == "cuda":
@@ -351,54 +442,93 @@ def setup(ap: argparse.ArgumentParser, a: argparse.Namespace, wall0: float) -> T
         ap.error(f"--task {a.task}: {e}")
     try:
         spec = model_spec(a, task)
-        model = spec.build().to(device)
+        raw = spec.build().to(device)
     except ValueError as e:
         ap.error(f"model: {e}")
-    opt = build_optimizer(model, a, device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, a.steps, warmup, min_lr / a.lr))
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    state = runs.TrainState(model, opt, sched, scaler, torch.Generator().manual_seed(a.seed))
+    streams = [dist.rank * a.grad_accum + i for i in range(a.grad_accum)]
+    rngs = [torch.Generator().manual_seed(distributed.stream_seed(a.seed, j)) for j in streams]
+    ckpt = None
     try:
         resume_path = runs.find_checkpoint(a.resume, files.ckpt)
         if resume_path is not None:
-            state.restore(runs.load_for_resume(resume_path, config), device)
+            ckpt = runs.load_for_resume(resume_path, config)
+            raw.load_state_dict(ckpt["model"])              # before DDP / FSDP takes the weights over
+            distributed.keep_counters_on_rank0(raw, dist)
     except (FileNotFoundError, CheckpointError) as e:
         ap.error(f"--resume: {e}")
+    try:
+        model = distributed.wrap(raw, dist, device, fsdp=a.fsdp)
+    except RuntimeError as e:
+        ap.error(str(e))
+    opt = build_optimizer(model, a, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, a.steps, warmup, min_lr / a.lr))
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    state = runs.TrainState(model, opt, sched, scaler, rngs)
+    if ckpt is not None:
+        try:
+            state.restore(ckpt, device, streams, load_weights=False, load_optimizer=not a.fsdp)
+        except CheckpointError as e:
+            ap.error(f"--resume: {e}")
+        if a.fsdp:
+            distributed.load_full_optimizer_state(model, opt, ckpt["optimizer"])
 
     header = {
         "schema": SCHEMA, "task": a.task, "model": a.model, "run_name": files.run_name, "config": config,
         "model_config": spec.config.to_dict(),
         "resolved": {"warmup": warmup, "min_lr": min_lr, "eval_batch_size": eval_bs,
                      "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
-                     "device": str(device)},
+                     "device": str(device), "processes": dist.world, "parallel": (
+                         "fsdp2" if a.fsdp else "ddp" if dist.active else "none"),
+                     "global_batch": a.batch_size * a.grad_accum * dist.world},
         "task_info": task.info, "metric": task.metric, "higher_is_better": task.higher_is_better,
-        "param_count": sum(p.numel() for p in model.parameters()), "device_name": runs.device_name(device),
+        "param_count": sum(p.numel() for p in raw.parameters()) if not a.fsdp else
+        sum(p.numel() for p in spec.build().parameters()), "device_name": runs.device_name(device),
         "git_commit": runs.git_commit(), "torch_version": str(torch.__version__),
         "python_version": platform.python_version(), "resumed_from": resume_path,
         "resumed_at_step": state.progress.step if resume_path else None, "checkpoint": files.ckpt,
     }
     if a.model == "transformer":
-        header["transformer_mlp_ratio"] = model.mlp_ratio
-    return Run(a, config, task, spec, files, device, autocast, eval_bs, header, wall0), state
+        header["transformer_mlp_ratio"] = raw.mlp_ratio
+    run = Run(a, config, task, spec, files, device, autocast, eval_bs, header, wall0, dist, raw)
+    return run, state
 
 
 # ---- training ------------------------------------------------------------------------------------
-def train_step(a, task: Task, state: runs.TrainState, batch, autocast) -> Tuple[float, float, Optional[float]]:
-    """One optimiser step on ``batch``: ``(loss, accuracy, aux loss or None)``. A non-finite loss
-    returns before any update (the loop then stops: diverged)."""
-    model, opt, scaler = state.model, state.optimizer, state.scaler
-    with autocast():
-        loss, logits = task.loss(model, batch)
-        aux = model.aux_loss if a.model == "nstm" and a.aux_weight > 0 else None
-        total = loss + a.aux_weight * aux if aux is not None else loss
-    if not torch.isfinite(loss):
-        return loss.item(), float("nan"), None
+def train_step(run: Run, state: runs.TrainState) -> Tuple[float, float, Optional[float], int]:
+    """One optimiser step: ``--grad-accum`` micro-batches, one from each of this process's data
+    streams (the gradients summed locally under ``no_sync``, then averaged over the processes).
+    Returns ``(loss, accuracy, aux loss or None, tokens)``, averaged (tokens: summed) over every
+    micro-batch of every process. A non-finite loss anywhere skips the update (the loop then
+    stops: diverged)."""
+    a, task, model, opt, scaler = run.a, run.task, state.model, state.optimizer, state.scaler
+    n = a.grad_accum
     opt.zero_grad(set_to_none=True)
+    losses, accs, auxes, tokens = [], [], [], 0
+    for i, rng in enumerate(state.data_rngs):
+        batch = task.train_batch(a.batch_size, rng).to(run.device)
+        with distributed.no_sync(model, skip=i < n - 1):
+            with run.autocast():
+                loss, logits = task.loss(model, batch)
+                aux = run.raw.aux_loss if a.model == "nstm" and a.aux_weight > 0 else None
+                total = loss + a.aux_weight * aux if aux is not None else loss
+            if scaler is not None:
+                scaler.scale(total / n).backward()
+            else:
+                (total / n).backward()
+        losses.append(loss.item())
+        accs.append(task.accuracy(logits.detach(), batch))
+        auxes.append(float(aux.detach()) if aux is not None else 0.0)
+        tokens += batch.num_tokens
+    acc_ok = [x for x in accs if math.isfinite(x)]
+    loss, acc, aux_mean, anyacc = run.dist.mean(
+        [sum(losses) / n, sum(acc_ok) / len(acc_ok) if acc_ok else 0.0, sum(auxes) / n, float(bool(acc_ok))],
+        run.device)
+    acc = acc / anyacc if anyacc > 0 else float("nan")
+    if not math.isfinite(loss):
+        opt.zero_grad(set_to_none=True)
+        return loss, float("nan"), None, tokens * run.dist.world
     if scaler is not None:
-        scaler.scale(total).backward()
         scaler.unscale_(opt)
-    else:
-        total.backward()
     if a.grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
     if scaler is not None:
@@ -407,7 +537,7 @@ def train_step(a, task: Task, state: runs.TrainState, batch, autocast) -> Tuple[
     else:
         opt.step()
     state.scheduler.step()
-    return loss.item(), task.accuracy(logits.detach(), batch), None if aux is None else float(aux.detach())
+    return loss, acc, aux_mean if a.model == "nstm" and a.aux_weight > 0 else None, tokens * run.dist.world
 
 
 def train(run: Run, state: runs.TrainState) -> str:
@@ -415,65 +545,86 @@ def train(run: Run, state: runs.TrainState) -> str:
     every ``--eval-every`` and checkpointing every ``--ckpt-every`` steps. Returns the status:
     ``completed``, ``stopped`` (``--stop-after``), ``time_budget``, ``interrupted`` (Ctrl-C) or
     ``diverged (...)``."""
-    from tqdm.auto import tqdm
-
     a, p = run.a, state.progress
     session_t0, session_start = time.perf_counter(), p.step
     status = "completed"
-    bar = tqdm(total=a.steps, initial=p.step, desc=f"{a.task}/{a.model}", unit="step", dynamic_ncols=True,
-               mininterval=1.0, disable=a.no_progress, file=sys.stderr)
+    bar = progress(total=a.steps, initial=p.step, desc=f"{a.task}/{a.model}", unit="step",
+                   enabled=not a.no_progress and run.dist.is_main, mininterval=1.0)
     state.model.train()
     try:
         while p.step < a.steps:
             t0 = time.perf_counter()
-            batch = run.task.train_batch(a.batch_size, state.data_rng).to(run.device)
-            loss, acc, aux = train_step(a, run.task, state, batch, run.autocast)
+            loss, acc, aux, tokens = train_step(run, state)
             if not math.isfinite(loss):
                 status = f"diverged (loss {loss} at step {p.step + 1})"
                 break
             if run.device.type == "cuda":
                 torch.cuda.synchronize(run.device)
-            p.add_step(loss, acc, aux, batch.num_tokens, time.perf_counter() - t0)
+            p.add_step(loss, acc, aux, tokens, time.perf_counter() - t0)
             if p.step % a.log_every == 0 or p.step == a.steps:
                 p.log_train(state.scheduler.get_last_lr()[0], with_aux=a.model == "nstm")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}",
                             tok_s=f"{p.tokens / max(p.train_time_s, 1e-9):,.0f}", refresh=False)
             if a.eval_every and p.step % a.eval_every == 0 and p.step < a.steps:
-                bar.write(f"step {p.step}: " + _summary(run.evaluate(state)))
+                m = run.evaluate(state)
+                if run.dist.is_main:
+                    bar.write(f"step {p.step}: " + _summary(m))
                 run.write_results(state, None, "running")
+                state.model.train()
             if a.ckpt_every and p.step % a.ckpt_every == 0 and p.step < a.steps:
                 run.save_checkpoint(state)
             if a.stop_after is not None and p.step - session_start >= a.stop_after and p.step < a.steps:
                 status = "stopped"
                 break
-            if a.time_budget is not None and time.perf_counter() - session_t0 >= a.time_budget:
+            over = a.time_budget is not None and time.perf_counter() - session_t0 >= a.time_budget
+            if run.dist.any(over, run.device):        # every process stops at the same step
                 status = "time_budget"
-                bar.write(f"time budget of {a.time_budget:g} s reached after step {p.step}")
+                if run.dist.is_main:
+                    bar.write(f"time budget of {a.time_budget:g} s reached after step {p.step}")
                 break
     except KeyboardInterrupt:
         status = "interrupted"
-        bar.write(f"interrupted at step {p.step}; evaluating and saving")
+        if run.dist.is_main:
+            bar.write(f"interrupted at step {p.step}; saving the checkpoint and results, then evaluating "
+                      "(a second Ctrl-C skips the evaluation; what was saved stays)")
     finally:
         bar.close()
     return status
 
 
 def finish(run: Run, state: runs.TrainState, status: str) -> Dict:
-    """The end of a session: the final evaluation, the checkpoint, ``--maps``, the curves and the
-    results JSON. Returns the final metrics."""
+    """The end of a session: the checkpoint and the results JSON first (so that nothing is lost if
+    the evaluation is interrupted), then the final evaluation, ``--maps``, the curves, and the
+    checkpoint and results again. Returns the final metrics (``status`` among them)."""
     a, p = run.a, state.progress
-    final_eval = run.evaluate(state)
+    run.save_checkpoint(state)
+    run.write_results(state, None, status)
+    try:
+        final_eval = run.evaluate(state)
+    except KeyboardInterrupt:
+        run.log(f"interrupted during the final evaluation: {run.files.ckpt} and {run.files.json} hold "
+                f"step {p.step} without it")
+        return {"step": p.step, "status": "interrupted"}
     run.save_checkpoint(state)
     last_train = p.history["train"][-1] if p.history["train"] else {}
     final = dict(final_eval, step=p.step, train_loss=last_train.get("loss"),
                  train_accuracy=last_train.get("accuracy"), tokens_per_s=p.tokens_per_s,
                  train_time_s=p.train_time_s, wall_time_s=time.perf_counter() - run.wall0,
                  param_count=run.header["param_count"], status=status)
+    if not run.dist.is_main:
+        return final
     more = {}
-    if a.maps:
+    if a.maps and a.model != "nstm":
+        more["maps"] = {"skipped": "--maps draws NSTM routing, slot and state-to-state maps; a Transformer "
+                                   "has none of them (its curves are drawn as usual)"}
+        run.log("--maps: nothing to draw for a Transformer (no slots or routing); curves only")
+    elif a.maps and a.fsdp:
+        more["maps"] = {"skipped": "--maps is not drawn under --fsdp: draw them from the checkpoint "
+                                   "in one process (--resume with --steps unchanged and --maps)"}
+    elif a.maps:
         try:
-            more["maps"] = runs.write_maps(state.model, run.spec, run.task, run.files.run_dir, run.device,
+            more["maps"] = runs.write_maps(run.raw, run.spec, run.task, run.files.run_dir, run.device,
                                            run.autocast, run.eval_batch_size, a.eval_batches,
                                            a.prune_threshold, final_eval)
         except ImportError as e:
@@ -488,28 +639,43 @@ def finish(run: Run, state: runs.TrainState, status: str) -> Dict:
     except ImportError as e:  # pragma: no cover - matplotlib missing
         more["curves"] = f"not drawn: {e}"
     run.write_results(state, final, status, **more)
-    print(f"{status} at step {p.step}: {_summary(final_eval)} | {final['tokens_per_s'] or 0:,.0f} tokens/s | "
-          f"wrote {run.files.json}", file=sys.stderr)
+    run.log(f"{status} at step {p.step}: {_summary(final_eval)} | {final['tokens_per_s'] or 0:,.0f} tokens/s | "
+            f"wrote {run.files.json}")
     return final
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
-    """Run the CLI; returns the final metrics dict (also written to ``<out>/<task>/<run>.json``)."""
+    """Run the CLI; returns the final metrics dict (also written to ``<out>/<task>/<run>.json``),
+    with ``status`` (``completed``, ``interrupted``, ...). Under torchrun every process runs this."""
     wall0 = time.perf_counter()
     ap, a = parse_args(argv)
-    run, state = setup(ap, a, wall0)
-    h = run.header
-    print(f"{a.model} {h['param_count'] / 1e6:.3f}M params | task {a.task} ({run.task.kind}, metric "
-          f"{run.task.metric}) | {h['device_name']}, amp {h['resolved']['amp']} | run {run.files.json}"
-          + (f" | resumed at step {h['resumed_at_step']}" if h["resumed_from"] else ""), file=sys.stderr)
-    status = train(run, state)
-    return finish(run, state, status)
+    try:
+        dist = distributed.init(a.device)
+    except (RuntimeError, ValueError) as e:
+        ap.error(f"torch.distributed: {e}")
+    try:
+        run, state = setup(ap, a, wall0, dist)
+        h = run.header
+        run.log(f"{a.model} {h['param_count'] / 1e6:.3f}M params | task {a.task} ({run.task.kind}, metric "
+                f"{run.task.metric}) | {h['device_name']}, amp {h['resolved']['amp']}"
+                + (f" | {dist.world} processes ({h['resolved']['parallel']})" if dist.active else "")
+                + f" | run {run.files.json}"
+                + (f" | resumed at step {h['resumed_at_step']}" if h["resumed_from"] else ""))
+        status = train(run, state)
+        return finish(run, state, status)
+    finally:
+        dist.close()
 
 
 def cli() -> int:
-    """Console-script entry point (``nstm-train``): runs ``main`` and exits 0."""
-    main()
-    return 0
+    """Console-script entry point (``nstm-train``): 0 when the run ended normally, 130 when it was
+    interrupted (Ctrl-C; the checkpoint and results were saved first), 2 for bad arguments."""
+    try:
+        final = main()
+    except KeyboardInterrupt:            # before training started: nothing to save
+        print("nstm-train: interrupted", file=sys.stderr)
+        return 130
+    return 130 if final.get("status") == "interrupted" else 0
 
 
 if __name__ == "__main__":

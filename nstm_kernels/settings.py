@@ -19,6 +19,7 @@ environment variable only overrides an argument left at None, and is read when t
 | ``NSTM_CPU_BUILD_DIR`` | where the C++ CPU kernel is built | ``~/.cache/nstm_kernels/...`` |
 | ``NSTM_CPU_REBUILD=1`` | rebuild the C++ CPU kernel from scratch | |
 | ``NSTM_CPU_VERBOSE=1`` | show the compiler's output | |
+| ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` | ``nstm-train`` under ``torchrun`` (torch.distributed's own variables) | |
 | ``NSTM_PROGRESS`` | progress bars (``nstm.progress``) | unset: at a terminal, 1: always, 0: never |
 """
 from __future__ import annotations
@@ -112,3 +113,19 @@ def progress_override() -> Optional[bool]:
     if value not in ("0", "1"):
         raise ValueError(f"NSTM_PROGRESS must be 0 or 1, got {value!r}")
     return value == "1"
+
+
+def distributed_env() -> Optional[tuple]:
+    """``(rank, local_rank, world_size)`` when this process was started by ``torchrun`` (or any
+    launcher that sets torch.distributed's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``), else None."""
+    if _env("RANK") is None or _env("WORLD_SIZE") is None:
+        return None
+    try:
+        rank, world = int(_env("RANK")), int(_env("WORLD_SIZE"))
+        local = int(_env("LOCAL_RANK") or rank)
+    except ValueError:
+        raise ValueError(f"RANK, LOCAL_RANK and WORLD_SIZE must be integers, got RANK={_env('RANK')!r}, "
+                         f"LOCAL_RANK={_env('LOCAL_RANK')!r}, WORLD_SIZE={_env('WORLD_SIZE')!r}") from None
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK must be in [0, WORLD_SIZE), got RANK={rank}, WORLD_SIZE={world}")
+    return rank, local, world

@@ -27,6 +27,12 @@ def run(tmp_path, *args, steps=2):
     return main(["--out", str(tmp_path), "--steps", str(steps), *TINY, *map(str, args)])
 
 
+def name_of(out, task):
+    """The name of the one run under ``out/task`` (the default name spells out the settings)."""
+    [json_file] = (out / task).glob("*.json")
+    return json_file.stem
+
+
 def results(tmp_path, task, run_name):
     with open(tmp_path / task / f"{run_name}.json") as f:
         return json.load(f)
@@ -165,7 +171,7 @@ def test_smoke_synthetic_tasks(tmp_path, task, extra, model):
     final = run(tmp_path, "--task", task, "--model", model, *extra)
     assert final["step"] == 2 and final["status"] == "completed"
     assert 0 <= final["accuracy"] <= 1 and final["loss"] > 0
-    r = results(tmp_path, task, f"{model}-d16-l1-s0")
+    r = results(tmp_path, task, name_of(tmp_path, task))
     if task == "copy":
         assert {"L4/accuracy", "L16/accuracy"} <= set(r["final"])
     if task == "passkey":
@@ -184,7 +190,7 @@ def test_smoke_shakespeare(tmp_path, monkeypatch, model):
     fake_shakespeare(monkeypatch)
     final = run(tmp_path, "--task", "shakespeare", "--model", model, "--seq-len", "16")
     assert final["bpc"] == pytest.approx(final["loss"] / 0.6931471805599453)
-    ck = load_checkpoint(tmp_path / "shakespeare" / f"{model}-d16-l1-s0" / "ckpt.pt")
+    ck = load_checkpoint(tmp_path / "shakespeare" / name_of(tmp_path, "shakespeare") / "ckpt.pt")
     assert ck["extra"]["task_state"]["vocab"]["chars"][0] == " "      # the vocabulary travels along
 
 
@@ -220,10 +226,72 @@ def test_maps_and_pruning_report(tmp_path):
     assert "prune/loss_after" in final
 
 
+def test_maps_default_threshold_prunes_about_a_quarter_and_transformer_maps_are_skipped(tmp_path):
+    run(tmp_path, "--task", "mqar", "--num-pairs", "4", "--vocab", "16", "--run-name", "m", "--num-states", "8",
+        "--maps", steps=3)
+    p = results(tmp_path, "mqar", "m")["maps"]["prune"]
+    assert p["threshold_is"].startswith("the 25th percentile")
+    assert all(r["before"] == 8 and 4 <= r["after"] <= 8 for r in p["slots"])
+    final = run(tmp_path, "--task", "mqar", "--num-pairs", "4", "--vocab", "16", "--run-name", "t",
+                "--model", "transformer", "--maps", steps=1)
+    assert final["status"] == "completed"
+    assert "Transformer" in results(tmp_path, "mqar", "t")["maps"]["skipped"]
+
+
+def test_an_existing_run_is_never_replaced_silently(tmp_path, capsys):
+    args = ["--task", "copy", "--seq-len", "3", "--vocab", "8"]
+    run(tmp_path, *args, steps=3)
+    name = name_of(tmp_path, "copy")
+    before = (tmp_path / "copy" / f"{name}.json").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, *args, steps=1)
+    assert e.value.code == 2 and "exists" in capsys.readouterr().err
+    assert (tmp_path / "copy" / f"{name}.json").read_bytes() == before
+    assert run(tmp_path, *args, "--lr", "1e-3", steps=1)["status"] == "completed"   # another lr: another run
+    assert len(list((tmp_path / "copy").glob("*.json"))) == 2
+    assert run(tmp_path, *args, "--overwrite", steps=1)["step"] == 1
+    assert results(tmp_path, "copy", name)["steps_done"] == 1
+
+
+def test_interrupt_saves_first_and_exits_130(tmp_path, monkeypatch):
+    import nstm.train as train_mod
+    calls = {"n": 0}
+    real = train_mod.train_step
+
+    def step_then_ctrl_c(run_, state):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(run_, state)
+    monkeypatch.setattr(train_mod, "train_step", step_then_ctrl_c)
+    real_eval = train_mod.Run.evaluate
+
+    def eval_interrupted(self, state):          # a second Ctrl-C, during the final evaluation
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_mod.Run, "evaluate", eval_interrupted)
+    argv = ["--out", str(tmp_path), "--steps", "10", *TINY, "--task", "copy", "--seq-len", "3", "--vocab", "8"]
+    monkeypatch.setattr(sys, "argv", ["nstm-train", *argv])
+    assert train_mod.cli() == 130
+    name = name_of(tmp_path, "copy")
+    r = results(tmp_path, "copy", name)
+    assert r["status"] == "interrupted" and r["steps_done"] == 2 and r["final"] is None
+    assert load_checkpoint(tmp_path / "copy" / name / "ckpt.pt")["step"] == 2
+    monkeypatch.setattr(train_mod.Run, "evaluate", real_eval)
+    calls["n"] = -100
+    final = run(tmp_path, "--task", "copy", "--seq-len", "3", "--vocab", "8", "--resume", "auto", steps=10)
+    assert final["status"] == "completed" and final["step"] == 10
+
+
+def test_help_shows_defaults():
+    from nstm.train import build_parser
+    text = build_parser().format_help()
+    assert "(default: 1000)" in text and "(default: 200)" in text and "shakespeare" in text
+
+
 def test_time_budget_stops_cleanly(tmp_path):
     final = run(tmp_path, "--task", "copy", "--seq-len", "3", "--vocab", "8", "--time-budget", "1e-6", steps=50)
     assert final["status"] == "time_budget" and final["step"] == 1
-    assert (tmp_path / "copy" / "nstm-d16-l1-s0" / "ckpt.pt").exists()
+    assert (tmp_path / "copy" / name_of(tmp_path, "copy") / "ckpt.pt").exists()
 
 
 # ---- checkpoints and resume -----------------------------------------------------------------------
@@ -232,16 +300,16 @@ def test_resume_equals_straight_run(tmp_path, model):
     args = ["--task", "mqar", "--num-pairs", "3", "--vocab", "16", "--model", model, "--warmup", "2"]
     a = run(tmp_path / "a", *args, steps=6)
     run(tmp_path / "b", *args, "--stop-after", "3", steps=6)
-    rb = results(tmp_path / "b", "mqar", f"{model}-d16-l1-s0")
+    rb = results(tmp_path / "b", "mqar", name_of(tmp_path / "b", "mqar"))
     assert rb["status"] == "stopped" and rb["steps_done"] == 3
     b = run(tmp_path / "b", *args, "--resume", "auto", steps=6)
     assert b["step"] == a["step"] == 6
-    name = f"{model}-d16-l1-s0"
+    name = name_of(tmp_path / "a", "mqar")
     ra, rb = results(tmp_path / "a", "mqar", name), results(tmp_path / "b", "mqar", name)
     assert [h["loss"] for h in ra["history"]["train"]] == [h["loss"] for h in rb["history"]["train"]]
     assert rb["resumed_at_step"] == 3
-    pa = load_checkpoint(tmp_path / "a" / "mqar" / f"{model}-d16-l1-s0" / "ckpt.pt")
-    pb = load_checkpoint(tmp_path / "b" / "mqar" / f"{model}-d16-l1-s0" / "ckpt.pt")
+    pa = load_checkpoint(tmp_path / "a" / "mqar" / name / "ckpt.pt")
+    pb = load_checkpoint(tmp_path / "b" / "mqar" / name / "ckpt.pt")
     assert pa["step"] == pb["step"] == 6
     for k in pa["model"]:
         assert torch.equal(pa["model"][k], pb["model"][k]), k
@@ -318,7 +386,8 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     (["--task", "copy", "--lr", "-1"], "--lr"),
     (["--task", "copy", "--min-lr", "1", "--lr", "0.1"], "--min-lr"),
     (["--task", "copy", "--amp", "fp16", "--device", "cpu"], "fp16 needs a CUDA"),
-    (["--task", "copy", "--maps", "--model", "transformer"], "needs --model nstm"),
+    (["--task", "copy", "--backend", "bogus"], "invalid choice: 'bogus'"),
+    (["--task", "copy", "--grad-accum", "0"], "--grad-accum must be >= 1"),
     (["--task", "cifar10"], "--data-path"),
     (["--task", "copy", "--eval-batches", "0"], "data-backed"),
     (["--task", "copy", "--warmup", "5", "--steps", "5"], "--warmup"),
