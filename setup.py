@@ -32,7 +32,7 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "ninja", "ruff==0.17.6", *PLOTS, *HF],
     },
     entry_points={"console_scripts": [
-        "nstm-demo=nstm.demo:main",
+        "nstm-demo=nstm.demo:cli",
         "nstm-train=nstm.train:cli",
         "nstm-sample=nstm.sample:main",
     ]},

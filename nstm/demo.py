@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import NSTMLM
+from .progress import progress
 from .tasks import IGNORE, copy_batch, masked_accuracy, mqar_batch
 
 
@@ -52,11 +53,8 @@ def main(argv=None):
     ap.add_argument("--comm-every", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out/demo")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as e:
-        raise SystemExit("the demo needs tqdm and matplotlib: pip install 'nstm-kernels[tools]'") from e
     from . import plots
 
     torch.manual_seed(args.seed)
@@ -70,7 +68,7 @@ def main(argv=None):
     chance = 1.0 / (args.vocab - args.vocab // 2 if args.task == "mqar" else args.vocab - 1)
     history = {"step": [], "loss": [], "accuracy": []}
     tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(range(args.steps), desc="training", unit="step", mininterval=1.0)
+    bar = progress(range(args.steps), desc="training", unit="step", mininterval=1.0, enabled=not args.no_progress)
     for step in bar:
         x, y = make_batch(args.task, args.batch, args.size, args.vocab, gen)
         logits = model(x)
@@ -101,14 +99,18 @@ def main(argv=None):
         x, _ = make_batch(args.task, 1, args.size, args.vocab, torch.Generator().manual_seed(7))
         maps = model(x, return_maps=True).maps
     layer0 = model.nstm_layers()[0]
-    paths = [
-        plots.routing_map(maps[0]["indices"], maps[0]["weights"], layer0.num_states,
-                          os.path.join(args.out, "routing_map.png"),
-                          title=f"Layer 0 routing on one {args.task} sequence (write weight per slot)"),
-        plots.slot_usage(layer0.states.usage, os.path.join(args.out, "slot_usage.png"),
-                         title="Layer 0 slot usage over training"),
-        plots.curves(history, os.path.join(args.out, "training.png"), title=f"{args.task} training"),
-    ]
+    try:
+        paths = [
+            plots.routing_map(maps[0]["indices"], maps[0]["weights"], layer0.num_states,
+                              os.path.join(args.out, "routing_map.png"),
+                              title=f"Layer 0 routing on one {args.task} sequence (write weight per slot)"),
+            plots.slot_usage(layer0.states.usage, os.path.join(args.out, "slot_usage.png"),
+                             title="Layer 0 slot usage over training"),
+            plots.curves(history, os.path.join(args.out, "training.png"), title=f"{args.task} training"),
+        ]
+    except ImportError as e:          # a plain `pip install`: no matplotlib, the numbers still come
+        print(f"no plots: {e}")
+        paths = []
     summary = {"task": args.task, "accuracy": acc, "chance": chance, "steps": len(history["step"]),
                "train_seconds": train_s, "tokens_per_second": tokens / train_s, "params": n_params,
                "config": vars(args)}
@@ -121,5 +123,12 @@ def main(argv=None):
     return summary
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Console-script entry point (``nstm-demo``): runs ``main`` and exits 0 (``main`` returns the
+    summary dict, which as an exit status would read as a failure)."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

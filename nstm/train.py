@@ -351,7 +351,8 @@ class Run:
     def evaluate(self, state: runs.TrainState) -> Dict[str, float]:
         m = {}
         if self.evaluates:
-            m = self.task.evaluate(self.raw, self.eval_batch_size, self.a.eval_batches, self.device, self.autocast)
+            m = self.task.evaluate(self.raw, self.eval_batch_size, self.a.eval_batches, self.device, self.autocast,
+                                   show_progress=not self.a.no_progress and self.dist.is_main)
             state.progress.log_eval(m)
         return m
 

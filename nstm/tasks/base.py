@@ -118,10 +118,13 @@ class Task:
 
     @torch.no_grad()
     def evaluate(self, model, batch_size: int, num_batches: int, device=None,
-                 autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None) -> Dict[str, float]:
+                 autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
+                 show_progress: bool = False) -> Dict[str, float]:
         """Loss and accuracy on every evaluation set, as ``"<set>/loss"``, ``"<set>/accuracy"`` (lm:
         also ``"<set>/exact"``, the share of sequences with every scored token right; text: ``bpc`` or
-        ``ppl``); the first set's values also without prefix. Restores the model's training mode."""
+        ``ppl``); the first set's values also without prefix. Restores the model's training mode.
+        ``show_progress``: a bar per set (``nstm.progress``: only at a terminal)."""
+        from ..progress import progress
         device = next(model.parameters()).device if device is None else torch.device(device)
         autocast = autocast or contextlib.nullcontext
         was_training = model.training
@@ -130,7 +133,8 @@ class Task:
         try:
             for i, (name, batches) in enumerate(self.eval_batches(batch_size, num_batches).items()):
                 loss_sum, count, correct, seqs, exact = 0.0, 0, 0, 0, 0
-                for batch in batches:
+                for batch in progress(batches, desc=f"eval {name}", unit="batch", leave=False,
+                                      total=num_batches if num_batches > 0 else None, enabled=show_progress):
                     batch = batch.to(device)
                     with autocast():
                         logits = self.logits(model, batch)

@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SOURCES = ("setup.py", "pyproject.toml", "README.md", "LICENSE", "setup.cfg", "MANIFEST.in",
            "nstm", "nstm_kernels", "csrc")
 CSRC_PATTERNS = (".cu", ".cuh", ".h", ".cpp", ".md")     # setup.py's package_data for csrc
-SCRIPTS = {"nstm-demo": "nstm.demo:main", "nstm-train": "nstm.train:cli", "nstm-sample": "nstm.sample:main"}
+SCRIPTS = {"nstm-demo": "nstm.demo:cli", "nstm-train": "nstm.train:cli", "nstm-sample": "nstm.sample:main"}
 KERNEL_LOG = "the C++ CPU kernel is not used"
 
 pytestmark = pytest.mark.slow
@@ -204,4 +204,13 @@ def test_wheel_installs_and_runs_on_cpu_without_triton_or_compiler(wheel, tmp_pa
     for script in ("nstm-train", "nstm-demo") + (("nstm-sample",) if has_sample else ()):
         p = _run([str(bindir / script), "--help"], env=run_env, cwd=str(tmp_path))
         assert p.returncode == 0 and "usage" in p.stdout.lower(), (script, _tail(p))
+    # the entry points run for real after a plain install: no matplotlib, so no plots, but numbers
+    p = _run([str(bindir / "nstm-demo"), "--steps", "2", "--batch", "4", "--out", str(tmp_path / "demo")],
+             env=run_env, cwd=str(tmp_path))
+    assert p.returncode == 0 and "no plots" in p.stdout, _tail(p, 3000)
+    assert (tmp_path / "demo" / "summary.json").is_file()
+    p = _run([str(bindir / "nstm-train"), "--task", "copy", "--steps", "2", "--d-model", "16", "--n-layers", "1",
+              "--num-heads", "2", "--num-states", "4", "--top-k", "2", "--batch-size", "2", "--eval-batches", "1",
+              "--out", str(tmp_path / "runs"), "--run-name", "r"], env=run_env, cwd=str(tmp_path))
+    assert p.returncode == 0 and (tmp_path / "runs" / "copy" / "r" / "ckpt.pt").is_file(), _tail(p, 3000)
     print(f"\nfresh CPU env with the wheel: {_du(env_dir) / 2 ** 20:.0f} MiB")
