@@ -14,7 +14,8 @@ launch is then compiled with ``triton.compile`` for that target (Triton's bundle
 
 Output: a table per launch (kernel, target, shape, dtype, warps, registers, stack bytes, shared
 memory, and on which GPUs that shared memory fits), written to
-``bench/results/compile-<commit>.{md,json}``. Exit status 1 when a kernel fails to compile or
+``bench/results/compile-<commit>-<date>.{md,json}`` (``-2``, ``-3``, ... added when such files
+exist, so nothing is overwritten). Exit status 1 when a kernel fails to compile or
 needs more shared memory than its target has and no other Triton kernel takes its place there
 (``TRITON_FALLBACK``); spills are reported, not failed (they cost speed, not correctness).
 """
@@ -41,7 +42,7 @@ import triton  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import atomic_write, cpu_name, git_commit  # noqa: E402
+from common import atomic_write, cpu_name, git_commit, result_stem, run_date  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -330,8 +331,8 @@ def main(argv=None) -> int:
     commit = git_commit()
     meta = dict(commit=commit, triton=triton.__version__, host=cpu_name(),
                 top_k=args.top_k, s2s=not args.no_s2s, elapsed_s=time.perf_counter() - t0)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"compile-{commit}" + (f"-{args.tag}" if args.tag else ""))
+    stem = result_stem(args.out, f"compile-{commit}-{run_date()}" + (f"-{args.tag}" if args.tag else ""),
+                       [".json", ".md"])
     md = markdown(rows, meta)
     atomic_write(stem + ".json", json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
     atomic_write(stem + ".md", md)
