@@ -35,5 +35,6 @@ setup(
         "nstm-demo=nstm.demo:cli",
         "nstm-train=nstm.train:cli",
         "nstm-sample=nstm.sample:main",
+        "nstm-study=nstm.study:main",
     ]},
 )

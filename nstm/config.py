@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 # the fields that describe one NSTMLayer (the rest are the model's)
-LAYER_FIELDS = ("num_states", "top_k", "comm_every", "head_dim", "conv_size", "use_s2s", "backend")
+LAYER_FIELDS = ("num_states", "top_k", "comm_every", "head_dim", "conv_size", "use_s2s", "backend",
+                "write_pointer")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class NSTMConfig:
         conv_size: width of the short causal conv on q, k, v (0: none).
         use_s2s: include the state-to-state attention.
         backend: operator backend (None: the fastest for the tensors' device).
+        write_pointer: period of the position-aware write (0: content-only routing).
     Model:
         n_layers: NSTM blocks.
         mlp_ratio: SwiGLU hidden size over d_model.
@@ -49,6 +51,7 @@ class NSTMConfig:
     conv_size: int = 4
     use_s2s: bool = True
     backend: Optional[str] = None
+    write_pointer: int = 0
     n_layers: int = 4
     mlp_ratio: float = 4.0
     vocab_size: Optional[int] = None

@@ -107,6 +107,7 @@ class NSTMHFConfig(PreTrainedConfig):
     use_s2s: bool = True
     tie_word_embeddings: bool = True
     backend: Optional[str] = None
+    write_pointer: int = 0
     use_cache: bool = True
     pad_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
@@ -120,7 +121,7 @@ class NSTMHFConfig(PreTrainedConfig):
         if self.vocab_size is not None:
             _check_int("vocab_size", self.vocab_size, 1)
         for name, low in (("d_model", 1), ("num_layers", 1), ("num_heads", 1), ("num_states", 1),
-                          ("top_k", 1), ("comm_every", 1), ("conv_size", 0)):
+                          ("top_k", 1), ("comm_every", 1), ("conv_size", 0), ("write_pointer", 0)):
             _check_int(name, getattr(self, name), low)
         if self.top_k > self.num_states:
             raise ValueError(f"top_k must be <= num_states ({self.num_states}), got {self.top_k}")
@@ -144,7 +145,8 @@ class NSTMHFConfig(PreTrainedConfig):
         return ProjectConfig(d_model=self.d_model, num_heads=self.num_heads, num_states=self.num_states,
                              top_k=self.top_k, comm_every=self.comm_every, head_dim=self.head_dim,
                              conv_size=self.conv_size, use_s2s=self.use_s2s, backend=self.backend,
-                             n_layers=self.num_layers, mlp_ratio=self.mlp_ratio, vocab_size=self.vocab_size,
+                             write_pointer=self.write_pointer, n_layers=self.num_layers, mlp_ratio=self.mlp_ratio,
+                             vocab_size=self.vocab_size,
                              tie_weights=self.tie_word_embeddings)
 
     @classmethod

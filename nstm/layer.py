@@ -65,6 +65,10 @@ class NSTMLayer(nn.Module):
         conv_size: width of the causal depthwise conv on q, k, v (0 disables it).
         use_s2s: include the state-to-state attention.
         backend: operator backend (None: the fastest for the device; see ``nstm_kernels``).
+        write_pointer: period P of the position-aware write (0: content-only routing). The route
+            logits of the token at absolute position ``tau`` get a learned bias row ``tau mod P``
+            that starts as a pointer sweeping the slots once per period, so equal tokens at
+            different positions write to different slots (``TokenToStateRouter``).
 
     Example::
 
@@ -81,11 +85,12 @@ class NSTMLayer(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, num_states: int = 64, top_k: int = 8,
                  comm_every: int = 64, head_dim: Optional[int] = None, conv_size: int = 4,
-                 use_s2s: bool = True, backend: Optional[str] = None):
+                 use_s2s: bool = True, backend: Optional[str] = None, write_pointer: int = 0):
         super().__init__()
         for name, val, low in (("d_model", d_model, 1), ("num_heads", num_heads, 1),
                                ("num_states", num_states, 1), ("top_k", top_k, 1),
-                               ("comm_every", comm_every, 1), ("conv_size", conv_size, 0)):
+                               ("comm_every", comm_every, 1), ("conv_size", conv_size, 0),
+                               ("write_pointer", write_pointer, 0)):
             if isinstance(val, bool) or not isinstance(val, int) or val < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {val!r}")
         if top_k > num_states:
@@ -100,7 +105,7 @@ class NSTMLayer(nn.Module):
         H, K = num_heads, head_dim
         self.qkv_dim = 3 * H * K
         self.in_proj = nn.Linear(d_model, self.qkv_dim + H * K, bias=False)   # q, k, v and z
-        self.router = TokenToStateRouter(d_model, num_heads, num_states)
+        self.router = TokenToStateRouter(d_model, num_heads, num_states, pointer_period=write_pointer)
         self.states = StateManager(num_heads, num_states, K, K)
         self.states.attach_router(self.router)
         self.s2s = StateToStateAttention(num_heads, K) if use_s2s else None
@@ -122,14 +127,16 @@ class NSTMLayer(nn.Module):
         return NSTMConfig(d_model=self.d_model, num_heads=self.num_heads, num_states=self.num_states,
                           top_k=self.top_k, comm_every=self.comm_every, head_dim=self.head_dim,
                           conv_size=0 if self.conv is None else self.conv.width,
-                          use_s2s=self.s2s is not None, backend=self.backend)
+                          use_s2s=self.s2s is not None, backend=self.backend,
+                          write_pointer=self.router.pointer_period)
 
     @property
     def num_states(self) -> int:
         return self.states.num_states
 
-    def _project(self, x: torch.Tensor):
-        """The input projections: q, k, v, z (one matmul) and route logits and write gates (one).
+    def _project(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None):
+        """The input projections: q, k, v, z (one matmul) and route logits and write gates (one);
+        with a write pointer, the bias of the tokens' absolute ``positions`` (``x.shape[:-1]``).
 
         Two matmuls, not one over concatenated weights: the concatenation copied both weight
         matrices on every call, a fifth of a decode step's time on the CPU (bench/NOTES.md)."""
@@ -137,7 +144,24 @@ class NSTMLayer(nn.Module):
         qkv, z = F.linear(x, self.in_proj.weight.to(x.dtype)).split([self.qkv_dim, H * K], dim=-1)
         r = F.linear(x, self.router.weight.to(x.dtype), self.router.bias.to(x.dtype))
         logits, gate = self.router.split(r, self.states.log_importance())
+        if self.router.pointer is not None:
+            logits = logits + self.router.position_bias(positions, logits.dtype)
         return qkv, z, logits, gate
+
+    def _positions(self, x: torch.Tensor, pos, cu_seqlens=None) -> Optional[torch.Tensor]:
+        """Absolute position of every token of ``x [B, T, D]`` (``[B, T]`` int64), from the start
+        positions ``pos`` (int or per-row tensor; per document when packed); None without a pointer."""
+        if self.router.pointer is None:
+            return None
+        B, T = x.shape[:2]
+        t = torch.arange(T, device=x.device)
+        start = pos.to(x.device).long() if isinstance(pos, torch.Tensor) else torch.tensor(int(pos), device=x.device)
+        if cu_seqlens is None:
+            return start.reshape(-1, 1) + t if start.dim() else (start + t).expand(B, T)
+        cu = cu_seqlens.to(x.device).long()
+        doc = torch.searchsorted(cu[1:], t, right=True)                  # the document of each token
+        start = start.expand(cu.numel() - 1) if not start.dim() else start.reshape(-1).expand(cu.numel() - 1)
+        return (t - cu[doc] + start[doc]).unsqueeze(0)
 
     def _validate(self, x: torch.Tensor, state, step: bool, cu_seqlens=None) -> int:
         """Check ``x`` and ``state``; returns the number of streams (B, or N when packed)."""
@@ -215,12 +239,12 @@ class NSTMLayer(nn.Module):
                              "documents as a padded batch or one at a time to draw their maps")
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
-        qkv, z, logits, gate = self._project(x)
+        op_state = self.states.initial_state(streams) if state is None else state.op
+        qkv, z, logits, gate = self._project(x, self._positions(x, op_state.pos, cu_seqlens))
         conv_cache = None
         if self.conv is not None:
             qkv, conv_cache = self.conv(qkv, None if state is None else state.conv, cu_seqlens=cu_seqlens)
         q, k, v = qkv.unflatten(-1, (3, H, K)).unbind(2)
-        op_state = self.states.initial_state(streams) if state is None else state.op
         s2s = self.s2s.params() if self.s2s is not None else None
         top_k = min(self.top_k, self.num_states)
         args = (q, k, v, logits, gate, top_k, s2s, self.comm_every, op_state, return_state)
@@ -259,7 +283,12 @@ class NSTMLayer(nn.Module):
             squeeze = x.dim() == 3
             x2 = x[:, 0] if squeeze else x
             H, K = self.num_heads, self.head_dim
-            qkv, z, logits, gate = self._project(x2)
+            positions = None
+            if self.router.pointer is not None:
+                pos = state.op.pos
+                positions = (pos.to(x2.device).long() if isinstance(pos, torch.Tensor)
+                             else torch.tensor(int(pos), device=x2.device)).reshape(-1).expand(x2.shape[0])
+            qkv, z, logits, gate = self._project(x2, positions)
             conv_cache = None
             if self.conv is not None:
                 qkv, conv_cache = self.conv(qkv.unsqueeze(1), state.conv)
@@ -283,4 +312,5 @@ class NSTMLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, num_states={self.num_states}, "
-                f"top_k={self.top_k}, comm_every={self.comm_every}, head_dim={self.head_dim}")
+                f"top_k={self.top_k}, comm_every={self.comm_every}, head_dim={self.head_dim}"
+                + (f", write_pointer={self.router.pointer_period}" if self.router.pointer is not None else ""))

@@ -139,14 +139,15 @@ class NSTMLM(GenerateMixin, _NSTMStack):
     def __init__(self, vocab_size: int, d_model: int = 256, n_layers: int = 4, num_heads: int = 4,
                  num_states: int = 64, top_k: int = 8, comm_every: int = 64,
                  head_dim: Optional[int] = None, conv_size: int = 4, mlp_ratio: float = 4.0,
-                 use_s2s: bool = True, tie_weights: bool = True, backend: Optional[str] = None):
+                 use_s2s: bool = True, tie_weights: bool = True, backend: Optional[str] = None,
+                 write_pointer: int = 0):
         super().__init__()
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
         self.vocab_size = vocab_size
         self.config = NSTMConfig(d_model=d_model, num_heads=num_heads, num_states=num_states, top_k=top_k,
                                  comm_every=comm_every, head_dim=head_dim, conv_size=conv_size,
-                                 use_s2s=use_s2s, backend=backend, n_layers=n_layers,
+                                 use_s2s=use_s2s, backend=backend, write_pointer=write_pointer, n_layers=n_layers,
                                  mlp_ratio=mlp_ratio, vocab_size=vocab_size, tie_weights=tie_weights)
         self.embed = nn.Embedding(vocab_size, d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -264,7 +265,8 @@ class NSTMClassifier(_NSTMStack):
                  vocab_size: Optional[int] = None, d_model: int = 128, n_layers: int = 2,
                  num_heads: int = 4, num_states: int = 32, top_k: int = 4, comm_every: int = 64,
                  head_dim: Optional[int] = None, conv_size: int = 4, mlp_ratio: float = 4.0,
-                 use_s2s: bool = True, pool: str = "mean", backend: Optional[str] = None):
+                 use_s2s: bool = True, pool: str = "mean", backend: Optional[str] = None,
+                 write_pointer: int = 0):
         super().__init__()
         if (input_dim is None) == (vocab_size is None):
             raise ValueError("give exactly one of input_dim (continuous inputs) or vocab_size (token ids)")
@@ -274,7 +276,7 @@ class NSTMClassifier(_NSTMStack):
         self.num_classes = num_classes
         self.config = NSTMConfig(d_model=d_model, num_heads=num_heads, num_states=num_states, top_k=top_k,
                                  comm_every=comm_every, head_dim=head_dim, conv_size=conv_size,
-                                 use_s2s=use_s2s, backend=backend, n_layers=n_layers,
+                                 use_s2s=use_s2s, backend=backend, write_pointer=write_pointer, n_layers=n_layers,
                                  mlp_ratio=mlp_ratio, vocab_size=vocab_size, tie_weights=False)
         self.inp = nn.Linear(input_dim, d_model) if input_dim is not None else nn.Embedding(vocab_size, d_model)
         self._make_blocks(self.config)

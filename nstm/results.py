@@ -122,7 +122,7 @@ def task_table(task: str, runs: List[Dict]) -> str:
     if task == "copy":
         L = [(r.get("task_info") or {}).get("eval_lengths", [None, None]) for r in runs]
         rows = [_common(r) + [str(ls[0]), pct(_final(r).get(f"L{ls[0]}/accuracy")),
-                              pct(_final(r).get(f"L{ls[1]}/accuracy")), pct(_final(r).get(f"L{ls[1]}/exact"))]
+                              pct(_final(r).get(f"L{ls[-1]}/accuracy")), pct(_final(r).get(f"L{ls[-1]}/exact"))]
                 for r, ls in zip(runs, L)]
         return table(COMMON + ["L", "accuracy at L", "accuracy at 4L", "exact copies at 4L"], rows)
     if task == "passkey":

@@ -13,9 +13,20 @@ class TokenToStateRouter(nn.Module):
 
     The weight rows are laid out ``[H * S route logits | H write gates]``. ``NSTMLayer`` folds this
     weight into its one fused input projection; ``forward`` is the stand-alone form.
+
+    ``pointer_period = P > 0`` adds a position-aware write: a learned table ``pointer [H, P, S]``
+    whose row ``tau mod P`` is added to the route logits of the token at absolute position ``tau``.
+    It starts as a write pointer that sweeps the slots once per period
+    (``POINTER_SCALE * cos(2 pi (p / P - s / S))``), so tokens of equal content at different
+    positions start out writing to different slots; training keeps or reshapes it. The router
+    still reads only the input and the position, so the operator's contract and its chunk-parallel
+    form are unchanged.
     """
 
-    def __init__(self, d_model: int, num_heads: int, num_states: int, gate_bias: float = 0.0):
+    POINTER_SCALE = 2.0
+
+    def __init__(self, d_model: int, num_heads: int, num_states: int, gate_bias: float = 0.0,
+                 pointer_period: int = 0):
         super().__init__()
         self.num_heads, self.num_states = num_heads, num_states
         self.weight = nn.Parameter(torch.empty(num_heads * (num_states + 1), d_model))
@@ -23,6 +34,21 @@ class TokenToStateRouter(nn.Module):
         nn.init.normal_(self.weight, std=1.0 / math.sqrt(d_model))
         with torch.no_grad():
             self.bias[num_heads * num_states:] = gate_bias
+        self.pointer = None
+        if pointer_period > 0:
+            phase = torch.arange(pointer_period)[:, None] / pointer_period - torch.arange(num_states) / num_states
+            table = self.POINTER_SCALE * torch.cos(2 * math.pi * phase)             # [P, S]
+            self.pointer = nn.Parameter(table.expand(num_heads, -1, -1).clone())    # [H, P, S]
+
+    @property
+    def pointer_period(self) -> int:
+        return 0 if self.pointer is None else self.pointer.shape[1]
+
+    def position_bias(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Route-logit bias of the tokens at absolute ``positions`` (int64, any shape ``[...]``):
+        ``[..., H, S]``."""
+        rows = torch.remainder(positions, self.pointer.shape[1])
+        return self.pointer.to(dtype).transpose(0, 1)[rows]
 
     @property
     def out_features(self) -> int:
@@ -47,6 +73,9 @@ class TokenToStateRouter(nn.Module):
         rows = torch.cat([rows, torch.arange(H * S, H * (S + 1), device=keep.device)])
         self.weight = nn.Parameter(self.weight[rows].clone())
         self.bias = nn.Parameter(self.bias[rows].clone())
+        if self.pointer is not None:
+            idx = keep[:, None, :].expand(-1, self.pointer.shape[1], -1)
+            self.pointer = nn.Parameter(self.pointer.gather(2, idx).clone())
         self.num_states = keep.shape[1]
 
     @torch.no_grad()
@@ -60,3 +89,7 @@ class TokenToStateRouter(nn.Module):
         live = (~mask).float()
         live_mean = (b * live).sum(1, keepdim=True) / live.sum(1, keepdim=True).clamp(min=1)
         b.copy_(torch.where(mask, live_mean.expand_as(b), b))
+        if self.pointer is not None:           # the dead slots' pointer columns: the live mean
+            m = mask[:, None, :].expand_as(self.pointer)
+            live_p = (self.pointer * live[:, None, :]).sum(2, keepdim=True) / live.sum(1)[:, None, None].clamp(min=1)
+            self.pointer.copy_(torch.where(m, live_p.expand_as(self.pointer), self.pointer))

@@ -53,6 +53,10 @@ from .progress import progress
 from .runs import RESUME_MAY_CHANGE, SCHEMA  # noqa: F401  (re-exported)
 from .tasks.registry import TASKS, Task, build_task
 
+# --model: the NSTM settings each name fixes (None: the Transformer baseline). gsa also sets
+# top_k = num_states (dense routing): Gated Slot Attention is this operator with every slot written.
+MODELS = {"nstm": {}, "transformer": None, "nstm-no-s2s": {"use_s2s": False}, "gsa": {"use_s2s": False}}
+
 
 # ---- arguments ---------------------------------------------------------------------------------
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -95,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # the dests of the model flags are NSTMConfig field names (nstm_config reads them by name)
     g = ap.add_argument_group("model")
-    g.add_argument("--model", choices=["nstm", "transformer"], default="nstm")
+    g.add_argument("--model", choices=list(MODELS), default="nstm",
+                   help="nstm; transformer (rotary, the baseline); the ablations nstm-no-s2s (no "
+                        "state-to-state attention) and gsa (dense routing, top-k = S, no s2s: Gated Slot Attention)")
     g.add_argument("--d-model", type=int, default=128)
     g.add_argument("--n-layers", "--layers", dest="n_layers", type=int, default=2)
     g.add_argument("--num-heads", "--heads", dest="num_heads", type=int, default=4)
@@ -103,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=4, help="NSTM slots written per token")
     g.add_argument("--comm-every", type=int, default=64, help="NSTM state-to-state period")
     g.add_argument("--conv-size", type=int, default=4, help="NSTM short conv width (0: none)")
+    g.add_argument("--write-pointer", type=int, default=0, metavar="P",
+                   help="NSTM position-aware write: period P of the learned route bias (0: content-only routing)")
     g.add_argument("--no-s2s", dest="use_s2s", action="store_false",
                    help="NSTM without state-to-state attention")
     g.add_argument("--backend", default=None, choices=list(BACKENDS),
@@ -173,7 +181,7 @@ def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "grad_accum", "d_model", "n_layers", "num_heads", "num_states", "top_k",
                  "comm_every", "log_every", "eval_batch_size", "stop_after"):
         positive(name.replace("_", "-"), getattr(a, name))
-    for name in ("eval_every", "eval_batches", "ckpt_every", "conv_size", "warmup"):
+    for name in ("eval_every", "eval_batches", "ckpt_every", "conv_size", "warmup", "write_pointer"):
         positive(name.replace("_", "-"), getattr(a, name), 0)
     for name in ("seq_len", "vocab", "num_pairs", "min_len", "max_depth"):
         positive(name.replace("_", "-"), getattr(a, name))
@@ -267,6 +275,9 @@ def nstm_config(a, task: Task) -> NSTMConfig:
     """The NSTM model the flags describe for ``task``: every ``NSTMConfig`` field that is a flag
     (same name), the vocabulary from the task, tied embeddings for language models."""
     flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(NSTMConfig) if hasattr(a, f.name)}
+    flags.update(MODELS.get(a.model) or {})
+    if a.model == "gsa":
+        flags["top_k"] = a.num_states
     return NSTMConfig(**flags, vocab_size=task.vocab_size, tie_weights=task.kind == "lm")
 
 
@@ -281,7 +292,7 @@ def model_spec(a, task: Task) -> ModelSpec:
     else:
         nstm = ModelSpec("NSTMClassifier", cfg, dict(num_classes=task.num_classes, input_dim=task.input_dim,
                                                      pool=a.pool))
-    if a.model == "nstm":
+    if a.model != "transformer":
         return nstm
     if a.match_params:
         with torch.device("meta"):
@@ -384,10 +395,15 @@ def default_run_name(a) -> str:
     """A name that tells runs of a sweep apart: model and size, S/top-k/C for NSTM, lr, batch, the
     task's settings, packing, the seed."""
     parts = [a.model, f"d{a.d_model}", f"l{a.n_layers}"]
-    if a.model == "nstm":
-        parts += [f"S{a.num_states}", f"k{a.top_k}", f"C{a.comm_every}"]
-        if not a.use_s2s:
+    if a.model != "transformer":
+        parts += [f"S{a.num_states}"]
+        if a.model != "gsa":
+            parts += [f"k{a.top_k}"]
+        parts += [f"C{a.comm_every}"]
+        if not a.use_s2s and a.model == "nstm":
             parts.append("nos2s")
+        if a.write_pointer:
+            parts.append(f"wp{a.write_pointer}")
     parts += [f"lr{a.lr:g}", f"b{a.batch_size}"]
     if a.grad_accum > 1:
         parts.append(f"ga{a.grad_accum}")
@@ -510,7 +526,7 @@ def train_step(run: Run, state: runs.TrainState) -> Tuple[float, float, Optional
         with distributed.no_sync(model, skip=i < n - 1):
             with run.autocast():
                 loss, logits = task.loss(model, batch)
-                aux = run.raw.aux_loss if a.model == "nstm" and a.aux_weight > 0 else None
+                aux = run.raw.aux_loss if a.model != "transformer" and a.aux_weight > 0 else None
                 total = loss + a.aux_weight * aux if aux is not None else loss
             if scaler is not None:
                 scaler.scale(total / n).backward()
@@ -538,7 +554,7 @@ def train_step(run: Run, state: runs.TrainState) -> Tuple[float, float, Optional
     else:
         opt.step()
     state.scheduler.step()
-    return loss, acc, aux_mean if a.model == "nstm" and a.aux_weight > 0 else None, tokens * run.dist.world
+    return loss, acc, aux_mean if a.model != "transformer" and a.aux_weight > 0 else None, tokens * run.dist.world
 
 
 def train(run: Run, state: runs.TrainState) -> str:
@@ -563,7 +579,7 @@ def train(run: Run, state: runs.TrainState) -> str:
                 torch.cuda.synchronize(run.device)
             p.add_step(loss, acc, aux, tokens, time.perf_counter() - t0)
             if p.step % a.log_every == 0 or p.step == a.steps:
-                p.log_train(state.scheduler.get_last_lr()[0], with_aux=a.model == "nstm")
+                p.log_train(state.scheduler.get_last_lr()[0], with_aux=a.model != "transformer")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}",
                             tok_s=f"{p.tokens / max(p.train_time_s, 1e-9):,.0f}", refresh=False)
@@ -616,7 +632,7 @@ def finish(run: Run, state: runs.TrainState, status: str) -> Dict:
     if not run.dist.is_main:
         return final
     more = {}
-    if a.maps and a.model != "nstm":
+    if a.maps and a.model == "transformer":
         more["maps"] = {"skipped": "--maps draws NSTM routing, slot and state-to-state maps; a Transformer "
                                    "has none of them (its curves are drawn as usual)"}
         run.log("--maps: nothing to draw for a Transformer (no slots or routing); curves only")

@@ -129,3 +129,11 @@ def distributed_env() -> Optional[tuple]:
     if not 0 <= rank < world:
         raise ValueError(f"RANK must be in [0, WORLD_SIZE), got RANK={rank}, WORLD_SIZE={world}")
     return rank, local, world
+
+
+def child_env(**changes: str) -> dict:
+    """This process's environment with ``changes``, for a child process (``nstm.study`` starts
+    each training with its own thread count)."""
+    env = dict(os.environ)
+    env.update(changes)
+    return env

@@ -1,5 +1,6 @@
 """Image classification tasks, one pixel per step: ``smnist`` and ``psmnist`` (MNIST, 784 grey
-pixels; psMNIST with a fixed seeded permutation) and ``cifar10`` (1024 RGB pixels).
+pixels; psMNIST with a fixed seeded permutation) and ``cifar10`` (1024 RGB pixels); and
+``row-mnist``, one row of 28 pixels per step (28 steps of 28 inputs, the RNN benchmark).
 
 The readers (``nstm.data.mnist``, ``nstm.data.cifar10``) are looked up when a task is built.
 """
@@ -53,16 +54,22 @@ def _mnist_task(name: str, data_root="data") -> Task:
     xte, yte = mn.load_mnist(data_root, "test")
     perm = None
     info = {"data_root": str(data_root)}
+    channels = 28 if name == "row-mnist" else 1           # a row of 28 pixels per step, or one pixel
     if name == "psmnist":
         perm = torch.randperm(xtr[0].numel(), generator=torch.Generator().manual_seed(PSMNIST_SEED))
         info["permutation_seed"] = PSMNIST_SEED
     return image_task(name, torch.as_tensor(xtr), torch.as_tensor(ytr), torch.as_tensor(xte),
-                      torch.as_tensor(yte), 1, perm, info)
+                      torch.as_tensor(yte), channels, perm, info)
 
 
 def smnist_task(data_root="data", **_) -> Task:
     """Sequential MNIST (fetched into ``data_root`` when missing)."""
     return _mnist_task("smnist", data_root)
+
+
+def row_mnist_task(data_root="data", **_) -> Task:
+    """Row-by-row MNIST: 28 steps, each the 28 pixels of one row (in [0, 1])."""
+    return _mnist_task("row-mnist", data_root)
 
 
 def psmnist_task(data_root="data", **_) -> Task:

@@ -4,7 +4,7 @@
     available_tasks()                                          # ["copy", "mqar", ...]
 
 The builders live by kind: ``synthetic`` (copy, mqar, passkey), ``lra`` (listops, lra-listops),
-``images`` (smnist, psmnist, cifar10), ``text`` (shakespeare, wikitext2); ``base`` holds ``Task``,
+``images`` (smnist, row-mnist, psmnist, cifar10), ``text`` (shakespeare, wikitext2); ``base`` holds ``Task``,
 ``Batch`` and the evaluation loop. Data-backed builders look their readers up (``nstm.data.*``)
 when the task is built.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence
 
 from .base import EVAL_SEED, Batch, Task  # noqa: F401  (re-exported: nstm.tasks.registry.Task etc.)
-from .images import PSMNIST_SEED, cifar10_task, psmnist_task, smnist_task  # noqa: F401
+from .images import PSMNIST_SEED, cifar10_task, psmnist_task, row_mnist_task, smnist_task  # noqa: F401
 from .lra import listops_task, lra_listops_task
 from .synthetic import copy_task, mqar_task, passkey_task
 from .text import WIKITEXT_MIN_COUNT, shakespeare_task, text_file_task, wikitext_task  # noqa: F401
@@ -28,7 +28,7 @@ class TaskSpec:
 
 
 TASKS: Dict[str, TaskSpec] = {
-    "copy": TaskSpec(copy_task, "copy L random tokens after a separator; scored at L and 4L",
+    "copy": TaskSpec(copy_task, "copy L random tokens after a separator; scored at L, 2L and 4L",
                      ("seq_len", "vocab_size")),
     "mqar": TaskSpec(mqar_task, "multi-query associative recall (Zoology)", ("num_pairs", "vocab_size")),
     "passkey": TaskSpec(passkey_task, "retrieve a 5-digit passkey hidden in filler; train <= 2K, "
@@ -36,6 +36,7 @@ TASKS: Dict[str, TaskSpec] = {
     "listops": TaskSpec(listops_task, "synthetic ListOps expressions (10 classes)",
                         ("seq_len", "min_len", "max_depth")),
     "smnist": TaskSpec(smnist_task, "sequential MNIST, 784 pixels one by one", ("data_root",)),
+    "row-mnist": TaskSpec(row_mnist_task, "MNIST row by row: 28 steps of 28 pixels", ("data_root",)),
     "psmnist": TaskSpec(psmnist_task, "permuted sequential MNIST (fixed seeded pixel permutation)",
                         ("data_root",)),
     "shakespeare": TaskSpec(shakespeare_task, "character-level Tiny Shakespeare (val loss, bits per char)",

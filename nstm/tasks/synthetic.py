@@ -142,7 +142,7 @@ def masked_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 # ---- training tasks ----------------------------------------------------------------------------
 def copy_task(seq_len: Optional[int] = None, vocab_size: Optional[int] = None, **_) -> Task:
-    """Copy ``L`` (default 32) tokens of a ``vocab_size`` (16) vocabulary; scored at ``L`` and ``4L``."""
+    """Copy ``L`` (default 32) tokens of a ``vocab_size`` (16) vocabulary; scored at ``L``, ``2L`` and ``4L``."""
     L = 32 if seq_len is None else seq_len
     V = 16 if vocab_size is None else vocab_size
     check_int("seq_len (copy length L)", L, 1)
@@ -153,10 +153,11 @@ def copy_task(seq_len: Optional[int] = None, vocab_size: Optional[int] = None, *
 
     def eval_sets(bs, nb):
         return {f"L{L}": generated(at(L), bs, nb, EVAL_SEED),
+                f"L{2 * L}": generated(at(2 * L), bs, nb, EVAL_SEED + 2),
                 f"L{4 * L}": generated(at(4 * L), bs, nb, EVAL_SEED + 1)}
 
     return Task("copy", "lm", "accuracy", True, at(L), eval_sets, vocab_size=V, seq_len=2 * L + 1,
-                finite_eval=False, info={"length": L, "vocab_size": V, "eval_lengths": [L, 4 * L]})
+                finite_eval=False, info={"length": L, "vocab_size": V, "eval_lengths": [L, 2 * L, 4 * L]})
 
 
 def mqar_task(num_pairs: Optional[int] = None, vocab_size: Optional[int] = None, **_) -> Task:

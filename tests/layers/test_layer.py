@@ -42,9 +42,10 @@ def test_layer_parameters_get_gradients_once_s2s_gate_opens():
 
 @pytest.mark.parametrize("conv_size", [0, 4])
 @pytest.mark.parametrize("use_s2s", [True, False])
-def test_layer_streaming_prefix_and_steps_equal_full_forward(conv_size, use_s2s):
+@pytest.mark.parametrize("write_pointer", [0, 5])      # 5: the position-aware write, a period not dividing T
+def test_layer_streaming_prefix_and_steps_equal_full_forward(conv_size, use_s2s, write_pointer):
     torch.manual_seed(1)
-    layer = small_layer(conv_size=conv_size, use_s2s=use_s2s).double().eval()
+    layer = small_layer(conv_size=conv_size, use_s2s=use_s2s, write_pointer=write_pointer).double().eval()
     with torch.no_grad():
         if use_s2s:
             layer.s2s.gate.fill_(0.8)

@@ -84,14 +84,15 @@ def fake_shakespeare(monkeypatch):
 # ---- the task registry -------------------------------------------------------------------------
 def test_registry_tasks_and_eval_sets():
     assert set(registry.available_tasks()) >= {"copy", "mqar", "passkey", "listops", "smnist", "psmnist",
-                                               "shakespeare", "lra-listops", "cifar10", "wikitext2"}
+                                               "shakespeare", "lra-listops", "cifar10", "wikitext2", "row-mnist"}
     copy = build_task("copy", seq_len=4, vocab_size=8)
     assert copy.kind == "lm" and copy.metric == "accuracy" and copy.vocab_size == 8
     sets = copy.eval_batches(3, 2)
-    assert list(sets) == ["L4", "L16"]
+    assert list(sets) == ["L4", "L8", "L16"]                         # L, 2L (length generalisation), 4L
     b1, b2 = list(sets["L4"]), list(sets["L4"])                     # re-iterable, fixed seed
     assert len(b1) == 2 and torch.equal(b1[0].inputs, b2[0].inputs)
     assert list(sets["L16"])[0].inputs.shape == (3, 33)
+    assert list(sets["L8"])[0].inputs.shape == (3, 17)
     with pytest.raises(ValueError, match="unknown task"):
         build_task("nope")
     with pytest.raises(ValueError, match="num_pairs"):
@@ -148,7 +149,7 @@ def test_data_path_tasks_with_fake_loaders(monkeypatch, tmp_path):
 
 def test_registry_is_a_table_of_builders_by_kind():
     kinds = {"copy": "synthetic", "mqar": "synthetic", "passkey": "synthetic", "listops": "lra",
-             "lra-listops": "lra", "smnist": "images", "psmnist": "images", "cifar10": "images",
+             "lra-listops": "lra", "smnist": "images", "psmnist": "images", "cifar10": "images", "row-mnist": "images",
              "shakespeare": "text", "wikitext2": "text", "text": "text"}
     assert set(kinds) == set(registry.TASKS)
     for name, kind in kinds.items():
