@@ -28,6 +28,7 @@ The config (TOML, or JSON with the same structure)::
     seeds = [0, 1, 2]
     threads = 2                       # OMP threads per run; runs go one at a time
     device = "cpu"
+    # relative paths here and in the flags (data-root = "../data") are relative to the config's folder
 
     [defaults]                        # nstm-train flags of every run (names as on the command line)
     d-model = 64
@@ -103,6 +104,8 @@ class Entry:
     metrics: Tuple[Metric, ...]
     bar: Optional[Dict[str, Any]]
     seeds: Tuple[int, ...]
+    chance: Optional[float] = None     # the accuracy of guessing (a line in the plots)
+    length: Optional[int] = None       # tokens per scored sequence, when the run JSON does not say
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,11 @@ class Study:
     device: str
     defaults: Dict[str, Any]
     entries: List[Entry]
+
+    @property
+    def folder(self) -> str:
+        """The config's folder: the runs' working directory, what relative paths are relative to."""
+        return os.path.dirname(os.path.abspath(self.path))
 
     def runs(self, only: Optional[Sequence[str]] = None) -> List[Run]:
         """Seed by seed within each entry, so a partial study has every model and learning rate."""
@@ -206,7 +214,7 @@ def load_config(path: str) -> Study:
     entries = []
     for i, e in enumerate(cfg.get("entry", [])):
         where = f"entry {i + 1}"
-        extra = set(e) - {"task", "setting", "flags", "models", "lrs", "metrics", "bar", "seeds"}
+        extra = set(e) - {"task", "setting", "flags", "models", "lrs", "metrics", "bar", "seeds", "chance", "length"}
         if extra:
             raise StudyError(f"{path}: {where}: unknown field(s) {sorted(extra)}")
         for req in ("task", "flags", "models", "lrs", "metrics"):
@@ -243,8 +251,12 @@ def load_config(path: str) -> Study:
             raise StudyError(f"{path}: {where}: bar is {{model, at_least}} or {{model, at_most_ratio, of}}, "
                              f"got {bar!r}")
         eseeds = e.get("seeds", seeds)
+        for name in ("chance", "length"):
+            if name in e and not (isinstance(e[name], (int, float)) and e[name] > 0):
+                raise StudyError(f"{path}: {where}: {name} must be a positive number, got {e[name]!r}")
         entries.append(Entry(e["task"], e.get("setting", ""), flags, tuple(models), tuple(float(x) for x in lrs),
-                             tuple(metrics), bar, tuple(eseeds)))
+                             tuple(metrics), bar, tuple(eseeds), e.get("chance"),
+                             int(e["length"]) if "length" in e else None))
     if not entries:
         raise StudyError(f"{path}: no [[entry]] tables: nothing to run")
     names = [r.name for e in entries for r in (Run(e, m, lr, s) for m in e.models for lr in e.lrs for s in e.seeds)]
@@ -269,8 +281,12 @@ def load_run(study: Study, run: Run) -> Optional[Dict[str, Any]]:
 
 
 def is_done(result: Optional[Dict[str, Any]]) -> bool:
-    """A run is done when its final evaluation was written (completed, or stopped by its time budget)."""
-    return bool(result) and result.get("final") is not None and result.get("status") in ("completed", "time_budget")
+    """A run is done when its final evaluation was written: completed, stopped by its time budget,
+    or diverged (counted with the metrics it ended with; running it again would diverge again)."""
+    if not result or result.get("final") is None:
+        return False
+    status = str(result.get("status"))
+    return status in ("completed", "time_budget") or status.startswith("diverged")
 
 
 def train_argv(study: Study, run: Run) -> List[str]:
@@ -286,8 +302,11 @@ def train_argv(study: Study, run: Run) -> List[str]:
                 argv.append(f"--no-{_flag(k)}")
         else:
             argv += [f"--{_flag(k)}", str(v)]
+    # --out relative to the config's folder (the runs' working directory), so that the run JSONs
+    # and logs name no machine's paths
+    out = os.path.relpath(study.out, study.folder)
     argv += ["--model", run.model.name, "--lr", f"{run.lr:g}", "--seed", str(run.seed), "--device", study.device,
-             "--out", study.out, "--run-name", run.name, "--no-progress"]
+             "--out", out, "--run-name", run.name, "--no-progress"]
     ckpt = os.path.join(study.out, run.task_dir, run.name, "ckpt.pt")
     argv += ["--resume", "auto"] if os.path.exists(ckpt) else ["--overwrite"]
     return argv
@@ -297,12 +316,16 @@ def run_one(study: Study, run: Run) -> int:
     """Train one run in its own process (log under ``<out>/logs``); returns its exit status."""
     logs = os.path.join(study.out, "logs")
     os.makedirs(logs, exist_ok=True)
-    cmd = [sys.executable, "-m", "nstm.train"] + train_argv(study, run)
+    argv = train_argv(study, run)
+    cmd = [sys.executable, "-m", "nstm.train"] + argv
     env = settings.child_env(OMP_NUM_THREADS=str(study.threads), MKL_NUM_THREADS=str(study.threads))
     with open(os.path.join(logs, run.name + ".log"), "a") as log:
-        log.write(f"\n# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {' '.join(cmd)}\n")
+        log.write(f"\n# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} (in the config's folder, "
+                  f"OMP_NUM_THREADS={study.threads}) python -m nstm.train {' '.join(argv)}\n")
         log.flush()
-        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # from the config's folder, so that relative paths in its flags (data-root) mean the same
+        # wherever the study is started
+        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=study.folder)
 
 
 # ---- the summary ----------------------------------------------------------------------------------
@@ -320,7 +343,7 @@ def state_elements(result: Dict[str, Any], length: Optional[int]) -> Optional[in
     return layers * (heads * c["num_states"] * 2 * k + conv)
 
 
-def _length(result: Dict[str, Any], metric: Metric) -> Optional[int]:
+def _length(result: Dict[str, Any], metric: Metric, default: Optional[int] = None) -> Optional[int]:
     """The sequence length the metric was scored at (copy's L64/..., passkey's ctx4096/...)."""
     head = metric.key.split("/")[0]
     digits = "".join(ch for ch in head if ch.isdigit())
@@ -328,7 +351,7 @@ def _length(result: Dict[str, Any], metric: Metric) -> Optional[int]:
         n = int(digits)
         return 2 * n + 1 if head.startswith("L") else n          # copy: L tokens, separator, L answers
     info = result.get("task_info", {})
-    return info.get("seq_len") or result.get("config", {}).get("seq_len")
+    return default or info.get("seq_len") or result.get("config", {}).get("seq_len")
 
 
 def _stats(values: List[float]) -> Tuple[float, float]:
@@ -373,7 +396,7 @@ def summarize(study: Study) -> List[Dict[str, Any]]:
                     "task": e.task, "setting": met.setting, "model": m.label, "metric": met.metric,
                     "value": mean, "std": std, "seeds": sorted(r["config"]["seed"] for r in done),
                     "params": done[0].get("param_count"), "steps": done[0].get("steps_done"),
-                    "state_elements": state_elements(done[0], _length(done[0], met)),
+                    "state_elements": state_elements(done[0], _length(done[0], met, e.length)),
                     "train_seconds": statistics.fmean(r.get("train_time_s") or 0.0 for r in done),
                     "cpu_minutes": round(cost, 2), "lr": best, "lrs": sorted(by_lr),
                     "commit": ",".join(sorted({(r.get("git_commit") or "?")[:7] for r in done})),
@@ -445,20 +468,29 @@ def plot(study: Study, rows: List[Dict[str, Any]]) -> List[str]:
     os.makedirs(study.out, exist_ok=True)
     acc = [r for r in rows if "accuracy" in r["metric"] and r["state_elements"]]
     tasks = list(dict.fromkeys(r["task"] for r in acc))
+    chance = {e.task: e.chance for e in study.entries if e.chance}
+    markers = "osD^v<>"
     if tasks:
-        fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
         for ax, task in zip(axes[0], tasks):
-            for model in dict.fromkeys(r["model"] for r in acc if r["task"] == task):
-                pts = sorted((r["state_elements"], r["value"], r["std"], r["setting"]) for r in acc
-                             if r["task"] == task and r["model"] == model)
-                ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
-                            marker="o", capsize=3, linestyle="none", label=model)
+            models = list(dict.fromkeys(r["model"] for r in acc if r["task"] == task))
+            settings = list(dict.fromkeys(r["setting"] for r in acc if r["task"] == task))
+            for mi, model in enumerate(models):
+                for si, setting in enumerate(settings):
+                    pts = sorted((r["state_elements"], r["value"], r["std"]) for r in acc
+                                 if r["task"] == task and r["model"] == model and r["setting"] == setting)
+                    if pts:
+                        ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
+                                    marker=markers[si % len(markers)], color=f"C{mi}", capsize=3, linestyle="none",
+                                    fillstyle="full" if si == 0 else "none", label=f"{model}, {setting}")
+            if task in chance:
+                ax.axhline(100 * chance[task], color="grey", linestyle=":", label=f"chance ({100 * chance[task]:g} %)")
             ax.set_xscale("log")
             ax.set_xlabel("state elements (numbers kept per token, all layers)")
             ax.set_ylabel("accuracy (%)")
             ax.set_ylim(-2, 102)
-            ax.set_title(task)
-            ax.legend(fontsize=7)
+            ax.set_title(f"{task}: accuracy against state size (mean ± std over seeds)", fontsize=9)
+            ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         path = os.path.join(study.out, "accuracy-vs-state.png")
         fig.savefig(path, dpi=110)
@@ -466,38 +498,42 @@ def plot(study: Study, rows: List[Dict[str, Any]]) -> List[str]:
         files.append(path)
     for e in study.entries:
         pick = e.metrics[0]
-        curves = {}
+        curves = {}                       # label -> (train loss series, evaluation series), one per seed
         for m in e.models:
             row = next((r for r in rows if r["task"] == e.task and r["model"] == m.label
                         and r["setting"] == pick.setting and r["metric"] == pick.metric), None)
             if row is None:
                 continue
-            series = []
+            train, evals = [], []
             for s in row["seeds"]:
-                r = load_run(study, Run(e, m, row["lr"], s))
-                pts = [(h["step"], h[pick.key]) for h in (r or {}).get("history", {}).get("eval", []) if pick.key in h]
-                if pts:
-                    series.append(pts)
-            if series:
-                curves[m.label] = series
+                hist = (load_run(study, Run(e, m, row["lr"], s)) or {}).get("history", {})
+                train.append([(h["step"], h["loss"]) for h in hist.get("train", []) if "loss" in h])
+                evals.append([(h["step"], h[pick.key]) for h in hist.get("eval", []) if pick.key in h])
+            curves[f"{m.label} (lr {row['lr']:g}, {len(row['seeds'])} seeds)"] = (train, evals)
         if not curves:
             continue
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        for label, series in curves.items():
-            steps = sorted(set.intersection(*(set(s for s, _ in pts) for pts in series)))
-            if not steps:
-                continue
-            vals = [[dict(pts)[s] for pts in series] for s in steps]
-            mean = [statistics.fmean(v) for v in vals]
-            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
-            scale = 100 if "accuracy" in pick.metric else 1
-            ax.plot(steps, [scale * x for x in mean], marker=".", label=f"{label} ({len(series)} seeds)")
-            ax.fill_between(steps, [scale * (a - b) for a, b in zip(mean, std)],
-                            [scale * (a + b) for a, b in zip(mean, std)], alpha=0.2)
-        ax.set_xlabel("optimiser step")
-        ax.set_ylabel(f"{pick.key}" + (" (%)" if "accuracy" in pick.metric else ""))
-        ax.set_title(f"{e.task} {e.setting}: evaluation, mean ± std over seeds")
-        ax.legend(fontsize=7)
+        scale = 100 if "accuracy" in pick.metric else 1
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for i, (label, pair) in enumerate(curves.items()):
+            for ax, series, sc in ((axes[0], pair[0], 1), (axes[1], pair[1], scale)):
+                series = [pts for pts in series if pts]
+                if not series:
+                    continue
+                steps = sorted(set.intersection(*(set(st for st, _ in pts) for pts in series)))
+                vals = [[dict(pts)[st] for pts in series] for st in steps]
+                mean = [sc * statistics.fmean(v) for v in vals]
+                std = [sc * statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+                ax.plot(steps, mean, marker="." if len(steps) < 30 else None, color=f"C{i}", label=label)
+                ax.fill_between(steps, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
+                                color=f"C{i}", alpha=0.2)
+        if e.chance and "accuracy" in pick.metric:
+            axes[1].axhline(100 * e.chance, color="grey", linestyle=":", label=f"chance ({100 * e.chance:g} %)")
+        axes[0].set_ylabel("training loss (nats per scored token)")
+        axes[1].set_ylabel(f"{pick.key}" + (" (%)" if "accuracy" in pick.metric else ""))
+        for ax, what in zip(axes, ("training loss", "evaluation")):
+            ax.set_xlabel("optimiser step")
+            ax.set_title(f"{e.task} {e.setting}: {what}, mean ± std over seeds", fontsize=9)
+            ax.legend(fontsize=6)
         fig.tight_layout()
         slug = "".join(c if c.isalnum() else "-" for c in f"{e.task}-{e.setting}").strip("-")
         path = os.path.join(study.out, f"curves-{slug}.png")

@@ -4,6 +4,7 @@
     python -m nstm.train --task copy --model transformer --seq-len 32 --steps 1000
     python -m nstm.train --task smnist --d-model 128 --n-layers 4 --maps --time-budget 3600
     python -m nstm.train --task mqar --steps 4000 --resume auto          # continue the same run
+    python -m nstm.train --task copy --model gsa --write-pointer 32      # an ablation; the position-aware write
 
 Each run writes, under ``--out`` (default ``results``):
 
