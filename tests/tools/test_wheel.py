@@ -31,7 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SOURCES = ("setup.py", "pyproject.toml", "README.md", "LICENSE", "setup.cfg", "MANIFEST.in",
            "nstm", "nstm_kernels", "csrc")
 CSRC_PATTERNS = (".cu", ".cuh", ".h", ".cpp", ".md")     # setup.py's package_data for csrc
-SCRIPTS = {"nstm-demo": "nstm.demo:cli", "nstm-train": "nstm.train:cli", "nstm-sample": "nstm.sample:main"}
+SCRIPTS = {"nstm-demo": "nstm.demo:cli", "nstm-train": "nstm.train:cli", "nstm-sample": "nstm.sample:main",
+           "nstm-study": "nstm.study:main"}
 KERNEL_LOG = "the C++ CPU kernel is not used"
 
 pytestmark = pytest.mark.slow
