@@ -150,18 +150,18 @@ class NSTMLayer(nn.Module):
 
     def _positions(self, x: torch.Tensor, pos, cu_seqlens=None) -> Optional[torch.Tensor]:
         """Absolute position of every token of ``x [B, T, D]`` (``[B, T]`` int64), from the start
-        positions ``pos`` (int or per-row tensor; per document when packed); None without a pointer."""
+        positions ``pos`` (an int, a per-row tensor, or the one-element tensor of static decoding;
+        per document when packed); None without a pointer."""
         if self.router.pointer is None:
             return None
         B, T = x.shape[:2]
         t = torch.arange(T, device=x.device)
-        start = pos.to(x.device).long() if isinstance(pos, torch.Tensor) else torch.tensor(int(pos), device=x.device)
+        start = torch.as_tensor(pos, device=x.device).long().reshape(-1)
         if cu_seqlens is None:
-            return start.reshape(-1, 1) + t if start.dim() else (start + t).expand(B, T)
+            return (start[:, None] + t).expand(B, T)
         cu = cu_seqlens.to(x.device).long()
         doc = torch.searchsorted(cu[1:], t, right=True)                  # the document of each token
-        start = start.expand(cu.numel() - 1) if not start.dim() else start.reshape(-1).expand(cu.numel() - 1)
-        return (t - cu[doc] + start[doc]).unsqueeze(0)
+        return (t - cu[doc] + start.expand(cu.numel() - 1)[doc]).unsqueeze(0)
 
     def _validate(self, x: torch.Tensor, state, step: bool, cu_seqlens=None) -> int:
         """Check ``x`` and ``state``; returns the number of streams (B, or N when packed)."""
@@ -283,12 +283,8 @@ class NSTMLayer(nn.Module):
             squeeze = x.dim() == 3
             x2 = x[:, 0] if squeeze else x
             H, K = self.num_heads, self.head_dim
-            positions = None
-            if self.router.pointer is not None:
-                pos = state.op.pos
-                positions = (pos.to(x2.device).long() if isinstance(pos, torch.Tensor)
-                             else torch.tensor(int(pos), device=x2.device)).reshape(-1).expand(x2.shape[0])
-            qkv, z, logits, gate = self._project(x2, positions)
+            positions = self._positions(x2[:, None], state.op.pos)
+            qkv, z, logits, gate = self._project(x2, None if positions is None else positions[:, 0])
             conv_cache = None
             if self.conv is not None:
                 qkv, conv_cache = self.conv(qkv.unsqueeze(1), state.conv)

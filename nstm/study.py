@@ -172,9 +172,14 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+def _parser():
+    from .train import build_parser
+    return build_parser()
+
+
 def load_config(path: str) -> Study:
     """The study ``path`` describes; a missing or misspelt field is a ``StudyError`` naming it."""
-    from .train import MODELS, build_parser
+    from .train import MODELS
 
     cfg = _read(path)
     unknown = set(cfg) - {"study", "defaults", "entry"}
@@ -195,8 +200,9 @@ def load_config(path: str) -> Study:
     threads = st.get("threads", 1)
     if not isinstance(threads, int) or threads < 1:
         raise StudyError(f"{path}: [study] threads must be an integer >= 1, got {threads!r}")
-    flags_known = {a.dest for a in build_parser()._actions} | {
-        o.lstrip("-").replace("-", "_") for a in build_parser()._actions for o in a.option_strings}
+    actions = _parser()._actions
+    flags_known = {a.dest for a in actions} | {o.lstrip("-").replace("-", "_")
+                                               for a in actions for o in a.option_strings}
     managed = {"lr", "seed", "run_name", "out", "resume", "overwrite", "device"}
 
     def check_flags(where, flags):
@@ -294,11 +300,12 @@ def train_argv(study: Study, run: Run) -> List[str]:
     flags.update(run.entry.flags)
     flags.update(run.model.flags)
     argv = []
+    negatable = {o for a in _parser()._actions for o in a.option_strings if o.startswith("--no-")}
     for k, v in flags.items():
-        if isinstance(v, bool):
+        if isinstance(v, bool):     # a switch: on, or its --no- form when it has one (off is its default)
             if v:
                 argv.append(f"--{_flag(k)}")
-            else:
+            elif f"--no-{_flag(k)}" in negatable:
                 argv.append(f"--no-{_flag(k)}")
         else:
             argv += [f"--{_flag(k)}", str(v)]
