@@ -735,6 +735,200 @@ std::tuple<Tensor, Tensor> nstm_cpu_route(const Tensor& lg, const Tensor& gate, 
   return {idx, w};
 }
 
+// ---------------------------------------------------------------------------------------------
+// The layer's causal depthwise short convolution and its SiLU, fused (nstm.modules.ShortConv):
+//   y[b, t, c] = silu(bias[c] + sum_j w[j, c] * xc[b, t + j, c]),  xc = [cache (W - 1 rows); x]
+// One parallel region over (row, block of tokens), outputs written once. The PyTorch form (W
+// shifted multiply-adds, then SiLU) allocates a fresh [B, T, C] tensor for every tap in the
+// forward and several in the backward; on the CPU that cost more than the arithmetic.
+// x may be any [B, T, C] view whose channels are contiguous (a slice of the input projection).
+
+constexpr int64_t CONV_BLOCK = 64;    // tokens per block (the backward's dpre buffer)
+constexpr int64_t CONV_UNIT = 256;    // tokens per backward work unit (its own dw, dbias)
+
+// sigmoid(a) = 1 / (1 + e^-|a|) for a >= 0, e^-|a| / (1 + e^-|a|) below; no overflow, no branch
+template <typename T>
+inline T sigmoid_of(T a) {
+  const T e = exp_le0(-std::abs(a));
+  const T pos = static_cast<T>(a >= T(0));
+  return (pos + (T(1) - pos) * e) / (T(1) + e);
+}
+
+// out[c] = bias[c] + sum_j w[j, c] * rows[j][c]: the pre-activations of one token, tap by tap
+template <typename T>
+inline void conv_pre_row(const T* const* rows, const T* __restrict w, const T* __restrict bias,
+                         int64_t W, int64_t C, T* __restrict out) {
+  std::copy(bias, bias + C, out);
+  for (int64_t j = 0; j < W; ++j) {
+    const T* __restrict xr = rows[j];
+    const T* __restrict wj = w + j * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) out[c] += wj[c] * xr[c];
+  }
+}
+
+void check_conv(const Tensor& x, const Tensor& cache, const Tensor& w, const Tensor& b) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.stride(2) == 1,
+              "nstm_cpu: conv takes a CPU x [B, T, C] with contiguous channels");
+  const int64_t B = x.size(0), C = x.size(2);
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == C && w.is_contiguous() && w.size(0) >= 1,
+              "nstm_cpu: conv weight must be a contiguous [W, C]");
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == C && b.is_contiguous(), "nstm_cpu: conv bias must be [C]");
+  TORCH_CHECK(cache.numel() == 0 || (cache.dim() == 3 && cache.size(0) == B &&
+                                     cache.size(1) == w.size(0) - 1 && cache.size(2) == C &&
+                                     cache.is_contiguous()),
+              "nstm_cpu: conv cache must be empty (zeros) or a contiguous [B, W - 1, C]");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() && w.scalar_type() == b.scalar_type() &&
+                  (cache.numel() == 0 || cache.scalar_type() == x.scalar_type()),
+              "nstm_cpu: conv tensors must share one dtype");
+}
+
+// the W input rows of token t: rows[j] = xc[t + j] (a zero row where the cache is empty)
+template <typename T>
+inline void conv_rows(const T** rows, const T* X, int64_t sT, const T* cache, const T* zero,
+                      int64_t t, int64_t W, int64_t C) {
+  for (int64_t j = 0; j < W; ++j) {
+    const int64_t i = t + j - (W - 1);            // the token index in x (negative: the cache)
+    rows[j] = i >= 0 ? X + i * sT : (cache ? cache + (i + W - 1) * C : zero);
+  }
+}
+
+template <typename T_>
+void conv_forward_impl(const Tensor& x, const Tensor& cache, const Tensor& w, const Tensor& b,
+                       Tensor& y) {
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), W = w.size(0);
+  const int64_t nb = (T + CONV_BLOCK - 1) / CONV_BLOCK;
+  const T_ *X = x.data_ptr<T_>(), *Wt = w.data_ptr<T_>(), *Bs = b.data_ptr<T_>();
+  const T_* Ca = cache.numel() ? cache.data_ptr<T_>() : nullptr;
+  T_* Y = y.data_ptr<T_>();
+  const int64_t sB = x.stride(0), sT = x.stride(1);
+  std::vector<T_> zero(C, T_(0));
+  at::parallel_for(0, B * nb, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<const T_*> rows(W);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t r = u / nb, t0 = (u % nb) * CONV_BLOCK, t1 = std::min(T, t0 + CONV_BLOCK);
+      for (int64_t t = t0; t < t1; ++t) {
+        conv_rows(rows.data(), X + r * sB, sT, Ca ? Ca + r * (W - 1) * C : nullptr, zero.data(),
+                  t, W, C);
+        T_* __restrict yr = Y + (r * T + t) * C;
+        conv_pre_row(rows.data(), Wt, Bs, W, C, yr);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) yr[c] = yr[c] * sigmoid_of(yr[c]);
+      }
+    }
+  });
+}
+
+Tensor nstm_cpu_conv_forward(const Tensor& x, const Tensor& cache, const Tensor& w, const Tensor& b) {
+  check_conv(x, cache, w, b);
+  auto y = at::empty({x.size(0), x.size(1), x.size(2)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nstm_cpu_conv_forward",
+                             [&] { conv_forward_impl<scalar_t>(x, cache, w, b, y); });
+  return y;
+}
+
+template <typename T_>
+void conv_backward_impl(const Tensor& g, const Tensor& x, const Tensor& cache, const Tensor& w,
+                        const Tensor& b, Tensor& dx, Tensor& dcache, Tensor& dwb) {
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), W = w.size(0);
+  const int64_t nu = (T + CONV_UNIT - 1) / CONV_UNIT, units = B * nu;
+  const T_ *X = x.data_ptr<T_>(), *G = g.data_ptr<T_>(), *Wt = w.data_ptr<T_>(),
+           *Bs = b.data_ptr<T_>();
+  const T_* Ca = cache.numel() ? cache.data_ptr<T_>() : nullptr;
+  T_* DX = dx.data_ptr<T_>();
+  T_* DC = cache.numel() ? dcache.data_ptr<T_>() : nullptr;
+  const int64_t sB = x.stride(0), sT = x.stride(1);
+  // each unit's own dw and dbias, summed in unit order afterwards: the same bits for any thread
+  // count and any hand-out order
+  std::vector<T_> part(units * (W + 1) * C, T_(0));
+  std::vector<T_> zero(C, T_(0));
+  for_units(units, [&](int64_t u) {
+    T_* dw = part.data() + u * (W + 1) * C;
+    T_* db = dw + W * C;
+    std::vector<const T_*> rows(W);
+    std::vector<T_> dpre((CONV_BLOCK + W) * C);
+    const int64_t r = u / nu, a0 = (u % nu) * CONV_UNIT, a1 = std::min(T, a0 + CONV_UNIT);
+    const T_* Xr = X + r * sB;
+    const T_* Cr = Ca ? Ca + r * (W - 1) * C : nullptr;
+    for (int64_t t0 = a0; t0 < a1; t0 += CONV_BLOCK) {
+      const int64_t t1 = std::min(a1, t0 + CONV_BLOCK);
+      const int64_t t2 = std::min(T, t1 + W - 1);       // dx of [t0, t1) needs dpre of [t0, t2)
+      for (int64_t t = t0; t < t2; ++t) {
+        conv_rows(rows.data(), Xr, sT, Cr, zero.data(), t, W, C);
+        const T_* __restrict gr = G + (r * T + t) * C;
+        T_* __restrict dp = dpre.data() + (t - t0) * C;
+        conv_pre_row(rows.data(), Wt, Bs, W, C, dp);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const T_ a = dp[c], s = sigmoid_of(a);
+          dp[c] = gr[c] * s * (T_(1) + a * (T_(1) - s));
+        }
+        if (t < t1) {                                   // this block's own tokens: dw, dbias
+          for (int64_t j = 0; j < W; ++j) {
+            const T_* __restrict xr = rows[j];
+            T_* __restrict dwj = dw + j * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) dwj[c] += dp[c] * xr[c];
+          }
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) db[c] += dp[c];
+        }
+      }
+      // dx[t] = sum_j dpre[t + W - 1 - j] w[j] over t + W - 1 - j < T
+      for (int64_t t = t0; t < t1; ++t) {
+        T_* __restrict dxr = DX + (r * T + t) * C;
+        std::fill(dxr, dxr + C, T_(0));
+        for (int64_t j = 0; j < W; ++j) {
+          const int64_t s = t + W - 1 - j;
+          if (s >= T) continue;
+          const T_* __restrict dp = dpre.data() + (s - t0) * C;
+          const T_* __restrict wj = Wt + j * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) dxr[c] += dp[c] * wj[c];
+        }
+      }
+      if (DC && t0 == 0) {                              // dcache[m] = sum_{j <= m} dpre[m - j] w[j]
+        for (int64_t m = 0; m < W - 1; ++m) {
+          T_* __restrict dcr = DC + (r * (W - 1) + m) * C;
+          std::fill(dcr, dcr + C, T_(0));
+          for (int64_t j = 0; j <= m; ++j) {
+            const int64_t s = m - j;
+            if (s >= T) continue;
+            const T_* __restrict dp = dpre.data() + s * C;
+            const T_* __restrict wj = Wt + j * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) dcr[c] += dp[c] * wj[c];
+          }
+        }
+      }
+    }
+  });
+  T_* out = dwb.data_ptr<T_>();
+  std::fill(out, out + (W + 1) * C, T_(0));
+  for (int64_t u = 0; u < units; ++u) {
+    const T_* __restrict pu = part.data() + u * (W + 1) * C;
+#pragma omp simd
+    for (int64_t i = 0; i < (W + 1) * C; ++i) out[i] += pu[i];
+  }
+}
+
+// g: the gradient of y (contiguous [B, T, C]). Returns dx [B, T, C], dcache [B, W - 1, C]
+// (empty when the cache is), dw [W, C], dbias [C]. The pre-activations are recomputed.
+std::vector<Tensor> nstm_cpu_conv_backward(const Tensor& g, const Tensor& x, const Tensor& cache,
+                                           const Tensor& w, const Tensor& b) {
+  check_conv(x, cache, w, b);
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), W = w.size(0);
+  TORCH_CHECK(g.is_contiguous() && g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type(),
+              "nstm_cpu: conv backward takes a contiguous gradient of x's shape and dtype");
+  auto dx = at::empty({B, T, C}, x.options());
+  auto dcache = cache.numel() ? at::empty({B, W - 1, C}, x.options()) : at::empty({0}, x.options());
+  auto dwb = at::empty({W + 1, C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nstm_cpu_conv_backward", [&] {
+    conv_backward_impl<scalar_t>(g, x, cache, w, b, dx, dcache, dwb);
+  });
+  return {dx, dcache, dwb.narrow(0, 0, W), dwb[W]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(nstm_cpu, m) {
@@ -745,6 +939,8 @@ TORCH_LIBRARY(nstm_cpu, m) {
         "Tensor wq, Tensor wk, Tensor mix, Tensor ck, Tensor d_o, Tensor dkf, Tensor dvf, "
         "int top_k, int C, bool has_s2s, float scale, int block) -> Tensor[]");
   m.def("route(Tensor logits, Tensor gate, int top_k) -> (Tensor, Tensor)");
+  m.def("conv_forward(Tensor x, Tensor cache, Tensor w, Tensor b) -> Tensor");
+  m.def("conv_backward(Tensor g, Tensor x, Tensor cache, Tensor w, Tensor b) -> Tensor[]");
   m.def("step_(Tensor q, Tensor k, Tensor v, Tensor logits, Tensor gate, Tensor(a!) sk, "
         "Tensor(b!) sv, Tensor pos, Tensor wq, Tensor wk, Tensor mix, int top_k, int C, "
         "bool has_s2s, float scale) -> Tensor");
@@ -755,4 +951,6 @@ TORCH_LIBRARY_IMPL(nstm_cpu, CPU, m) {
   m.impl("backward", &nstm_cpu_backward);
   m.impl("step_", &nstm_cpu_step_);
   m.impl("route", &nstm_cpu_route);
+  m.impl("conv_forward", &nstm_cpu_conv_forward);
+  m.impl("conv_backward", &nstm_cpu_conv_backward);
 }

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nstm_kernels import cpu as cpu_kernel
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dim, computed in fp32, returned in the input dtype."""
@@ -30,11 +32,16 @@ class ShortConv(nn.Module):
 
     ``forward(x [B, T, C], cache [B, W-1, C] or None)`` -> ``(y [B, T, C], new cache)``. The cache
     holds the last ``W - 1`` inputs, so that decoding token by token equals one full pass.
+
+    On fp32 / fp64 CPU tensors a multi-token call runs the taps and the SiLU in one C++ pass
+    (``nstm_kernels.cpu.short_conv``; its backward is one pass too) where the C++ kernel builds;
+    ``fused = False`` (or ``NSTM_CPU_KERNEL=0``) runs the PyTorch form: the same sums.
     """
 
     def __init__(self, channels: int, width: int):
         super().__init__()
         self.width = width
+        self.fused = True         # the C++ pass on CPU tensors where it can run (False: PyTorch ops)
         self.weight = nn.Parameter(torch.empty(channels, 1, width))
         self.bias = nn.Parameter(torch.zeros(channels))
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
@@ -44,8 +51,19 @@ class ShortConv(nn.Module):
         if cu_seqlens is not None:
             return self._forward_packed(x, cache, cu_seqlens)
         B, T, C = x.shape
+        W1 = self.width - 1
+        if T > 1 and self.fused and cpu_kernel.conv_usable(x):
+            # the C++ pass: the taps and the SiLU in one loop over the tokens, forward and backward
+            # (the multiply-adds below allocate a [B, T, C] tensor per tap, and more in the backward)
+            y = cpu_kernel.short_conv(x, cache, self.weight[:, 0].t(), self.bias)
+            if T >= W1:
+                tail = x[:, T - W1:]
+            else:
+                tail = torch.cat([x.new_zeros(B, W1, C) if cache is None else cache.to(x.dtype), x],
+                                 dim=1)[:, T:]
+            return y, tail
         if cache is None:
-            cache = x.new_zeros(B, self.width - 1, C)
+            cache = x.new_zeros(B, W1, C)
         xc = torch.cat([cache.to(x.dtype), x], dim=1)                      # [B, W-1+T, C]
         if T == 1:
             # One token (decoding): a weighted sum over the window. conv1d's set-up cost was

@@ -377,3 +377,36 @@ def chunked_sparse_route(route_logits, write_gate, top_k: int):
                                           write_gate.to(dt).reshape(-1).contiguous(), int(top_k))
         return idx.reshape(*lead, top_k), w.reshape(*lead, top_k)
     return route_torch(route_logits, write_gate, top_k)
+
+
+class _ConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cache, w, b):
+        ctx.save_for_backward(x, cache, w, b)
+        return torch.ops.nstm_cpu.conv_forward(x, cache, w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, cache, w, b = ctx.saved_tensors
+        dx, dcache, dw, db = torch.ops.nstm_cpu.conv_backward(g.contiguous(), x, cache, w, b)
+        return dx, (dcache if cache.numel() and ctx.needs_input_grad[1] else None), dw, db
+
+
+def conv_usable(x: torch.Tensor) -> bool:
+    """Whether ``short_conv`` runs on ``x`` (fp32 / fp64 CPU tensors, the kernel buildable)."""
+    return x.dtype in (torch.float32, torch.float64) and usable(x, 1, False)
+
+
+def short_conv(x: torch.Tensor, cache: Optional[torch.Tensor], weight: torch.Tensor,
+               bias: torch.Tensor) -> torch.Tensor:
+    """``silu(bias + sum_j weight[j] * xc[:, t + j])`` with ``xc = [cache; x]``: the causal
+    depthwise convolution of ``nstm.modules.ShortConv`` and its SiLU in one C++ pass (and one for
+    the backward), for ``x [B, T, C]`` (any view with contiguous channels), ``cache [B, W - 1, C]``
+    or None (zeros), ``weight [W, C]`` (tap ``W - 1`` multiplies the current token, tap ``j`` the
+    one ``W - 1 - j`` tokens back), ``bias [C]``. Returns ``y [B, T, C]``, differentiable in every input.
+    Call only where ``conv_usable(x)``."""
+    dt = x.dtype
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cache = x.new_empty(0) if cache is None else cache.to(dt).contiguous()
+    return _ConvFunction.apply(x, cache, weight.to(dt).contiguous(), bias.to(dt).contiguous())
