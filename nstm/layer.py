@@ -21,6 +21,8 @@ from nstm_kernels import (
     nstm_step_,
     sparse_route,
 )
+from nstm_kernels import cpu as cpu_kernel
+from nstm_kernels.dispatch import resolve_backend
 from nstm_kernels.utils import check_cu_seqlens
 
 from .config import NSTMConfig
@@ -50,6 +52,19 @@ class LayerOutput(NamedTuple):
     y: torch.Tensor
     state: Optional[NSTMLayerState]
     maps: Optional[Dict[str, Any]]
+
+
+class _StepPlan(NamedTuple):
+    """A layer's weights laid out once for one-token steps on the CPU (``NSTMLayer._fast_step``)."""
+
+    key: tuple                          # (id, version) of every parameter and the dtype it was made for
+    w_in: torch.Tensor                  # [D, 4 H K + H (S + 1)]: in_proj and router, one matmul
+    b_in: torch.Tensor                  # [4 H K + H (S + 1)]: zeros, then the router's bias
+    log_importance: torch.Tensor        # [H, S]
+    pointer: Optional[torch.Tensor]     # [P, H, S] or None
+    conv_w: Optional[torch.Tensor]      # [W, C] or None
+    conv_b: Optional[torch.Tensor]      # [C] or None
+    s2s: tuple                          # (w_q, w_k, sigmoid(gate)) or three empty tensors
 
 
 class NSTMLayer(nn.Module):
@@ -273,12 +288,21 @@ class NSTMLayer(nn.Module):
         ``inplace=True`` (static decoding, CUDA graphs; ``nstm.decode.StaticDecoder``) writes the
         new slot memory and conv cache into ``state``'s own tensors (contiguous, fp32) and returns
         ``state`` itself; ``state.op.pos`` may then be an int64 tensor of one element, which the
-        caller advances. Not differentiable (decode); ``forward`` is the training path."""
+        caller advances. Not differentiable (decode); ``forward`` is the training path.
+
+        On fp32 / fp64 CPU tensors with the chunked backend a step runs the projections as one
+        matmul and the conv and the operator in the C++ kernel, with the weights laid out once
+        (again after any parameter changes); elsewhere the general path. Both compute the same."""
         self._validate(x, state, step=True)
         if state is None:
             raise TypeError("state must be an NSTMLayerState; use layer.init_state(batch)")
         if not isinstance(inplace, bool):
             raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+        if self._fast_step_ok(x, state, inplace):
+            with torch.no_grad():
+                squeeze = x.dim() == 3
+                y, new = self._fast_step(x[:, 0] if squeeze else x, state, inplace)
+            return (y.unsqueeze(1) if squeeze else y), new
         with torch.no_grad():
             squeeze = x.dim() == 3
             x2 = x[:, 0] if squeeze else x
@@ -305,6 +329,109 @@ class NSTMLayer(nn.Module):
                 new = NSTMLayerState(op, conv_cache)
             y = self._finish(o, z)
         return (y.unsqueeze(1) if squeeze else y), new
+
+    # ---------------------------------------------------------------- one-token steps on the CPU
+    def _fast_step_ok(self, x: torch.Tensor, state: NSTMLayerState, inplace: bool) -> bool:
+        """Whether ``step`` can take the CPU path: fp32 / fp64 CPU tensors, every parameter in x's
+        dtype, the chunked backend, the C++ kernel buildable, the state in its compute dtype (and
+        contiguous when it is updated in place)."""
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+            return False
+        if inplace and not (state.op.k.is_contiguous() and state.op.v.is_contiguous()
+                            and (state.conv is None or state.conv.is_contiguous())):
+            return False
+        if inplace and isinstance(state.op.pos, torch.Tensor) and state.op.pos.numel() != 1:
+            return False                 # (nstm_step_ says what it takes)
+        if state.op.k.dtype != x.dtype or state.op.v.dtype != x.dtype or state.op.k.device.type != "cpu":
+            return False
+        if state.conv is not None and state.conv.dtype != x.dtype:
+            return False
+        w = self.in_proj.weight
+        if w.dtype != x.dtype or w.device.type != "cpu":
+            return False
+        top_k = min(self.top_k, self.num_states)
+        return (resolve_backend(self.backend, x.device, "nstm_step_") == "chunked"
+                and cpu_kernel.usable(x, top_k, False))
+
+    def _plan_params(self):
+        """The parameters a step plan is made from (``_finish`` reads the others directly)."""
+        r = self.router
+        yield from (self.in_proj.weight, r.weight, r.bias, self.states.iota)
+        if r.pointer is not None:
+            yield r.pointer
+        if self.conv is not None:
+            yield from (self.conv.weight, self.conv.bias)
+        if self.s2s is not None:
+            yield from self.s2s.params()
+
+    def _step_plan(self, dtype: torch.dtype) -> _StepPlan:
+        """The weights of a step laid out for one matmul and the C++ ops, made again whenever a
+        parameter changes (an optimizer step, ``load_state_dict``, pruning)."""
+        key = tuple((id(p), p._version) for p in self._plan_params()) + (dtype,)
+        plan = self.__dict__.get("_plan")
+        if plan is not None and plan.key == key:
+            return plan
+        with torch.no_grad():
+            w_in = torch.cat([self.in_proj.weight, self.router.weight]).to(dtype).t().contiguous()
+            b_in = torch.cat([self.in_proj.weight.new_zeros(self.in_proj.weight.shape[0]),
+                              self.router.bias]).to(dtype).contiguous()
+            pointer = None
+            if self.router.pointer is not None:
+                pointer = self.router.pointer.to(dtype).transpose(0, 1).contiguous()
+            conv_w = conv_b = None
+            if self.conv is not None:
+                conv_w = self.conv.weight[:, 0].t().to(dtype).contiguous()
+                conv_b = self.conv.bias.to(dtype).contiguous()
+            if self.s2s is not None:
+                p = self.s2s.params()
+                s2s = (p.w_q.to(dtype).contiguous(), p.w_k.to(dtype).contiguous(),
+                       torch.sigmoid(p.gate.to(dtype)).contiguous())
+            else:
+                s2s = (w_in.new_zeros(0),) * 3
+            plan = _StepPlan(key, w_in, b_in, self.states.log_importance().to(dtype), pointer,
+                             conv_w, conv_b, s2s)
+        self.__dict__["_plan"] = plan           # not a module attribute: never saved or moved
+        return plan
+
+    def _fast_step(self, x: torch.Tensor, state: NSTMLayerState, inplace: bool):
+        """``step`` on the CPU: the projections in one matmul, the conv and the operator's step in
+        the C++ kernel, the same arithmetic as the general path in fewer, larger calls (a decode
+        step of a small model is mostly per-call overhead). ``x [B, D]``."""
+        plan = self._step_plan(x.dtype)
+        B = x.shape[0]
+        H, K, S = self.num_heads, self.head_dim, self.num_states
+        C = self.qkv_dim
+        r = torch.addmm(plan.b_in, x, plan.w_in)
+        qkv, z = r[:, :C], r[:, C:C + H * K]
+        logits = r[:, C + H * K:C + H * K + H * S].view(B, H, S) + plan.log_importance
+        gate = r[:, C + H * K + H * S:].contiguous()
+        pos = state.op.pos
+        if plan.pointer is not None:
+            rows = torch.remainder(torch.as_tensor(pos).reshape(-1), plan.pointer.shape[0])
+            logits = logits + plan.pointer[rows]
+        conv = None
+        if self.conv is not None:
+            window = state.conv.contiguous()
+            qkv_in = qkv.unsqueeze(1)
+            qkv = torch.ops.nstm_cpu.conv_forward(qkv_in, window, plan.conv_w, plan.conv_b)[:, 0]
+            conv = torch.cat([window, qkv_in], 1)[:, 1:]
+            if inplace:
+                state.conv.copy_(conv)
+                conv = state.conv
+        q, k, v = qkv.view(B, 3, H, K).transpose(0, 1).contiguous().unbind(0)
+        if inplace:
+            sk, sv = state.op.k, state.op.v
+        else:
+            sk = state.op.k.to(memory_format=torch.contiguous_format, copy=True)
+            sv = state.op.v.to(memory_format=torch.contiguous_format, copy=True)
+        pos_t = pos.reshape(-1).long() if isinstance(pos, torch.Tensor) else torch.tensor([int(pos)])
+        o = torch.ops.nstm_cpu.step_(q, k, v, logits, gate, sk, sv, pos_t, *plan.s2s,
+                                     min(self.top_k, S), self.comm_every, self.s2s is not None,
+                                     K ** -0.5)
+        y = self._finish(o, z)
+        if inplace:
+            return y, state
+        return y, NSTMLayerState(NSTMState(sk, sv, pos + 1), conv)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, num_states={self.num_states}, "
