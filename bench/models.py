@@ -81,9 +81,10 @@ CPU_ISSUE_CFG = dict(
 CPU_MEDIUM_CFG = dict(
     model=dict(vocab_size=256, d_model=128, n_layers=4, num_heads=4, num_states=32, top_k=4,
                comm_every=64),
-    dtype="float32", batches=[1], contexts=[1024, 4096, 16384], steps=30, warmup=3,
-    prefill_budget=16384, prefill_chunk=4096, train=[(1024, 4), (4096, 1)], train_iters=8,
-    train_warmup=1, cpu_cache_limit=2 << 30, threads=2,
+    dtype="float32", batches=[1], contexts=[1024, 4096, 16384], steps=160, warmup=5,
+    prefill_budget=16384, prefill_chunk=4096, train=[(1024, 4), (4096, 1)], train_iters=16,
+    train_warmup=2, cpu_cache_limit=2 << 30, threads=2,
+    rounds=8,     # NSTM and the Transformer take turns (interleaved_times): this VM's speed drifts
 )
 QUICK_CFG = dict(CPU_CFG, batches=[1, 4], contexts=[256, 4096, 1048576], steps=8, warmup=2,
                  prefill_budget=512, prefill_chunk=256, train=[(128, 2)], train_iters=2,
@@ -197,8 +198,9 @@ def nstm_reach(model: NSTMLM, B: int, ctx: int, cfg: dict, device):
     return logits, state, how
 
 
-def bench_nstm_decode(model, reached, B, mode, cfg, device) -> dict:
-    """Time decode steps from ``reached = (logits, state, how)`` (the state is not modified)."""
+def prepare_nstm_decode(model, reached, B, mode, cfg, device) -> dict:
+    """A decode step from ``reached = (logits, state, how)`` (the state is not modified):
+    ``dict(how, step, state_bytes_per_seq)``."""
     logits, state, how = reached
     tok = [logits.argmax(-1)]
     if mode == "step":
@@ -214,52 +216,125 @@ def bench_nstm_decode(model, reached, B, mode, cfg, device) -> dict:
         def step():
             tok[0] = dec.step(tok[0]).argmax(-1)
         nbytes = dec.state_bytes()
+    return dict(how=how, step=step, state_bytes_per_seq=nbytes / B)
+
+
+def bench_nstm_decode(model, reached, B, mode, cfg, device) -> dict:
+    """Time decode steps from ``reached = (logits, state, how)`` (the state is not modified)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = step_times_ms(step, cfg["steps"], cfg["warmup"], device)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    return dict(how=how, times=times, state_bytes_per_seq=nbytes / B, peak_mib=peak)
+    r = prepare_nstm_decode(model, reached, B, mode, cfg, device)
+    r["times"] = step_times_ms(r.pop("step"), cfg["steps"], cfg["warmup"], device)
+    r["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    return r
 
 
-def bench_tf_decode(model, B, ctx, cfg, device, dtype) -> dict:
-    n = cfg["steps"] + cfg["warmup"] + 1
+def tf_cache_bytes(model, B, length, device, dtype) -> int:
+    """Bytes a KV cache of ``B`` sequences of ``length`` tokens allocates."""
     probe = model.init_cache(1, 1, device=device, dtype=dtype)
-    want = model.cache_bytes(probe) * B * (ctx + n)          # bytes the cache will allocate
-    del probe
+    return model.cache_bytes(probe) * B * length
+
+
+def prepare_tf_decode(model, B, ctx, cfg, device, dtype) -> dict:
+    """A KV-cache decode step at context ``ctx``: ``dict(how, step, kv_bytes_per_seq)``, or
+    ``dict(status=...)`` when the cache is over the CPU limit. Raises on OOM."""
+    n = cfg["steps"] + cfg["warmup"] + 1
+    want = tf_cache_bytes(model, B, ctx + n, device, dtype)
     limit = cfg.get("cpu_cache_limit")
     if device.type == "cpu" and limit is not None and want > limit:
         return dict(status=f"skipped: KV cache would need {want / 2 ** 30:.1f} GiB "
                            f"(> {limit / 2 ** 30:.2f} GiB CPU limit)", kv_bytes_per_seq=want / B)
+    cache = model.init_cache(B, ctx + n, device=device, dtype=dtype)
+    L = max(1, min(ctx, cfg["prefill_budget"] // B))
+    chunk = cfg["prefill_chunk"]
+    idx = torch.randint(0, model.vocab_size, (B, L), device=device)
+    for s in range(0, L, chunk):
+        logits = model.prefill(idx[:, s:s + chunk], cache)
+    how = f"prefill {L} tokens" + (f" in chunks of {chunk}" if L > chunk else "")
+    if L < ctx:
+        cache.length = ctx
+        how += f", then cache length set to {ctx}"
+    tok = [logits[:, -1].argmax(-1)]
+
+    def step():
+        out, _ = model.step(tok[0], cache)
+        tok[0] = out.argmax(-1)
+    return dict(how=how, step=step, kv_bytes_per_seq=model.cache_bytes(cache) / B)
+
+
+def bench_tf_decode(model, B, ctx, cfg, device, dtype) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        cache = model.init_cache(B, ctx + n, device=device, dtype=dtype)
-        L = max(1, min(ctx, cfg["prefill_budget"] // B))
-        chunk = cfg["prefill_chunk"]
-        idx = torch.randint(0, model.vocab_size, (B, L), device=device)
-        for s in range(0, L, chunk):
-            logits = model.prefill(idx[:, s:s + chunk], cache)
-        how = f"prefill {L} tokens" + (f" in chunks of {chunk}" if L > chunk else "")
-        if L < ctx:
-            cache.length = ctx
-            how += f", then cache length set to {ctx}"
-        tok = [logits[:, -1].argmax(-1)]
-
-        def step():
-            out, _ = model.step(tok[0], cache)
-            tok[0] = out.argmax(-1)
-        times = step_times_ms(step, cfg["steps"], cfg["warmup"], device)
-        nbytes = model.cache_bytes(cache)
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-        return dict(how=how, times=times, kv_bytes_per_seq=nbytes / B, peak_mib=peak)
+        r = prepare_tf_decode(model, B, ctx, cfg, device, dtype)
+        if "step" not in r:
+            return r
+        r["times"] = step_times_ms(r.pop("step"), cfg["steps"], cfg["warmup"], device)
+        r["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+        return r
     except Exception as e:  # noqa: BLE001
         if is_oom(e):
             free(device)
-            return dict(status="OOM", kv_bytes_per_seq=want / B)
+            n = cfg["steps"] + cfg["warmup"] + 1
+            return dict(status="OOM", kv_bytes_per_seq=tf_cache_bytes(model, B, ctx + n, device, dtype) / B)
         raise
 
 
+def interleaved_times(steps: dict, n: int, warmup: int, rounds: int, device) -> dict:
+    """Per-call times of every step in ``steps`` (name -> callable), timed in ``rounds`` rounds of
+    ``n / rounds`` calls each, the steps taking turns (the order reversed every other round), so
+    that a machine whose speed drifts (a VM beside other tenants) slows every row alike."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in steps}
+    per = max(1, n // rounds)
+    names = list(steps)
+    for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            times[k] += step_times_ms(steps[k], per, 0, device)
+    return times
+
+
+def _timed_row(row: dict, times: List[float], B: int) -> dict:
+    med = statistics.median(times)
+    row.update(status=row.get("status", "ok"), latency_ms=med, p90_ms=quantile(times, 0.9),
+               tokens_per_s=B * 1e3 / med)
+    return row
+
+
+def run_decode_interleaved(nstm, tf, cfg, device, dtype, meta, show, on_row=None) -> List[dict]:
+    """``run_decode`` on the CPU with the Transformer and the NSTM modes of one (batch, context)
+    taking turns in ``cfg["rounds"]`` rounds (``interleaved_times``)."""
+    rounds = cfg["rounds"]
+    rows = []
+    for B, ctx in progress([(B, c) for B in cfg["batches"] for c in cfg["contexts"]], "decode", show):
+        base = dict(section="decode", device=meta["device"], commit=meta["commit"], batch=B,
+                    context=ctx, dtype=meta["dtype"], rounds=rounds)
+        entries, steps = [], {}
+        r = prepare_tf_decode(tf, B, ctx, cfg, device, dtype)
+        entries.append((dict(base, model="transformer", mode="kv-cache"), r))
+        reached = nstm_reach(nstm, B, ctx, cfg, device)
+        for mode in ("step", "static"):
+            entries.append((dict(base, model="nstm", mode=mode),
+                            prepare_nstm_decode(nstm, reached, B, mode, cfg, device)))
+        for i, (_, r) in enumerate(entries):
+            if "step" in r:
+                steps[i] = r.pop("step")
+        times = interleaved_times(steps, cfg["steps"], cfg["warmup"], rounds, device)
+        for i, (row, r) in enumerate(entries):
+            row.update(r, peak_mib=None)
+            rows.append(_timed_row(row, times[i], B) if i in times else row)
+        if on_row is not None:
+            on_row(rows)
+        entries = steps = reached = None
+        free(device)
+    return rows
+
+
 def run_decode(nstm, tf, cfg, device, dtype, meta, show, on_row=None) -> List[dict]:
+    if cfg.get("rounds", 1) > 1 and device.type == "cpu":
+        return run_decode_interleaved(nstm, tf, cfg, device, dtype, meta, show, on_row)
     modes = ["step", "static"]
     if device.type == "cuda":
         modes.append("graph")
@@ -297,9 +372,7 @@ def run_decode(nstm, tf, cfg, device, dtype, meta, show, on_row=None) -> List[di
             times = r.pop("times", None)
             row.update(r)
             if times:
-                med = statistics.median(times)
-                row.update(status=row.get("status", "ok"), latency_ms=med,
-                           p90_ms=quantile(times, 0.9), tokens_per_s=B * 1e3 / med)
+                _timed_row(row, times, B)
             rows.append(row)
             if on_row is not None:
                 on_row(rows)
@@ -310,7 +383,51 @@ def run_decode(nstm, tf, cfg, device, dtype, meta, show, on_row=None) -> List[di
 
 
 # ------------------------------------------------------------------------------------- training
+def _train_step(model, name, x, V, device, amp):
+    """One training step (forward, backward, AdamW) of ``model`` on the batch ``x``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def it():
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x[:, :-1])
+            loss = F.cross_entropy(logits.float().view(-1, V), x[:, 1:].reshape(-1))
+            if name == "nstm":
+                loss = loss + 0.01 * model.aux_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return it
+
+
+def run_train_interleaved(cfg, device, dtype_name, meta, show, on_row=None) -> List[dict]:
+    """``run_train`` on the CPU with both models built side by side and their steps taking turns
+    in ``cfg["rounds"]`` rounds (``interleaved_times``): the ratio of their tokens/s is then not
+    at the mercy of the machine's speed drifting between two separate timings."""
+    rows, V = [], cfg["model"]["vocab_size"]
+    for T, B in progress(cfg["train"], "train", show):
+        nstm, tf, _ = build_models(cfg, device, torch.float32, meta.get("nstm_backend"))
+        x = torch.randint(0, V, (B, T + 1), device=device)
+        steps = {"nstm": _train_step(nstm.train(), "nstm", x, V, device, False),
+                 "transformer": _train_step(tf.train(), "transformer", x, V, device, False)}
+        times = interleaved_times(steps, cfg["train_iters"], cfg["train_warmup"], cfg["rounds"], device)
+        for name in ("nstm", "transformer"):
+            med = statistics.median(times[name])
+            rows.append(dict(section="train", device=meta["device"], commit=meta["commit"], model=name,
+                             T=T, batch=B, dtype=dtype_name, rounds=cfg["rounds"],
+                             backend=(meta.get("nstm_backend") or "default: "
+                                      + resolve_backend(None, device, "nstm_attention"))
+                             if name == "nstm" else "sdpa",
+                             status="ok", step_ms=med, tokens_per_s=B * T * 1e3 / med, peak_mib=None))
+        if on_row is not None:
+            on_row(rows)
+        nstm = tf = steps = None
+        free(device)
+    return rows
+
+
 def run_train(cfg, device, dtype_name, meta, show, on_row=None) -> List[dict]:
+    if cfg.get("rounds", 1) > 1 and device.type == "cpu":
+        return run_train_interleaved(cfg, device, dtype_name, meta, show, on_row)
     amp = device.type == "cuda"
     rows = []
     jobs = [(name, T, B) for T, B in cfg["train"] for name in ("nstm", "transformer")]
@@ -323,19 +440,9 @@ def run_train(cfg, device, dtype_name, meta, show, on_row=None) -> List[dict]:
             nstm, tf, _ = build_models(cfg, device, torch.float32, meta.get("nstm_backend"), (name,))
             model = (nstm if name == "nstm" else tf).train()
             nstm = tf = None
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-            x = torch.randint(0, cfg["model"]["vocab_size"], (B, T + 1), device=device)
             V = cfg["model"]["vocab_size"]
-
-            def it():
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = model(x[:, :-1])
-                    loss = F.cross_entropy(logits.float().view(-1, V), x[:, 1:].reshape(-1))
-                    if name == "nstm":
-                        loss = loss + 0.01 * model.aux_loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            x = torch.randint(0, V, (B, T + 1), device=device)
+            it = _train_step(model, name, x, V, device, amp)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             times = step_times_ms(it, cfg["train_iters"], cfg["train_warmup"], device)
@@ -350,7 +457,7 @@ def run_train(cfg, device, dtype_name, meta, show, on_row=None) -> List[dict]:
         rows.append(row)
         if on_row is not None:
             on_row(rows)
-        model = opt = None
+        model = it = None
         free(device)
     return rows
 
@@ -381,6 +488,9 @@ def markdown(rows: List[dict], meta: dict) -> str:
            f"- NSTMLM: {meta['nstm_cfg']} ({meta['nstm_params']:,} parameters)",
            f"- Transformer: {meta['tf_cfg']} ({meta['tf_params']:,} parameters)",
            f"- decode dtype: {meta['dtype']}; steps timed per row: {meta['steps']} (median, p90)"]
+    if (meta.get("rounds") or 1) > 1:
+        out.append(f"- timing: the models (and the decode modes) take turns in {meta['rounds']} rounds "
+                   "of steps, so that a drift of the machine's speed slows every row alike")
     if meta.get("partial"):
         out.append("- **partial**: the run had not finished when this was written")
     if meta.get("cuda_kernel"):
@@ -588,6 +698,7 @@ def main(argv=None):
     meta = dict(device=name, device_type=dev, commit=commit, torch=torch.__version__,
                 dtype=cfg["dtype"], steps=cfg["steps"], nstm_backend=args.nstm_backend,
                 nstm_cfg=cfg["model"], quick=args.quick, size=cfg["size"],
+                rounds=cfg.get("rounds", 1) if dev == "cpu" else 1,
                 threads=torch.get_num_threads() if dev == "cpu" else None)
     t0 = time.perf_counter()
     nstm, tf, tcfg = build_models(cfg, device, dtype, args.nstm_backend)
