@@ -87,6 +87,17 @@ def runner(impl, B, T, mode):
     return run
 
 
+def default_reps(quick: bool, T: int, impl: str, neighbour: str) -> int:
+    """Timed runs per row: 11 (a 5-run median moved by up to 30 % between runs on a 2-core VM,
+    and the slowdown rows divide two of them); 3 for the slowest rows (T >= 32K, the PyTorch chunk
+    form next to a neighbour: seconds per call); 2 in a quick run."""
+    if quick:
+        return 2
+    if T >= 32768 or (impl == "nstm-torch" and neighbour != "alone"):
+        return 3
+    return 11
+
+
 def matmul_gflops(reps=5):
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     ms, _, _ = timeit(lambda: a @ b, reps)
@@ -117,7 +128,8 @@ class Neighbour:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small T, few reps (< 1 min)")
-    ap.add_argument("--reps", type=int, help="timed runs per row (default 5, 3 at T >= 32K, 2 quick)")
+    ap.add_argument("--reps", type=int, help="timed runs per row (default 11; 3 at T >= 32K and for the "
+                    "PyTorch chunk form next to a neighbour; 2 quick)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--no-contention", action="store_true", help="skip the cases next to a neighbour")
     ap.add_argument("--out", default=RESULTS, help="output directory")
@@ -141,7 +153,7 @@ def main(argv=None):
     def record(T, B, mode, threads, neighbour, ceiling):
         base = {}
         for impl in impls:
-            reps = args.reps or (2 if args.quick else (3 if T >= 32768 else 5))
+            reps = args.reps or default_reps(args.quick, T, impl, neighbour)
             torch.set_num_threads(threads)
             with Neighbour(neighbour):
                 ms, lo, hi = timeit(runner(impl, B, T, mode), reps)
