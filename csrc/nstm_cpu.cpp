@@ -339,6 +339,19 @@ std::vector<Seg> read_segments(const Tensor& seg, int64_t block, int64_t* nblock
   return out;
 }
 
+// Zero the rows (`row` elements per token) of the tokens that no segment covers: the outputs are
+// allocated uninitialised and every unit writes (or zeroes, then accumulates into) its own
+// tokens' rows inside the parallel region. A separate zero fill of each output was a parallel
+// region of its own per tensor: 6 of them per call cost 7 ms of ~75 alone and 55 ms next to a
+// 2-thread neighbour (bench/NOTES.md).
+template <typename T>
+void zero_gaps(T* x, int64_t tokens, int64_t row, const std::vector<Seg>& segs) {
+  std::vector<char> covered(tokens, 0);
+  for (const auto& s : segs) std::fill(covered.begin() + s.start, covered.begin() + s.start + s.len, 1);
+  for (int64_t t = 0; t < tokens; ++t)
+    if (!covered[t]) std::fill(x + t * row, x + (t + 1) * row, T(0));
+}
+
 inline bool period_end(const Dims& d, int64_t pos, int64_t t) {
   return d.s2s && (pos + t + 1) % d.C == 0;
 }
@@ -473,7 +486,7 @@ std::vector<Tensor> nstm_cpu_forward(
     TORCH_CHECK(s.start >= 0 && s.len >= 0 && s.start + s.len <= q.size(0),
                 "nstm_cpu: a segment lies outside the time axis");
   const Dims d{H, S, K, V, top_k, C, block, has_s2s, scale};
-  auto o = at::zeros({q.size(0), H, V}, q.options());
+  auto o = at::empty({q.size(0), H, V}, q.options());        // every token written, gaps below
   auto kf = at::empty_like(k0);
   auto vf = at::empty_like(v0);
   auto ck = at::empty({block > 0 ? nblocks : 0, H, S, K + V}, q.options());
@@ -487,6 +500,7 @@ std::vector<Tensor> nstm_cpu_forward(
     const Inputs<T> in(q, k, v, lg, gate, wq, wk, mix, has_s2s);
     const T *K0 = k0.data_ptr<T>(), *V0 = v0.data_ptr<T>();
     T *O = o.data_ptr<T>(), *KF = kf.data_ptr<T>(), *VF = vf.data_ptr<T>(), *CK = ck.data_ptr<T>();
+    zero_gaps(O, q.size(0), H * V, segs);
     for_units(N * H, [&](int64_t u) {
       const int64_t n = u / H, h = u % H;
       const Seg& sg = segs[n];
@@ -548,8 +562,8 @@ std::vector<Tensor> nstm_cpu_backward(
               "nstm_cpu: the checkpoints do not match the segments");
   const Dims d{H, S, K, V, top_k, C, block, has_s2s, scale};
   // tokens outside every segment get zero gradients
-  auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
-  auto dlg = at::zeros_like(lg), dgate = at::zeros_like(gate);
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  auto dlg = at::empty_like(lg), dgate = at::empty_like(gate);     // zeroed per unit, gaps below
   auto dk0 = at::empty_like(dkf), dv0 = at::empty_like(dvf);
   auto dwq = at::zeros({N, H, V, V}, q.options()), dwk = at::zeros({N, H, V, V}, q.options());
   auto dmix = at::zeros({N, H}, q.options());
@@ -562,9 +576,23 @@ std::vector<Tensor> nstm_cpu_backward(
       *DLG = dlg.data_ptr<T>(), *DG = dgate.data_ptr<T>(), *DK0 = dk0.data_ptr<T>(),
       *DV0 = dv0.data_ptr<T>(), *DWQ = dwq.data_ptr<T>(), *DWK = dwk.data_ptr<T>(),
       *DMIX = dmix.data_ptr<T>();
+    const int64_t TT = q.size(0);
+    zero_gaps(DQ, TT, H * K, segs);
+    zero_gaps(DK, TT, H * K, segs);
+    zero_gaps(DV, TT, H * V, segs);
+    zero_gaps(DLG, TT, H * S, segs);
+    zero_gaps(DG, TT, H, segs);
     for_units(N * H, [&](int64_t u) {
       const int64_t n = u / H, h = u % H;
       const Seg& sg = segs[n];
+      for (int64_t t = 0; t < sg.len; ++t) {        // this unit's rows, accumulated into below
+        const int64_t tok = (sg.start + t) * H + h;
+        std::fill(DQ + tok * K, DQ + (tok + 1) * K, T(0));
+        std::fill(DK + tok * K, DK + (tok + 1) * K, T(0));
+        std::fill(DV + tok * V, DV + (tok + 1) * V, T(0));
+        std::fill(DLG + tok * S, DLG + (tok + 1) * S, T(0));
+        DG[tok] = T(0);
+      }
       std::vector<T> Ks(S * K), Vs(S * V), o(V);
       std::vector<T> gK(DKF + u * S * K, DKF + (u + 1) * S * K);   // adjoint of the slot keys
       std::vector<T> gV(DVF + u * S * V, DVF + (u + 1) * S * V);   // and of the slot values

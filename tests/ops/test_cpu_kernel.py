@@ -281,3 +281,32 @@ def test_routing_without_gradients_equals_route_torch():
     lg.requires_grad_(True)                                      # with gradients: route_torch
     _, wg = cpu.chunked_sparse_route(lg, gate, 4)
     assert wg.requires_grad
+
+
+def test_tokens_outside_every_segment_get_zero_outputs_and_gradients():
+    """The kernel's outputs are allocated uninitialised and written per unit; the tokens that no
+    segment covers (the raw op allows gaps) read as zeros, output and every gradient, and the
+    covered ones equal each segment run alone."""
+    torch.manual_seed(0)
+    T, H, K, S = 12, 2, 4, 5
+    segs = [(0, 4, 0), (6, 3, 2)]                  # tokens 4, 5, 9, 10, 11 are in no segment
+    leaves = [torch.randn(1, T, H, n, dtype=torch.float64, requires_grad=True) for n in (K, K, K, S)]
+    gate = torch.randn(1, T, H, dtype=torch.float64, requires_grad=True)
+    s2s = S2SParams(torch.randn(H, K, K, dtype=torch.float64), torch.randn(H, K, K, dtype=torch.float64),
+                    torch.zeros(H, dtype=torch.float64))
+    k0 = torch.randn(2, H, S, K, dtype=torch.float64)
+    v0 = torch.randn(2, H, S, K, dtype=torch.float64)
+    w = torch.randn(1, T, H, K, dtype=torch.float64)
+    o, _, _, _ = cpu._run(*leaves, gate, 2, s2s, 3, k0, v0, segs, None)
+    (o * w).sum().backward()
+    gaps = [4, 5, 9, 10, 11]
+    assert torch.equal(o[0, gaps], torch.zeros_like(o[0, gaps]))
+    for x in leaves + [gate]:
+        assert torch.equal(x.grad[0, gaps], torch.zeros_like(x.grad[0, gaps]))
+    for n, (start, length, pos) in enumerate(segs):
+        part = [x.detach()[:, start:start + length].clone().requires_grad_() for x in leaves + [gate]]
+        o1, _, _, _ = cpu._run(*part, 2, s2s, 3, k0[n:n + 1], v0[n:n + 1], [(0, length, pos)], None)
+        (o1 * w[:, start:start + length]).sum().backward()
+        torch.testing.assert_close(o[:, start:start + length], o1, rtol=1e-12, atol=1e-12)
+        for x, p in zip(leaves + [gate], part):
+            torch.testing.assert_close(x.grad[:, start:start + length], p.grad, rtol=1e-12, atol=1e-12)
