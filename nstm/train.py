@@ -82,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task", required=True, choices=list(TASKS), metavar="TASK",
                    help="one of: " + ", ".join(TASKS))
     g.add_argument("--seq-len", type=int, default=None,
-                   help="copy: length L (32); passkey: training context (1024, at most 2048); listops: "
-                        "max length (2000); shakespeare/wikitext2/text: context (256); lra-listops: truncation (2000)")
+                   help="copy: length L (32); mqar: tokens per sequence, queries spread among fillers "
+                        "(4 x pairs, queries right after the pairs); passkey: training context (1024, at "
+                        "most 2048); listops: max length (2000); shakespeare/wikitext2/text: context (256); "
+                        "lra-listops: truncation (2000)")
     g.add_argument("--vocab", type=int, default=None, help="copy (16) / mqar (64) vocabulary size")
     g.add_argument("--num-pairs", type=int, default=None, help="mqar key-value pairs (8)")
     g.add_argument("--min-len", type=int, default=None, help="listops minimum length (seq-len / 4)")

@@ -30,7 +30,8 @@ class TaskSpec:
 TASKS: Dict[str, TaskSpec] = {
     "copy": TaskSpec(copy_task, "copy L random tokens after a separator; scored at L, 2L and 4L",
                      ("seq_len", "vocab_size")),
-    "mqar": TaskSpec(mqar_task, "multi-query associative recall (Zoology)", ("num_pairs", "vocab_size")),
+    "mqar": TaskSpec(mqar_task, "multi-query associative recall (Zoology); --seq-len T spreads the "
+                     "queries over T tokens with fillers", ("num_pairs", "vocab_size", "seq_len")),
     "passkey": TaskSpec(passkey_task, "retrieve a 5-digit passkey hidden in filler; train <= 2K, "
                         "score at --eval-contexts", ("seq_len", "eval_contexts")),
     "listops": TaskSpec(listops_task, "synthetic ListOps expressions (10 classes)",

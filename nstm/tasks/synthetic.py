@@ -12,24 +12,34 @@ from .base import EVAL_SEED, IGNORE, Task, check_int, generated, lm_batch
 
 
 def mqar_batch(batch: int, num_pairs: int, vocab_size: int, num_queries: Optional[int] = None,
-               generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               generator: Optional[torch.Generator] = None,
+               seq_len: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Multi-query associative recall (Zoology's MQAR).
 
     The sequence is ``k1 v1 k2 v2 ... kN vN`` followed by ``num_queries`` (default N) queries
     ``q a``: a key seen before and, teacher-forced, its value. The model is scored on predicting
     ``a`` at each query key. Keys come from ``[1, vocab/2)``, values from ``[vocab/2, vocab)``, all
     keys of a sequence distinct. Length ``2 * (num_pairs + num_queries)``.
+
+    ``seq_len = T`` (Zoology's layout): the sequence has T tokens; after the N pairs, every key is
+    queried once, in a random order, at random places among the remaining ``T - 2N`` positions,
+    and the positions between the queries hold the filler token 0. Zoology draws the gaps from
+    a power law; here every placement is equally likely. Needs ``T >= 4N``.
     """
     check_int("batch", batch, 1)
     check_int("num_pairs", num_pairs, 1)
     check_int("vocab_size", vocab_size, 4)
-    nq = num_pairs if num_queries is None else num_queries
-    check_int("num_queries", nq, 1)
     half = vocab_size // 2
     if num_pairs > half - 1:
         raise ValueError(f"num_pairs ({num_pairs}) must be < vocab_size // 2 ({half}) so keys are distinct")
-    keys = torch.rand(batch, half - 1, generator=generator).argsort(-1)[:, :num_pairs] + 1
-    vals = torch.randint(half, vocab_size, (batch, num_pairs), generator=generator)
+    if seq_len is not None:
+        check_int("seq_len", seq_len, 4 * num_pairs)
+        if num_queries is not None:
+            raise ValueError("num_queries is fixed by seq_len (every key is queried once)")
+        return _mqar_spread(batch, num_pairs, vocab_size, seq_len, generator)
+    nq = num_pairs if num_queries is None else num_queries
+    check_int("num_queries", nq, 1)
+    keys, vals = _mqar_pairs(batch, num_pairs, vocab_size, generator)
     ctx = torch.stack([keys, vals], dim=-1).flatten(1)                           # [B, 2N]
     pick = torch.randint(0, num_pairs, (batch, nq), generator=generator)
     qk, qv = keys.gather(1, pick), vals.gather(1, pick)
@@ -37,6 +47,31 @@ def mqar_batch(batch: int, num_pairs: int, vocab_size: int, num_queries: Optiona
     inputs = torch.cat([ctx, queries], dim=1)
     targets = torch.full_like(inputs, IGNORE)
     targets[:, 2 * num_pairs::2] = qv                                            # predict a at q
+    return inputs, targets
+
+
+def _mqar_pairs(batch, num_pairs, vocab_size, generator):
+    half = vocab_size // 2
+    keys = torch.rand(batch, half - 1, generator=generator).argsort(-1)[:, :num_pairs] + 1
+    vals = torch.randint(half, vocab_size, (batch, num_pairs), generator=generator)
+    return keys, vals
+
+
+def _mqar_spread(batch, num_pairs, vocab_size, seq_len, generator):
+    """``mqar_batch`` with ``seq_len``: the pairs, then each key queried once among fillers."""
+    N = num_pairs
+    keys, vals = _mqar_pairs(batch, N, vocab_size, generator)
+    inputs = torch.zeros(batch, seq_len, dtype=torch.long)
+    inputs[:, 0:2 * N:2], inputs[:, 1:2 * N:2] = keys, vals
+    slots = (seq_len - 2 * N) // 2                                 # room for a (query, value) pair each
+    where = torch.rand(batch, slots, generator=generator).argsort(-1)[:, :N].sort(-1).values
+    pos = 2 * N + 2 * where                                        # [B, N] query positions, in order
+    order = torch.rand(batch, N, generator=generator).argsort(-1)  # which key each query asks for
+    qk, qv = keys.gather(1, order), vals.gather(1, order)
+    inputs.scatter_(1, pos, qk)
+    inputs.scatter_(1, pos + 1, qv)
+    targets = torch.full_like(inputs, IGNORE)
+    targets.scatter_(1, pos, qv)                                   # predict the value at its query key
     return inputs, targets
 
 
@@ -160,21 +195,27 @@ def copy_task(seq_len: Optional[int] = None, vocab_size: Optional[int] = None, *
                 finite_eval=False, info={"length": L, "vocab_size": V, "eval_lengths": [L, 2 * L, 4 * L]})
 
 
-def mqar_task(num_pairs: Optional[int] = None, vocab_size: Optional[int] = None, **_) -> Task:
-    """MQAR with ``num_pairs`` (default 8) key-value pairs over a ``vocab_size`` (64) vocabulary."""
+def mqar_task(num_pairs: Optional[int] = None, vocab_size: Optional[int] = None,
+              seq_len: Optional[int] = None, **_) -> Task:
+    """MQAR with ``num_pairs`` (default 8) key-value pairs over a ``vocab_size`` (64) vocabulary;
+    ``seq_len`` spreads the queries over that many tokens with fillers (Zoology's layout,
+    ``mqar_batch``), else the queries follow the pairs directly (length 4 N)."""
     N = 8 if num_pairs is None else num_pairs
     V = 64 if vocab_size is None else vocab_size
     check_int("num_pairs", N, 1)
     check_int("vocab_size", V, 4)
     if N > V // 2 - 1:
         raise ValueError(f"mqar needs num_pairs ({N}) < vocab_size // 2 ({V // 2}) so keys are distinct")
+    if seq_len is not None and seq_len < 4 * N:
+        raise ValueError(f"mqar needs seq_len >= 4 * num_pairs ({4 * N}) to place every query, got {seq_len}")
 
     def train(b, g):
-        return lm_batch(mqar_batch(b, N, V, generator=g))
+        return lm_batch(mqar_batch(b, N, V, generator=g, seq_len=seq_len))
 
     return Task("mqar", "lm", "accuracy", True, train,
                 lambda bs, nb: {"test": generated(train, bs, nb, EVAL_SEED)},
-                vocab_size=V, seq_len=4 * N, finite_eval=False, info={"num_pairs": N, "vocab_size": V})
+                vocab_size=V, seq_len=4 * N if seq_len is None else seq_len, finite_eval=False,
+                info={"num_pairs": N, "vocab_size": V, "length": 4 * N if seq_len is None else seq_len})
 
 
 def passkey_task(seq_len: Optional[int] = None, eval_contexts: Optional[Sequence[int]] = None, **_) -> Task:

@@ -44,6 +44,40 @@ def test_mqar_targets_are_the_values_of_the_queried_keys():
             assert y[b, t] == pairs[int(x[b, t])] == x[b, t + 1]
 
 
+@pytest.mark.parametrize("T,N", [(64, 4), (128, 8), (33, 8), (16, 4)])
+def test_mqar_with_seq_len_queries_every_key_once_among_fillers(T, N):
+    """Zoology's layout: T tokens, the N pairs first, then each key queried once at a random place,
+    its value after it, fillers (0) everywhere else; scored only at the query keys."""
+    x, y = mqar_batch(8, N, 8192, generator=gen(T), seq_len=T)
+    assert x.shape == y.shape == (8, T)
+    starts = set()
+    for b in range(8):
+        pairs = dict(zip(x[b, 0:2 * N:2].tolist(), x[b, 1:2 * N:2].tolist()))
+        assert len(pairs) == N and all(1 <= k < 4096 <= v < 8192 for k, v in pairs.items())
+        scored = (y[b] != IGNORE).nonzero().flatten().tolist()
+        assert len(scored) == N and all(t >= 2 * N and (t - 2 * N) % 2 == 0 for t in scored)
+        assert sorted(int(x[b, t]) for t in scored) == sorted(pairs)       # every key exactly once
+        for t in scored:
+            assert y[b, t] == pairs[int(x[b, t])] == x[b, t + 1]
+        rest = set(range(2 * N, T)) - set(scored) - {t + 1 for t in scored}
+        assert all(int(x[b, t]) == 0 for t in rest)
+        starts.add(scored[0])
+    if T - 4 * N >= 8:
+        assert len(starts) > 1                      # the queries are not always in the same place
+    with pytest.raises(ValueError, match="seq_len"):
+        mqar_batch(2, N, 8192, seq_len=4 * N - 1)
+
+
+def test_mqar_task_takes_seq_len():
+    from nstm.tasks.registry import build_task
+    task = build_task("mqar", num_pairs=4, vocab_size=8192, seq_len=64)
+    b = task.train_batch(3, gen())
+    assert task.seq_len == 64 and b.inputs.shape == (3, 64) and task.info["length"] == 64
+    assert build_task("mqar", num_pairs=4, vocab_size=64).seq_len == 16
+    with pytest.raises(ValueError, match="seq_len >= 4"):
+        build_task("mqar", num_pairs=8, vocab_size=64, seq_len=20)
+
+
 def test_copy_targets_are_the_second_copy():
     x, y = copy_batch(3, 7, 10, generator=gen())
     assert x.shape == (3, 15) and (x[:, 7] == 0).all() and (x[:, :7] == x[:, 8:]).all()
