@@ -345,11 +345,18 @@ std::vector<Seg> read_segments(const Tensor& seg, int64_t block, int64_t* nblock
 // region of its own per tensor: 6 of them per call cost 7 ms of ~75 alone and 55 ms next to a
 // 2-thread neighbour (bench/NOTES.md).
 template <typename T>
-void zero_gaps(T* x, int64_t tokens, int64_t row, const std::vector<Seg>& segs) {
+void zero_gaps(T* x, int64_t row, const std::vector<int64_t>& gaps) {
+  for (const int64_t t : gaps) std::fill(x + t * row, x + (t + 1) * row, T(0));
+}
+
+// the tokens of [0, tokens) that no segment covers
+inline std::vector<int64_t> gap_tokens(int64_t tokens, const std::vector<Seg>& segs) {
   std::vector<char> covered(tokens, 0);
   for (const auto& s : segs) std::fill(covered.begin() + s.start, covered.begin() + s.start + s.len, 1);
+  std::vector<int64_t> gaps;
   for (int64_t t = 0; t < tokens; ++t)
-    if (!covered[t]) std::fill(x + t * row, x + (t + 1) * row, T(0));
+    if (!covered[t]) gaps.push_back(t);
+  return gaps;
 }
 
 inline bool period_end(const Dims& d, int64_t pos, int64_t t) {
@@ -500,7 +507,7 @@ std::vector<Tensor> nstm_cpu_forward(
     const Inputs<T> in(q, k, v, lg, gate, wq, wk, mix, has_s2s);
     const T *K0 = k0.data_ptr<T>(), *V0 = v0.data_ptr<T>();
     T *O = o.data_ptr<T>(), *KF = kf.data_ptr<T>(), *VF = vf.data_ptr<T>(), *CK = ck.data_ptr<T>();
-    zero_gaps(O, q.size(0), H * V, segs);
+    zero_gaps(O, H * V, gap_tokens(q.size(0), segs));
     for_units(N * H, [&](int64_t u) {
       const int64_t n = u / H, h = u % H;
       const Seg& sg = segs[n];
@@ -576,12 +583,12 @@ std::vector<Tensor> nstm_cpu_backward(
       *DLG = dlg.data_ptr<T>(), *DG = dgate.data_ptr<T>(), *DK0 = dk0.data_ptr<T>(),
       *DV0 = dv0.data_ptr<T>(), *DWQ = dwq.data_ptr<T>(), *DWK = dwk.data_ptr<T>(),
       *DMIX = dmix.data_ptr<T>();
-    const int64_t TT = q.size(0);
-    zero_gaps(DQ, TT, H * K, segs);
-    zero_gaps(DK, TT, H * K, segs);
-    zero_gaps(DV, TT, H * V, segs);
-    zero_gaps(DLG, TT, H * S, segs);
-    zero_gaps(DG, TT, H, segs);
+    const auto gaps = gap_tokens(q.size(0), segs);
+    zero_gaps(DQ, H * K, gaps);
+    zero_gaps(DK, H * K, gaps);
+    zero_gaps(DV, H * V, gaps);
+    zero_gaps(DLG, H * S, gaps);
+    zero_gaps(DG, H, gaps);
     for_units(N * H, [&](int64_t u) {
       const int64_t n = u / H, h = u % H;
       const Seg& sg = segs[n];

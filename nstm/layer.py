@@ -298,37 +298,38 @@ class NSTMLayer(nn.Module):
             raise TypeError("state must be an NSTMLayerState; use layer.init_state(batch)")
         if not isinstance(inplace, bool):
             raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-        if self._fast_step_ok(x, state, inplace):
-            with torch.no_grad():
-                squeeze = x.dim() == 3
-                y, new = self._fast_step(x[:, 0] if squeeze else x, state, inplace)
-            return (y.unsqueeze(1) if squeeze else y), new
+        squeeze = x.dim() == 3
+        x2 = x[:, 0] if squeeze else x
         with torch.no_grad():
-            squeeze = x.dim() == 3
-            x2 = x[:, 0] if squeeze else x
-            H, K = self.num_heads, self.head_dim
-            positions = self._positions(x2[:, None], state.op.pos)
-            qkv, z, logits, gate = self._project(x2, None if positions is None else positions[:, 0])
-            conv_cache = None
-            if self.conv is not None:
-                qkv, conv_cache = self.conv(qkv.unsqueeze(1), state.conv)
-                qkv = qkv[:, 0]
-                if inplace:
-                    state.conv.copy_(conv_cache)
-                    conv_cache = state.conv
-            q, k, v = qkv.unflatten(-1, (3, H, K)).unbind(1)
-            s2s = self.s2s.params() if self.s2s is not None else None
-            top_k = min(self.top_k, self.num_states)
-            if inplace:
-                o = nstm_step_(q, k, v, logits, gate, top_k, s2s, self.comm_every, state.op.k,
-                               state.op.v, state.op.pos, backend=self.backend)
-                new = state
-            else:
-                o, op = nstm_step(q, k, v, logits, gate, top_k, s2s, self.comm_every, state.op,
-                                  backend=self.backend)
-                new = NSTMLayerState(op, conv_cache)
-            y = self._finish(o, z)
+            step = self._fast_step if self._fast_step_ok(x2, state, inplace) else self._general_step
+            y, new = step(x2, state, inplace)
         return (y.unsqueeze(1) if squeeze else y), new
+
+    def _general_step(self, x: torch.Tensor, state: NSTMLayerState, inplace: bool):
+        """``step`` on any device and dtype, through the dispatched ``nstm_step`` / ``nstm_step_``.
+        ``x [B, D]``."""
+        H, K = self.num_heads, self.head_dim
+        positions = self._positions(x[:, None], state.op.pos)
+        qkv, z, logits, gate = self._project(x, None if positions is None else positions[:, 0])
+        conv_cache = None
+        if self.conv is not None:
+            qkv, conv_cache = self.conv(qkv.unsqueeze(1), state.conv)
+            qkv = qkv[:, 0]
+            if inplace:
+                state.conv.copy_(conv_cache)
+                conv_cache = state.conv
+        q, k, v = qkv.unflatten(-1, (3, H, K)).unbind(1)
+        s2s = self.s2s.params() if self.s2s is not None else None
+        top_k = min(self.top_k, self.num_states)
+        if inplace:
+            o = nstm_step_(q, k, v, logits, gate, top_k, s2s, self.comm_every, state.op.k,
+                           state.op.v, state.op.pos, backend=self.backend)
+            new = state
+        else:
+            o, op = nstm_step(q, k, v, logits, gate, top_k, s2s, self.comm_every, state.op,
+                              backend=self.backend)
+            new = NSTMLayerState(op, conv_cache)
+        return self._finish(o, z), new
 
     # ---------------------------------------------------------------- one-token steps on the CPU
     def _fast_step_ok(self, x: torch.Tensor, state: NSTMLayerState, inplace: bool) -> bool:
@@ -342,7 +343,7 @@ class NSTMLayer(nn.Module):
             return False
         if inplace and isinstance(state.op.pos, torch.Tensor) and state.op.pos.numel() != 1:
             return False                 # (nstm_step_ says what it takes)
-        if state.op.k.dtype != x.dtype or state.op.v.dtype != x.dtype or state.op.k.device.type != "cpu":
+        if any(t.dtype != x.dtype or t.device.type != "cpu" for t in (state.op.k, state.op.v)):
             return False
         if state.conv is not None and state.conv.dtype != x.dtype:
             return False
@@ -424,10 +425,9 @@ class NSTMLayer(nn.Module):
         else:
             sk = state.op.k.to(memory_format=torch.contiguous_format, copy=True)
             sv = state.op.v.to(memory_format=torch.contiguous_format, copy=True)
-        pos_t = pos.reshape(-1).long() if isinstance(pos, torch.Tensor) else torch.tensor([int(pos)])
-        o = torch.ops.nstm_cpu.step_(q, k, v, logits, gate, sk, sv, pos_t, *plan.s2s,
-                                     min(self.top_k, S), self.comm_every, self.s2s is not None,
-                                     K ** -0.5)
+        o = torch.ops.nstm_cpu.step_(q, k, v, logits, gate, sk, sv, cpu_kernel._pos_tensor(pos),
+                                     *plan.s2s, min(self.top_k, S), self.comm_every,
+                                     self.s2s is not None, K ** -0.5)
         y = self._finish(o, z)
         if inplace:
             return y, state
