@@ -90,7 +90,6 @@ def _flags():
 
 
 def _build() -> None:
-    from torch.utils import cpp_extension
     directory = build_dir()
     if settings.flag("NSTM_CPU_REBUILD"):
         shutil.rmtree(directory, ignore_errors=True)
@@ -98,6 +97,9 @@ def _build() -> None:
     if not os.path.isfile(_source()):
         raise RuntimeError(f"the C++ source is missing ({_source()})")
     try:
+        # imported here, inside the guard: importing it imports setuptools, which can itself fail
+        # (e.g. setuptools' distutils shim asserting after the standard distutils got imported)
+        from torch.utils import cpp_extension
         cflags, ldflags = _flags()
         cpp_extension.load(name=EXT_NAME, sources=[_source()], extra_cflags=cflags,
                            extra_ldflags=ldflags,

