@@ -802,17 +802,46 @@ inline void conv_pre_row(const T* const* rows, const T* __restrict w, const T* _
   }
 }
 
-void check_conv(const Tensor& x, const Tensor& cache, const Tensor& w, const Tensor& b) {
+// one run of tokens the convolution never reads across: a batch row, or a packed document
+struct ConvSeg {
+  int64_t x0, y0, len;   // offsets (elements) of its first token in x and in y / g / dx; tokens
+};
+
+// seg empty: the B rows of x; else (B = 1) the packed documents, int64 [N, 2] of (start, length),
+// which must tile [0, T) in order (so that every output row is written)
+std::vector<ConvSeg> conv_segments(const Tensor& x, const Tensor& seg) {
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  std::vector<ConvSeg> out;
+  if (seg.numel() == 0) {
+    for (int64_t b = 0; b < B; ++b) out.push_back({b * x.stride(0), b * T * C, T});
+    return out;
+  }
+  TORCH_CHECK(B == 1 && seg.dim() == 2 && seg.size(1) == 2 && seg.scalar_type() == at::kLong,
+              "nstm_cpu: packed conv takes x [1, T, C] and documents int64 [N, 2] of (start, length)");
+  const auto a = seg.contiguous();
+  const int64_t* p = a.data_ptr<int64_t>();
+  int64_t next = 0;
+  for (int64_t n = 0; n < seg.size(0); ++n) {
+    TORCH_CHECK(p[2 * n] == next && p[2 * n + 1] >= 1,
+                "nstm_cpu: packed conv documents must be non-empty and tile the time axis in order");
+    out.push_back({next * x.stride(1), next * C, p[2 * n + 1]});
+    next += p[2 * n + 1];
+  }
+  TORCH_CHECK(next == T, "nstm_cpu: packed conv documents must end at T = ", T, ", got ", next);
+  return out;
+}
+
+void check_conv(const Tensor& x, const Tensor& cache, const Tensor& w, const Tensor& b, int64_t rows) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.stride(2) == 1,
               "nstm_cpu: conv takes a CPU x [B, T, C] with contiguous channels");
-  const int64_t B = x.size(0), C = x.size(2);
+  const int64_t C = x.size(2);
   TORCH_CHECK(w.dim() == 2 && w.size(1) == C && w.is_contiguous() && w.size(0) >= 1,
               "nstm_cpu: conv weight must be a contiguous [W, C]");
   TORCH_CHECK(b.dim() == 1 && b.size(0) == C && b.is_contiguous(), "nstm_cpu: conv bias must be [C]");
-  TORCH_CHECK(cache.numel() == 0 || (cache.dim() == 3 && cache.size(0) == B &&
+  TORCH_CHECK(cache.numel() == 0 || (cache.dim() == 3 && cache.size(0) == rows &&
                                      cache.size(1) == w.size(0) - 1 && cache.size(2) == C &&
                                      cache.is_contiguous()),
-              "nstm_cpu: conv cache must be empty (zeros) or a contiguous [B, W - 1, C]");
+              "nstm_cpu: conv cache must be empty (zeros) or a contiguous [B or N documents, W - 1, C]");
   TORCH_CHECK(x.scalar_type() == w.scalar_type() && w.scalar_type() == b.scalar_type() &&
                   (cache.numel() == 0 || cache.scalar_type() == x.scalar_type()),
               "nstm_cpu: conv tensors must share one dtype");
@@ -828,24 +857,35 @@ inline void conv_rows(const T** rows, const T* X, int64_t sT, const T* cache, co
   }
 }
 
+// (segment, first token) of each work unit: blocks of `block` tokens, never across a segment
+inline std::vector<std::pair<int64_t, int64_t>> conv_units(const std::vector<ConvSeg>& segs,
+                                                           int64_t block) {
+  std::vector<std::pair<int64_t, int64_t>> units;
+  for (int64_t r = 0; r < static_cast<int64_t>(segs.size()); ++r)
+    for (int64_t t0 = 0; t0 < segs[r].len; t0 += block) units.emplace_back(r, t0);
+  return units;
+}
+
 template <typename T_>
 void conv_forward_impl(const Tensor& x, const Tensor& cache, const Tensor& w, const Tensor& b,
-                       Tensor& y) {
-  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), W = w.size(0);
-  const int64_t nb = (T + CONV_BLOCK - 1) / CONV_BLOCK;
+                       const std::vector<ConvSeg>& segs, Tensor& y) {
+  const int64_t C = x.size(2), W = w.size(0);
+  const auto units = conv_units(segs, CONV_BLOCK);
   const T_ *X = x.data_ptr<T_>(), *Wt = w.data_ptr<T_>(), *Bs = b.data_ptr<T_>();
   const T_* Ca = cache.numel() ? cache.data_ptr<T_>() : nullptr;
   T_* Y = y.data_ptr<T_>();
-  const int64_t sB = x.stride(0), sT = x.stride(1);
+  const int64_t sT = x.stride(1);
   std::vector<T_> zero(C, T_(0));
-  at::parallel_for(0, B * nb, 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
     std::vector<const T_*> rows(W);
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t r = u / nb, t0 = (u % nb) * CONV_BLOCK, t1 = std::min(T, t0 + CONV_BLOCK);
+      const int64_t r = units[u].first, t0 = units[u].second;
+      const ConvSeg& sg = segs[r];
+      const int64_t t1 = std::min(sg.len, t0 + CONV_BLOCK);
       for (int64_t t = t0; t < t1; ++t) {
-        conv_rows(rows.data(), X + r * sB, sT, Ca ? Ca + r * (W - 1) * C : nullptr, zero.data(),
+        conv_rows(rows.data(), X + sg.x0, sT, Ca ? Ca + r * (W - 1) * C : nullptr, zero.data(),
                   t, W, C);
-        T_* __restrict yr = Y + (r * T + t) * C;
+        T_* __restrict yr = Y + sg.y0 + t * C;
         conv_pre_row(rows.data(), Wt, Bs, W, C, yr);
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) yr[c] = yr[c] * sigmoid_of(yr[c]);
@@ -854,25 +894,30 @@ void conv_forward_impl(const Tensor& x, const Tensor& cache, const Tensor& w, co
   });
 }
 
-Tensor nstm_cpu_conv_forward(const Tensor& x, const Tensor& cache, const Tensor& w, const Tensor& b) {
-  check_conv(x, cache, w, b);
+Tensor nstm_cpu_conv_forward(const Tensor& x, const Tensor& cache, const Tensor& w, const Tensor& b,
+                             const Tensor& seg) {
+  TORCH_CHECK(x.dim() == 3, "nstm_cpu: conv takes a CPU x [B, T, C] with contiguous channels");
+  const auto segs = conv_segments(x, seg);
+  check_conv(x, cache, w, b, static_cast<int64_t>(segs.size()));
   auto y = at::empty({x.size(0), x.size(1), x.size(2)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nstm_cpu_conv_forward",
-                             [&] { conv_forward_impl<scalar_t>(x, cache, w, b, y); });
+                             [&] { conv_forward_impl<scalar_t>(x, cache, w, b, segs, y); });
   return y;
 }
 
 template <typename T_>
 void conv_backward_impl(const Tensor& g, const Tensor& x, const Tensor& cache, const Tensor& w,
-                        const Tensor& b, Tensor& dx, Tensor& dcache, Tensor& dwb) {
-  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), W = w.size(0);
-  const int64_t nu = (T + CONV_UNIT - 1) / CONV_UNIT, units = B * nu;
+                        const Tensor& b, const std::vector<ConvSeg>& segs, Tensor& dx, Tensor& dcache,
+                        Tensor& dwb) {
+  const int64_t C = x.size(2), W = w.size(0);
+  const auto work = conv_units(segs, CONV_UNIT);
+  const int64_t units = static_cast<int64_t>(work.size());
   const T_ *X = x.data_ptr<T_>(), *G = g.data_ptr<T_>(), *Wt = w.data_ptr<T_>(),
            *Bs = b.data_ptr<T_>();
   const T_* Ca = cache.numel() ? cache.data_ptr<T_>() : nullptr;
   T_* DX = dx.data_ptr<T_>();
   T_* DC = cache.numel() ? dcache.data_ptr<T_>() : nullptr;
-  const int64_t sB = x.stride(0), sT = x.stride(1);
+  const int64_t sT = x.stride(1);
   // each unit's own dw and dbias, summed in unit order afterwards: the same bits for any thread
   // count and any hand-out order
   std::vector<T_> part(units * (W + 1) * C, T_(0));
@@ -882,15 +927,17 @@ void conv_backward_impl(const Tensor& g, const Tensor& x, const Tensor& cache, c
     T_* db = dw + W * C;
     std::vector<const T_*> rows(W);
     std::vector<T_> dpre((CONV_BLOCK + W) * C);
-    const int64_t r = u / nu, a0 = (u % nu) * CONV_UNIT, a1 = std::min(T, a0 + CONV_UNIT);
-    const T_* Xr = X + r * sB;
+    const int64_t r = work[u].first, a0 = work[u].second;
+    const ConvSeg& sg = segs[r];
+    const int64_t T = sg.len, a1 = std::min(T, a0 + CONV_UNIT);   // T: this segment's tokens
+    const T_* Xr = X + sg.x0;
     const T_* Cr = Ca ? Ca + r * (W - 1) * C : nullptr;
     for (int64_t t0 = a0; t0 < a1; t0 += CONV_BLOCK) {
       const int64_t t1 = std::min(a1, t0 + CONV_BLOCK);
       const int64_t t2 = std::min(T, t1 + W - 1);       // dx of [t0, t1) needs dpre of [t0, t2)
       for (int64_t t = t0; t < t2; ++t) {
         conv_rows(rows.data(), Xr, sT, Cr, zero.data(), t, W, C);
-        const T_* __restrict gr = G + (r * T + t) * C;
+        const T_* __restrict gr = G + sg.y0 + t * C;
         T_* __restrict dp = dpre.data() + (t - t0) * C;
         conv_pre_row(rows.data(), Wt, Bs, W, C, dp);
 #pragma omp simd
@@ -911,7 +958,7 @@ void conv_backward_impl(const Tensor& g, const Tensor& x, const Tensor& cache, c
       }
       // dx[t] = sum_j dpre[t + W - 1 - j] w[j] over t + W - 1 - j < T
       for (int64_t t = t0; t < t1; ++t) {
-        T_* __restrict dxr = DX + (r * T + t) * C;
+        T_* __restrict dxr = DX + sg.y0 + t * C;
         std::fill(dxr, dxr + C, T_(0));
         for (int64_t j = 0; j < W; ++j) {
           const int64_t s = t + W - 1 - j;
@@ -947,19 +994,22 @@ void conv_backward_impl(const Tensor& g, const Tensor& x, const Tensor& cache, c
   }
 }
 
-// g: the gradient of y (contiguous [B, T, C]). Returns dx [B, T, C], dcache [B, W - 1, C]
+// g: the gradient of y (contiguous [B, T, C]). Returns dx [B, T, C], dcache [B or N, W - 1, C]
 // (empty when the cache is), dw [W, C], dbias [C]. The pre-activations are recomputed.
 std::vector<Tensor> nstm_cpu_conv_backward(const Tensor& g, const Tensor& x, const Tensor& cache,
-                                           const Tensor& w, const Tensor& b) {
-  check_conv(x, cache, w, b);
+                                           const Tensor& w, const Tensor& b, const Tensor& seg) {
+  TORCH_CHECK(x.dim() == 3, "nstm_cpu: conv takes a CPU x [B, T, C] with contiguous channels");
+  const auto segs = conv_segments(x, seg);
+  const int64_t R = static_cast<int64_t>(segs.size());
+  check_conv(x, cache, w, b, R);
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), W = w.size(0);
   TORCH_CHECK(g.is_contiguous() && g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type(),
               "nstm_cpu: conv backward takes a contiguous gradient of x's shape and dtype");
   auto dx = at::empty({B, T, C}, x.options());
-  auto dcache = cache.numel() ? at::empty({B, W - 1, C}, x.options()) : at::empty({0}, x.options());
+  auto dcache = cache.numel() ? at::empty({R, W - 1, C}, x.options()) : at::empty({0}, x.options());
   auto dwb = at::empty({W + 1, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nstm_cpu_conv_backward", [&] {
-    conv_backward_impl<scalar_t>(g, x, cache, w, b, dx, dcache, dwb);
+    conv_backward_impl<scalar_t>(g, x, cache, w, b, segs, dx, dcache, dwb);
   });
   return {dx, dcache, dwb.narrow(0, 0, W), dwb[W]};
 }
@@ -974,8 +1024,8 @@ TORCH_LIBRARY(nstm_cpu, m) {
         "Tensor wq, Tensor wk, Tensor mix, Tensor ck, Tensor d_o, Tensor dkf, Tensor dvf, "
         "int top_k, int C, bool has_s2s, float scale, int block) -> Tensor[]");
   m.def("route(Tensor logits, Tensor gate, int top_k) -> (Tensor, Tensor)");
-  m.def("conv_forward(Tensor x, Tensor cache, Tensor w, Tensor b) -> Tensor");
-  m.def("conv_backward(Tensor g, Tensor x, Tensor cache, Tensor w, Tensor b) -> Tensor[]");
+  m.def("conv_forward(Tensor x, Tensor cache, Tensor w, Tensor b, Tensor seg) -> Tensor");
+  m.def("conv_backward(Tensor g, Tensor x, Tensor cache, Tensor w, Tensor b, Tensor seg) -> Tensor[]");
   m.def("step_(Tensor q, Tensor k, Tensor v, Tensor logits, Tensor gate, Tensor(a!) sk, "
         "Tensor(b!) sv, Tensor pos, Tensor wq, Tensor wk, Tensor mix, int top_k, int C, "
         "bool has_s2s, float scale) -> Tensor");

@@ -414,7 +414,8 @@ class NSTMLayer(nn.Module):
         if self.conv is not None:
             window = state.conv.contiguous()
             qkv_in = qkv.unsqueeze(1)
-            qkv = torch.ops.nstm_cpu.conv_forward(qkv_in, window, plan.conv_w, plan.conv_b)[:, 0]
+            qkv = torch.ops.nstm_cpu.conv_forward(qkv_in, window, plan.conv_w, plan.conv_b,
+                                                  cpu_kernel.NO_SEGMENTS)[:, 0]
             conv = torch.cat([window, qkv_in], 1)[:, 1:]
             if inplace:
                 state.conv.copy_(conv)

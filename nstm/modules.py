@@ -33,8 +33,9 @@ class ShortConv(nn.Module):
     ``forward(x [B, T, C], cache [B, W-1, C] or None)`` -> ``(y [B, T, C], new cache)``. The cache
     holds the last ``W - 1`` inputs, so that decoding token by token equals one full pass.
 
-    On fp32 / fp64 CPU tensors a multi-token call runs the taps and the SiLU in one C++ pass
-    (``nstm_kernels.cpu.short_conv``; its backward is one pass too) where the C++ kernel builds;
+    On fp32 / fp64 CPU tensors a multi-token call, packed (``cu_seqlens``) or not, runs the taps
+    and the SiLU in one C++ pass (``nstm_kernels.cpu.short_conv``; its backward is one pass too)
+    where the C++ kernel builds;
     ``fused = False`` (or ``NSTM_CPU_KERNEL=0``) runs the PyTorch form: the same sums.
     """
 
@@ -91,6 +92,10 @@ class ShortConv(nn.Module):
         W1, N = self.width - 1, cu_seqlens.numel() - 1
         dev = x.device
         cu = cu_seqlens.to(dev)
+        if self.fused and cpu_kernel.conv_usable(x):
+            # the C++ pass, document by document (its windows never cross a document either)
+            y = cpu_kernel.short_conv(x, cache, self.weight[:, 0].t(), self.bias, cu_seqlens=cu)
+            return y, _packed_tails(x, cache, cu, W1)
         lens = cu[1:] - cu[:-1]
         doc = torch.repeat_interleave(torch.arange(N, device=dev), lens, output_size=T)       # [T]
         at = torch.arange(T, device=dev) + (doc + 1) * W1                   # token t's row in E
@@ -107,6 +112,23 @@ class ShortConv(nn.Module):
         ends = cu[1:] + (torch.arange(N, device=dev) + 1) * W1                 # one past each doc's last row
         last = ends[:, None] - W1 + torch.arange(W1, device=dev)[None, :]                   # [N, W-1]
         return F.silu(y).unsqueeze(0), E[last]
+
+
+def _packed_tails(x: torch.Tensor, cache: Optional[torch.Tensor], cu: torch.Tensor, W1: int) -> torch.Tensor:
+    """Each packed document's last ``W1`` conv inputs, ``[N, W1, C]``: its own tokens, preceded by
+    the rows of its cache (zeros if None) where the document is shorter than ``W1``."""
+    N, C = cu.numel() - 1, x.shape[-1]
+    if W1 == 0:
+        return x.new_zeros(N, 0, C)
+    p = cu[1:, None] - W1 + torch.arange(W1, device=x.device)            # [N, W1] token index in x
+    start = cu[:-1, None]
+    mine = x[0, p.clamp(min=0)]                                          # [N, W1, C]
+    inside = (p >= start)[..., None]
+    if cache is None:
+        return torch.where(inside, mine, torch.zeros((), dtype=x.dtype, device=x.device))
+    back = (W1 + p - start).clamp(0, W1 - 1)                            # the cache row, outside
+    theirs = cache.to(x.dtype).gather(1, back[..., None].expand(N, W1, C))
+    return torch.where(inside, mine, theirs)
 
 
 class MLP(nn.Module):

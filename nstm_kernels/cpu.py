@@ -381,17 +381,25 @@ def chunked_sparse_route(route_logits, write_gate, top_k: int):
     return route_torch(route_logits, write_gate, top_k)
 
 
+#: the conv ops' ``seg`` argument for an unpacked batch (every row of x is one sequence)
+NO_SEGMENTS = torch.empty(0, 2, dtype=torch.long)
+
+
 class _ConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, cache, w, b):
-        ctx.save_for_backward(x, cache, w, b)
-        return torch.ops.nstm_cpu.conv_forward(x, cache, w, b)
+    def forward(ctx, x, cache, w, b, seg):
+        ctx.save_for_backward(x, cache, w, b, seg)
+        return torch.ops.nstm_cpu.conv_forward(x, cache, w, b, seg)
 
     @staticmethod
     def backward(ctx, g):
-        x, cache, w, b = ctx.saved_tensors
-        dx, dcache, dw, db = torch.ops.nstm_cpu.conv_backward(g.contiguous(), x, cache, w, b)
-        return dx, (dcache if cache.numel() and ctx.needs_input_grad[1] else None), dw, db
+        x, cache, w, b, seg = ctx.saved_tensors
+        dx, dcache, dw, db = torch.ops.nstm_cpu.conv_backward(g.contiguous(), x, cache, w, b, seg)
+        if not ctx.needs_input_grad[1]:
+            dcache = None
+        elif not cache.numel():               # a width-1 conv's [B, 0, C] cache
+            dcache = torch.zeros_like(cache)
+        return dx, dcache, dw, db, None
 
 
 def conv_usable(x: torch.Tensor) -> bool:
@@ -400,15 +408,24 @@ def conv_usable(x: torch.Tensor) -> bool:
 
 
 def short_conv(x: torch.Tensor, cache: Optional[torch.Tensor], weight: torch.Tensor,
-               bias: torch.Tensor) -> torch.Tensor:
+               bias: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``silu(bias + sum_j weight[j] * xc[:, t + j])`` with ``xc = [cache; x]``: the causal
     depthwise convolution of ``nstm.modules.ShortConv`` and its SiLU in one C++ pass (and one for
     the backward), for ``x [B, T, C]`` (any view with contiguous channels), ``cache [B, W - 1, C]``
     or None (zeros), ``weight [W, C]`` (tap ``W - 1`` multiplies the current token, tap ``j`` the
     one ``W - 1 - j`` tokens back), ``bias [C]``. Returns ``y [B, T, C]``, differentiable in every input.
+
+    With ``cu_seqlens`` (int64 ``[N + 1]``, already checked: B = 1, strictly increasing, 0 to T)
+    ``x`` is N packed documents: each one's window starts from its own ``cache[n]`` (``[N, W - 1,
+    C]``, zeros if None) and never reads the document before it.
     Call only where ``conv_usable(x)``."""
     dt = x.dtype
     if x.stride(-1) != 1:
         x = x.contiguous()
     cache = x.new_empty(0) if cache is None else cache.to(dt).contiguous()
-    return _ConvFunction.apply(x, cache, weight.to(dt).contiguous(), bias.to(dt).contiguous())
+    if cu_seqlens is None:
+        seg = NO_SEGMENTS
+    else:
+        cu = cu_seqlens.to(device="cpu", dtype=torch.long)
+        seg = torch.stack([cu[:-1], cu[1:] - cu[:-1]], 1).contiguous()
+    return _ConvFunction.apply(x, cache, weight.to(dt).contiguous(), bias.to(dt).contiguous(), seg)
