@@ -47,7 +47,9 @@ The config (TOML, or JSON with the same structure)::
 The first metric of an entry picks the learning rate (higher is better for accuracies, lower for
 losses: ``lower_is_better = true`` on the metric). A model is a name of ``nstm-train --model``
 (``nstm``, ``transformer``, ``nstm-no-s2s``, ``gsa``) or a table with that ``name``, extra
-``flags`` and a ``label`` (the summary's model name).
+``flags``, a ``label`` (the summary's model name) and its own ``lrs`` (default: the entry's), e.g.
+``{name = "nstm", label = "nstm+wp", flags = {write-pointer = 32}, lrs = [1e-2]}``. A metric whose
+name or key ends in ``loss`` is lower-is-better unless it says ``lower_is_better = false``.
 """
 from __future__ import annotations
 
@@ -84,6 +86,7 @@ class Model:
     name: str                          # nstm-train --model
     label: str                         # the summary's model name
     flags: Dict[str, Any] = field(default_factory=dict)
+    lrs: Tuple[float, ...] = ()        # its own learning rates (empty: the entry's)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,10 @@ class Entry:
     seeds: Tuple[int, ...]
     chance: Optional[float] = None     # the accuracy of guessing (a line in the plots)
     length: Optional[int] = None       # tokens per scored sequence, when the run JSON does not say
+
+    def lrs_of(self, model: Model) -> Tuple[float, ...]:
+        """The learning rates swept for ``model``: its own ``lrs`` if the config gives them."""
+        return model.lrs or self.lrs
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,7 @@ class Study:
     def runs(self, only: Optional[Sequence[str]] = None) -> List[Run]:
         """Seed by seed within each entry, so a partial study has every model and learning rate."""
         return [Run(e, m, lr, s) for e in self.entries if not only or e.task in only
-                for s in e.seeds for m in e.models for lr in e.lrs]
+                for s in e.seeds for m in e.models for lr in e.lrs_of(m)]
 
 
 def _read(path: str) -> Dict[str, Any]:
@@ -175,6 +182,13 @@ def _flag(name: str) -> str:
 def _parser():
     from .train import build_parser
     return build_parser()
+
+
+def _check_lrs(path: str, where: str, lrs: Any) -> Tuple[float, ...]:
+    if not (isinstance(lrs, list) and lrs and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                  and x > 0 for x in lrs)):
+        raise StudyError(f"{path}: {where}: lrs must be a non-empty list of positive numbers, got {lrs!r}")
+    return tuple(float(x) for x in lrs)
 
 
 def load_config(path: str) -> Study:
@@ -235,20 +249,24 @@ def load_config(path: str) -> Study:
             if not isinstance(m, dict) or m.get("name") not in MODELS:
                 raise StudyError(f"{path}: {where}: a model is one of {list(MODELS)} or a table with that "
                                  f"name, got {m!r}")
+            extra = set(m) - {"name", "label", "flags", "lrs"}
+            if extra:
+                raise StudyError(f"{path}: {where}: unknown model keys {sorted(extra)} in {m!r} "
+                                 f"(a model table has name, label, flags, lrs)")
             models.append(Model(m["name"], m.get("label", m["name"]),
-                                check_flags(f"{where} model {m['name']} flags", m.get("flags", {}))))
+                                check_flags(f"{where} model {m['name']} flags", m.get("flags", {})),
+                                _check_lrs(path, f"{where} model {m['name']}", m["lrs"]) if "lrs" in m else ()))
         labels = [m.label for m in models]
         if len(set(labels)) != len(labels):
             raise StudyError(f"{path}: {where}: model labels must differ, got {labels}")
-        lrs = e["lrs"]
-        if not (isinstance(lrs, list) and lrs and all(isinstance(x, (int, float)) and x > 0 for x in lrs)):
-            raise StudyError(f"{path}: {where}: lrs must be a non-empty list of positive numbers, got {lrs!r}")
+        lrs = _check_lrs(path, where, e["lrs"])
         metrics = []
         for m in e["metrics"]:
             if not isinstance(m, dict) or "key" not in m or "metric" not in m:
                 raise StudyError(f"{path}: {where}: a metric is a table with key and metric, got {m!r}")
-            metrics.append(Metric(m["key"], m["metric"], m.get("setting", e.get("setting", "")),
-                                  bool(m.get("lower_is_better", False))))
+            # a loss is lower-is-better unless the config says otherwise
+            lower = m.get("lower_is_better", m["metric"].endswith("loss") or m["key"].endswith("loss"))
+            metrics.append(Metric(m["key"], m["metric"], m.get("setting", e.get("setting", "")), bool(lower)))
         if not metrics:
             raise StudyError(f"{path}: {where}: metrics must not be empty")
         bar = e.get("bar")
@@ -260,12 +278,13 @@ def load_config(path: str) -> Study:
         for name in ("chance", "length"):
             if name in e and not (isinstance(e[name], (int, float)) and e[name] > 0):
                 raise StudyError(f"{path}: {where}: {name} must be a positive number, got {e[name]!r}")
-        entries.append(Entry(e["task"], e.get("setting", ""), flags, tuple(models), tuple(float(x) for x in lrs),
+        entries.append(Entry(e["task"], e.get("setting", ""), flags, tuple(models), lrs,
                              tuple(metrics), bar, tuple(eseeds), e.get("chance"),
                              int(e["length"]) if "length" in e else None))
     if not entries:
         raise StudyError(f"{path}: no [[entry]] tables: nothing to run")
-    names = [r.name for e in entries for r in (Run(e, m, lr, s) for m in e.models for lr in e.lrs for s in e.seeds)]
+    names = [r.name for e in entries
+             for r in (Run(e, m, lr, s) for m in e.models for lr in e.lrs_of(m) for s in e.seeds)]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise StudyError(f"{path}: two runs would share a name ({dup[:3]}): give the entries different settings")
@@ -373,7 +392,7 @@ def summarize(study: Study) -> List[Dict[str, Any]]:
         for m in e.models:
             by_lr: Dict[float, List[Dict]] = {}
             cost = 0.0
-            for lr in e.lrs:
+            for lr in e.lrs_of(m):
                 for s in e.seeds:
                     r = load_run(study, Run(e, m, lr, s))
                     if r is not None and r.get("wall_time_s"):
@@ -408,7 +427,7 @@ def summarize(study: Study) -> List[Dict[str, Any]]:
                     "cpu_minutes": round(cost, 2), "lr": best, "lrs": sorted(by_lr),
                     "commit": ",".join(sorted({(r.get("git_commit") or "?")[:7] for r in done})),
                     "device": done[0].get("device_name"),
-                    "complete": all(len(by_lr.get(lr, [])) == len(e.seeds) for lr in e.lrs),
+                    "complete": all(len(by_lr.get(lr, [])) == len(e.seeds) for lr in e.lrs_of(m)),
                     "bar": None, "bar_met": None,
                 }
                 rows.append(row)
@@ -540,7 +559,8 @@ def plot(study: Study, rows: List[Dict[str, Any]]) -> List[str]:
         for ax, what in zip(axes, ("training loss", "evaluation")):
             ax.set_xlabel("optimiser step")
             ax.set_title(f"{e.task} {e.setting}: {what}, mean ± std over seeds", fontsize=9)
-            ax.legend(fontsize=6)
+            if ax.get_legend_handles_labels()[0]:      # an axis with no series gets no empty legend
+                ax.legend(fontsize=6)
         fig.tight_layout()
         slug = "".join(c if c.isalnum() else "-" for c in f"{e.task}-{e.setting}").strip("-")
         path = os.path.join(study.out, f"curves-{slug}.png")

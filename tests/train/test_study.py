@@ -56,6 +56,8 @@ def write(tmp_path, text, name="study.toml"):
     (('task = "copy"\nsetting', 'setting'), "missing 'task'"),
     (('bar = {model = "nstm", at_least = 0.99}', 'bar = {model = "nstm"}'), "bar is"),
     (("[defaults]", "[defualts]"), "unknown top-level table"),
+    (('label = "tf"}', 'label = "tf", lrs = [0]}'), "model transformer: lrs must be a non-empty list"),
+    (('label = "tf"}', 'label = "tf", lr = 1e-3}'), r"unknown model keys \['lr'\]"),
 ])
 def test_config_errors_name_the_field(tmp_path, change, match):
     path = write(tmp_path, TINY.replace(*change))
@@ -82,6 +84,25 @@ def test_config_runs_names_and_argv(tmp_path):
     import tomllib
     jpath = write(tmp_path, json.dumps(tomllib.loads(TINY)), "study.json")
     assert [r.name for r in S.load_config(jpath).runs()] == [r.name for r in runs]
+
+
+def test_a_model_can_sweep_its_own_learning_rates(tmp_path):
+    st = S.load_config(write(tmp_path, TINY.replace('label = "tf"}', 'label = "tf", lrs = [1e-2]}')))
+    runs = st.runs()
+    assert [(r.model.label, r.lr) for r in runs if r.seed == 0] == [("nstm", 1e-3), ("nstm", 3e-3), ("tf", 1e-2)]
+    for r in runs:
+        fake_result(st, r, 0.5 + r.seed / 10)
+    rows = {(r["model"], r["setting"]): r for r in S.summarize(st)}
+    assert rows[("tf", "L=4")]["lrs"] == [1e-2] and rows[("tf", "L=4")]["complete"]
+    assert rows[("nstm", "L=4")]["lrs"] == [1e-3, 3e-3] and rows[("nstm", "L=4")]["complete"]
+
+
+def test_a_loss_metric_is_lower_is_better_unless_told(tmp_path):
+    loss = TINY.replace('{key = "L4/accuracy", metric = "accuracy"}', '{key = "val/loss", metric = "val_loss"}')
+    assert S.load_config(write(tmp_path, loss)).entries[0].metrics[0].lower_is_better
+    told = loss.replace('metric = "val_loss"}', 'metric = "val_loss", lower_is_better = false}')
+    assert not S.load_config(write(tmp_path, told)).entries[0].metrics[0].lower_is_better
+    assert not S.load_config(write(tmp_path, TINY)).entries[0].metrics[0].lower_is_better
 
 
 def fake_result(st, run, value, steps=10, seconds=3.0, status="completed", params=1000):
