@@ -816,14 +816,19 @@ std::vector<ConvSeg> conv_segments(const Tensor& x, const Tensor& seg) {
     for (int64_t b = 0; b < B; ++b) out.push_back({b * x.stride(0), b * T * C, T});
     return out;
   }
-  TORCH_CHECK(B == 1 && seg.dim() == 2 && seg.size(1) == 2 && seg.scalar_type() == at::kLong,
-              "nstm_cpu: packed conv takes x [1, T, C] and documents int64 [N, 2] of (start, length)");
+  TORCH_CHECK(B == 1 && seg.dim() == 2 && seg.size(1) == 2 && seg.scalar_type() == at::kLong &&
+                  seg.device().is_cpu(),
+              "nstm_cpu: packed conv takes x [1, T, C] and documents as a CPU int64 [N, 2] of (start, "
+              "length), got x ", x.sizes(), " and documents ", seg.scalar_type(), " ", seg.sizes(), " on ",
+              seg.device());
   const auto a = seg.contiguous();
   const int64_t* p = a.data_ptr<int64_t>();
   int64_t next = 0;
   for (int64_t n = 0; n < seg.size(0); ++n) {
-    TORCH_CHECK(p[2 * n] == next && p[2 * n + 1] >= 1,
-                "nstm_cpu: packed conv documents must be non-empty and tile the time axis in order");
+    TORCH_CHECK(p[2 * n] == next && p[2 * n + 1] >= 1 && p[2 * n + 1] <= T - next,
+                "nstm_cpu: packed conv documents must be non-empty and tile the time axis [0, ", T,
+                ") in order: document ", n, " is (start ", p[2 * n], ", length ", p[2 * n + 1],
+                "), expected start ", next, " and a length in [1, ", T - next, "]");
     out.push_back({next * x.stride(1), next * C, p[2 * n + 1]});
     next += p[2 * n + 1];
   }
@@ -841,7 +846,9 @@ void check_conv(const Tensor& x, const Tensor& cache, const Tensor& w, const Ten
   TORCH_CHECK(cache.numel() == 0 || (cache.dim() == 3 && cache.size(0) == rows &&
                                      cache.size(1) == w.size(0) - 1 && cache.size(2) == C &&
                                      cache.is_contiguous()),
-              "nstm_cpu: conv cache must be empty (zeros) or a contiguous [B or N documents, W - 1, C]");
+              "nstm_cpu: conv cache must be empty (zeros) or a contiguous [B or N documents = ", rows,
+              ", W - 1 = ", w.size(0) - 1, ", C = ", C, "], got ", cache.sizes(),
+              cache.is_contiguous() ? "" : " (not contiguous)");
   TORCH_CHECK(x.scalar_type() == w.scalar_type() && w.scalar_type() == b.scalar_type() &&
                   (cache.numel() == 0 || cache.scalar_type() == x.scalar_type()),
               "nstm_cpu: conv tensors must share one dtype");
@@ -864,6 +871,36 @@ inline std::vector<std::pair<int64_t, int64_t>> conv_units(const std::vector<Con
   for (int64_t r = 0; r < static_cast<int64_t>(segs.size()); ++r)
     for (int64_t t0 = 0; t0 < segs[r].len; t0 += block) units.emplace_back(r, t0);
   return units;
+}
+
+// a piece of the backward's work: tokens [a0, a1) of segment r
+struct ConvPiece {
+  int64_t r, a0, a1;
+};
+
+// the backward's units: a segment of `unit` tokens or more is cut into pieces of `unit` tokens,
+// each a unit of its own; consecutive shorter segments share a unit until it holds `unit` tokens
+// (so that many short documents do not make as many partial sums). A fixed order: the same bits
+// on any thread count.
+inline void conv_work(const std::vector<ConvSeg>& segs, int64_t unit, std::vector<ConvPiece>& pieces,
+                      std::vector<int64_t>& first) {
+  int64_t open = 0;                           // tokens in the shared unit being filled
+  for (int64_t r = 0; r < static_cast<int64_t>(segs.size()); ++r) {
+    const int64_t len = segs[r].len;
+    if (len >= unit) {
+      open = 0;
+      for (int64_t a0 = 0; a0 < len; a0 += unit) {
+        first.push_back(static_cast<int64_t>(pieces.size()));
+        pieces.push_back({r, a0, std::min(len, a0 + unit)});
+      }
+      continue;
+    }
+    if (open == 0) first.push_back(static_cast<int64_t>(pieces.size()));
+    pieces.push_back({r, 0, len});
+    open += len;
+    if (open >= unit) open = 0;
+  }
+  first.push_back(static_cast<int64_t>(pieces.size()));
 }
 
 template <typename T_>
@@ -910,8 +947,10 @@ void conv_backward_impl(const Tensor& g, const Tensor& x, const Tensor& cache, c
                         const Tensor& b, const std::vector<ConvSeg>& segs, Tensor& dx, Tensor& dcache,
                         Tensor& dwb) {
   const int64_t C = x.size(2), W = w.size(0);
-  const auto work = conv_units(segs, CONV_UNIT);
-  const int64_t units = static_cast<int64_t>(work.size());
+  std::vector<ConvPiece> pieces;
+  std::vector<int64_t> first;                 // unit u: pieces [first[u], first[u + 1])
+  conv_work(segs, CONV_UNIT, pieces, first);
+  const int64_t units = static_cast<int64_t>(first.size()) - 1;
   const T_ *X = x.data_ptr<T_>(), *G = g.data_ptr<T_>(), *Wt = w.data_ptr<T_>(),
            *Bs = b.data_ptr<T_>();
   const T_* Ca = cache.numel() ? cache.data_ptr<T_>() : nullptr;
@@ -927,59 +966,61 @@ void conv_backward_impl(const Tensor& g, const Tensor& x, const Tensor& cache, c
     T_* db = dw + W * C;
     std::vector<const T_*> rows(W);
     std::vector<T_> dpre((CONV_BLOCK + W) * C);
-    const int64_t r = work[u].first, a0 = work[u].second;
-    const ConvSeg& sg = segs[r];
-    const int64_t T = sg.len, a1 = std::min(T, a0 + CONV_UNIT);   // T: this segment's tokens
-    const T_* Xr = X + sg.x0;
-    const T_* Cr = Ca ? Ca + r * (W - 1) * C : nullptr;
-    for (int64_t t0 = a0; t0 < a1; t0 += CONV_BLOCK) {
-      const int64_t t1 = std::min(a1, t0 + CONV_BLOCK);
-      const int64_t t2 = std::min(T, t1 + W - 1);       // dx of [t0, t1) needs dpre of [t0, t2)
-      for (int64_t t = t0; t < t2; ++t) {
-        conv_rows(rows.data(), Xr, sT, Cr, zero.data(), t, W, C);
-        const T_* __restrict gr = G + sg.y0 + t * C;
-        T_* __restrict dp = dpre.data() + (t - t0) * C;
-        conv_pre_row(rows.data(), Wt, Bs, W, C, dp);
+    for (int64_t pc = first[u]; pc < first[u + 1]; ++pc) {
+      const int64_t r = pieces[pc].r, a0 = pieces[pc].a0, a1 = pieces[pc].a1;
+      const ConvSeg& sg = segs[r];
+      const int64_t T = sg.len;                         // this segment's tokens
+      const T_* Xr = X + sg.x0;
+      const T_* Cr = Ca ? Ca + r * (W - 1) * C : nullptr;
+      for (int64_t t0 = a0; t0 < a1; t0 += CONV_BLOCK) {
+        const int64_t t1 = std::min(a1, t0 + CONV_BLOCK);
+        const int64_t t2 = std::min(T, t1 + W - 1);       // dx of [t0, t1) needs dpre of [t0, t2)
+        for (int64_t t = t0; t < t2; ++t) {
+          conv_rows(rows.data(), Xr, sT, Cr, zero.data(), t, W, C);
+          const T_* __restrict gr = G + sg.y0 + t * C;
+          T_* __restrict dp = dpre.data() + (t - t0) * C;
+          conv_pre_row(rows.data(), Wt, Bs, W, C, dp);
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const T_ a = dp[c], s = sigmoid_of(a);
-          dp[c] = gr[c] * s * (T_(1) + a * (T_(1) - s));
-        }
-        if (t < t1) {                                   // this block's own tokens: dw, dbias
-          for (int64_t j = 0; j < W; ++j) {
-            const T_* __restrict xr = rows[j];
-            T_* __restrict dwj = dw + j * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) dwj[c] += dp[c] * xr[c];
+          for (int64_t c = 0; c < C; ++c) {
+            const T_ a = dp[c], s = sigmoid_of(a);
+            dp[c] = gr[c] * s * (T_(1) + a * (T_(1) - s));
           }
+          if (t < t1) {                                   // this block's own tokens: dw, dbias
+            for (int64_t j = 0; j < W; ++j) {
+              const T_* __restrict xr = rows[j];
+              T_* __restrict dwj = dw + j * C;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) db[c] += dp[c];
-        }
-      }
-      // dx[t] = sum_j dpre[t + W - 1 - j] w[j] over t + W - 1 - j < T
-      for (int64_t t = t0; t < t1; ++t) {
-        T_* __restrict dxr = DX + sg.y0 + t * C;
-        std::fill(dxr, dxr + C, T_(0));
-        for (int64_t j = 0; j < W; ++j) {
-          const int64_t s = t + W - 1 - j;
-          if (s >= T) continue;
-          const T_* __restrict dp = dpre.data() + (s - t0) * C;
-          const T_* __restrict wj = Wt + j * C;
+              for (int64_t c = 0; c < C; ++c) dwj[c] += dp[c] * xr[c];
+            }
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) dxr[c] += dp[c] * wj[c];
+            for (int64_t c = 0; c < C; ++c) db[c] += dp[c];
+          }
         }
-      }
-      if (DC && t0 == 0) {                              // dcache[m] = sum_{j <= m} dpre[m - j] w[j]
-        for (int64_t m = 0; m < W - 1; ++m) {
-          T_* __restrict dcr = DC + (r * (W - 1) + m) * C;
-          std::fill(dcr, dcr + C, T_(0));
-          for (int64_t j = 0; j <= m; ++j) {
-            const int64_t s = m - j;
+        // dx[t] = sum_j dpre[t + W - 1 - j] w[j] over t + W - 1 - j < T
+        for (int64_t t = t0; t < t1; ++t) {
+          T_* __restrict dxr = DX + sg.y0 + t * C;
+          std::fill(dxr, dxr + C, T_(0));
+          for (int64_t j = 0; j < W; ++j) {
+            const int64_t s = t + W - 1 - j;
             if (s >= T) continue;
-            const T_* __restrict dp = dpre.data() + s * C;
+            const T_* __restrict dp = dpre.data() + (s - t0) * C;
             const T_* __restrict wj = Wt + j * C;
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) dcr[c] += dp[c] * wj[c];
+            for (int64_t c = 0; c < C; ++c) dxr[c] += dp[c] * wj[c];
+          }
+        }
+        if (DC && t0 == 0) {                              // dcache[m] = sum_{j <= m} dpre[m - j] w[j]
+          for (int64_t m = 0; m < W - 1; ++m) {
+            T_* __restrict dcr = DC + (r * (W - 1) + m) * C;
+            std::fill(dcr, dcr + C, T_(0));
+            for (int64_t j = 0; j <= m; ++j) {
+              const int64_t s = m - j;
+              if (s >= T) continue;
+              const T_* __restrict dp = dpre.data() + s * C;
+              const T_* __restrict wj = Wt + j * C;
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) dcr[c] += dp[c] * wj[c];
+            }
           }
         }
       }

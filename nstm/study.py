@@ -253,9 +253,10 @@ def load_config(path: str) -> Study:
             if extra:
                 raise StudyError(f"{path}: {where}: unknown model keys {sorted(extra)} in {m!r} "
                                  f"(a model table has name, label, flags, lrs)")
-            models.append(Model(m["name"], m.get("label", m["name"]),
+            label = m.get("label", m["name"])
+            models.append(Model(m["name"], label,
                                 check_flags(f"{where} model {m['name']} flags", m.get("flags", {})),
-                                _check_lrs(path, f"{where} model {m['name']}", m["lrs"]) if "lrs" in m else ()))
+                                _check_lrs(path, f"{where} model {label}", m["lrs"]) if "lrs" in m else ()))
         labels = [m.label for m in models]
         if len(set(labels)) != len(labels):
             raise StudyError(f"{path}: {where}: model labels must differ, got {labels}")
@@ -264,8 +265,12 @@ def load_config(path: str) -> Study:
         for m in e["metrics"]:
             if not isinstance(m, dict) or "key" not in m or "metric" not in m:
                 raise StudyError(f"{path}: {where}: a metric is a table with key and metric, got {m!r}")
+            if not (isinstance(m["key"], str) and isinstance(m["metric"], str)):
+                raise StudyError(f"{path}: {where}: a metric's key and metric must be strings, got {m!r}")
             # a loss is lower-is-better unless the config says otherwise
             lower = m.get("lower_is_better", m["metric"].endswith("loss") or m["key"].endswith("loss"))
+            if not isinstance(lower, bool):
+                raise StudyError(f"{path}: {where}: lower_is_better must be true or false, got {lower!r}")
             metrics.append(Metric(m["key"], m["metric"], m.get("setting", e.get("setting", "")), bool(lower)))
         if not metrics:
             raise StudyError(f"{path}: {where}: metrics must not be empty")

@@ -193,7 +193,8 @@ def cu_of(lens):
 
 # documents across the forward's 64-token blocks and the backward's 256-token units, shorter than
 # the window, of one token
-PACKED = [((1, 2, 70, 300, 3), 4), ((5,), 4), ((130, 1, 1, 260), 3), ((7, 64, 2), 1), ((2, 1, 40), 6)]
+PACKED = [((1, 2, 70, 300, 3), 4), ((5,), 4), ((130, 1, 1, 260), 3), ((7, 64, 2), 1), ((2, 1, 40), 6),
+          ((1,) * 300 + (5, 250, 3) * 3, 4)]   # many short documents: backward units shared between them
 
 
 @pytest.mark.parametrize("lens,W", PACKED)
@@ -237,15 +238,21 @@ def test_the_raw_op_rejects_bad_documents():
     def seg(*pairs):
         return torch.tensor(pairs, dtype=torch.long)
     assert op(x, cache, weight, bias, seg((0, 4), (4, 6))).shape == x.shape
-    with pytest.raises(RuntimeError, match="tile the time axis"):
+    with pytest.raises(RuntimeError, match=r"document 1 is \(start 5, length 5\), expected start 4"):
         op(x, cache, weight, bias, seg((0, 4), (5, 5)))            # a gap
+    with pytest.raises(RuntimeError, match=r"a length in \[1, 6\]"):  # lengths that would wrap around
+        op(x, cache, weight, bias, seg((0, 4), (4, 2 ** 63 - 1)))
+    with pytest.raises(RuntimeError, match=r"CPU int64 \[N, 2\].*got x \[1, 10, 5\] and documents Int"):
+        op(x, cache, weight, bias, seg((0, 4), (4, 6)).int())
+    with pytest.raises(RuntimeError, match=r"documents Long \[2, 3\]"):
+        op(x, cache, weight, bias, torch.tensor([[0, 4, 0], [4, 6, 0]]))
     with pytest.raises(RuntimeError, match="non-empty"):
         op(x, cache, weight, bias, seg((0, 0), (0, 10)))           # an empty document
     with pytest.raises(RuntimeError, match="must end at T = 10"):
         op(x, cache, weight, bias, seg((0, 4), (4, 4)))
     with pytest.raises(RuntimeError, match=r"x \[1, T, C\]"):
         op(x.expand(2, 10, 5), cache, weight, bias, seg((0, 4), (4, 6)))
-    with pytest.raises(RuntimeError, match="cache must be empty"):
+    with pytest.raises(RuntimeError, match=r"cache must be empty .*documents = 2.*got \[1, 3, 5\]"):
         op(x, cache[:1], weight, bias, seg((0, 4), (4, 6)))        # one cache row per document
 
 
@@ -273,3 +280,21 @@ def test_packed_shortconv_runs_the_kernel_and_equals_its_pytorch_form(width, mon
         for a, b in zip(*res):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert len(calls) == 2
+
+
+def test_inputs_strided_along_time_and_batch():
+    """x read through its strides: every other token of a longer tensor, and batch/time transposed;
+    unpacked and packed."""
+    g = torch.Generator().manual_seed(12)
+    weight, bias = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    every_other = torch.randn(2, 140, 6, generator=g, dtype=torch.float64)[:, ::2]
+    transposed = torch.randn(70, 2, 6, generator=g, dtype=torch.float64).transpose(0, 1)
+    for x in (every_other, transposed):
+        assert x.stride(1) != 6                               # not one token after another
+        y, gr = grads(cpu.short_conv, x, None, weight, bias)
+        assert_same_fp64(y, gr, *grads(reference, x, None, weight, bias))
+    lens = (3, 60, 7)
+    x = every_other[:1]
+    cache = torch.randn(3, 3, 6, generator=g, dtype=torch.float64)
+    y, gr = grads(lambda *a: cpu.short_conv(*a, cu_seqlens=cu_of(lens)), x, cache, weight, bias)
+    assert_same_fp64(y, gr, *grads(lambda *a: packed_reference(*a, lens), x, cache, weight, bias))

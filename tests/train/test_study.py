@@ -56,8 +56,11 @@ def write(tmp_path, text, name="study.toml"):
     (('task = "copy"\nsetting', 'setting'), "missing 'task'"),
     (('bar = {model = "nstm", at_least = 0.99}', 'bar = {model = "nstm"}'), "bar is"),
     (("[defaults]", "[defualts]"), "unknown top-level table"),
-    (('label = "tf"}', 'label = "tf", lrs = [0]}'), "model transformer: lrs must be a non-empty list"),
+    (('label = "tf"}', 'label = "tf", lrs = [0]}'), "model tf: lrs must be a non-empty list"),
     (('label = "tf"}', 'label = "tf", lr = 1e-3}'), r"unknown model keys \['lr'\]"),
+    (('metric = "accuracy"}, {key', 'metric = 3}, {key'), "key and metric must be strings"),
+    (('metric = "accuracy"}, {key', 'metric = "accuracy", lower_is_better = "false"}, {key'),
+     "lower_is_better must be true or false"),
 ])
 def test_config_errors_name_the_field(tmp_path, change, match):
     path = write(tmp_path, TINY.replace(*change))
@@ -103,6 +106,8 @@ def test_a_loss_metric_is_lower_is_better_unless_told(tmp_path):
     told = loss.replace('metric = "val_loss"}', 'metric = "val_loss", lower_is_better = false}')
     assert not S.load_config(write(tmp_path, told)).entries[0].metrics[0].lower_is_better
     assert not S.load_config(write(tmp_path, TINY)).entries[0].metrics[0].lower_is_better
+    by_key = TINY.replace('{key = "L4/accuracy", metric = "accuracy"}', '{key = "val/loss", metric = "nll"}')
+    assert S.load_config(write(tmp_path, by_key)).entries[0].metrics[0].lower_is_better
 
 
 def fake_result(st, run, value, steps=10, seconds=3.0, status="completed", params=1000):
