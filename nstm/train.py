@@ -682,7 +682,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                 + f" | run {run.files.json}"
                 + (f" | resumed at step {h['resumed_at_step']}" if h["resumed_from"] else ""))
         status = train(run, state)
-        return finish(run, state, status)
+        final = finish(run, state, status)
+        # every process reaches this before any tears the group down: a rank that destroyed its gloo
+        # group while rank 0 was still writing the results was sometimes aborted (std::terminate)
+        dist.barrier()
+        return final
     finally:
         dist.close()
 
