@@ -810,6 +810,8 @@ struct ConvSeg {
 // seg empty: the B rows of x; else (B = 1) the packed documents, int64 [N, 2] of (start, length),
 // which must tile [0, T) in order (so that every output row is written)
 std::vector<ConvSeg> conv_segments(const Tensor& x, const Tensor& seg) {
+  TORCH_CHECK(x.dim() == 3, "nstm_cpu: conv takes a CPU x [B, T, C] with contiguous channels, got ",
+              x.sizes());
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
   std::vector<ConvSeg> out;
   if (seg.numel() == 0) {
@@ -864,24 +866,15 @@ inline void conv_rows(const T** rows, const T* X, int64_t sT, const T* cache, co
   }
 }
 
-// (segment, first token) of each work unit: blocks of `block` tokens, never across a segment
-inline std::vector<std::pair<int64_t, int64_t>> conv_units(const std::vector<ConvSeg>& segs,
-                                                           int64_t block) {
-  std::vector<std::pair<int64_t, int64_t>> units;
-  for (int64_t r = 0; r < static_cast<int64_t>(segs.size()); ++r)
-    for (int64_t t0 = 0; t0 < segs[r].len; t0 += block) units.emplace_back(r, t0);
-  return units;
-}
-
-// a piece of the backward's work: tokens [a0, a1) of segment r
+// a piece of a conv pass's work: tokens [a0, a1) of segment r
 struct ConvPiece {
   int64_t r, a0, a1;
 };
 
-// the backward's units: a segment of `unit` tokens or more is cut into pieces of `unit` tokens,
-// each a unit of its own; consecutive shorter segments share a unit until it holds `unit` tokens
-// (so that many short documents do not make as many partial sums). A fixed order: the same bits
-// on any thread count.
+// the work units of a conv pass: a segment of `unit` tokens or more is cut into pieces of `unit`
+// tokens, each a unit of its own; consecutive shorter segments share a unit until it holds `unit`
+// tokens (so that many short documents make neither as many units nor, in the backward, as many
+// partial sums). A fixed order: the same bits on any thread count.
 inline void conv_work(const std::vector<ConvSeg>& segs, int64_t unit, std::vector<ConvPiece>& pieces,
                       std::vector<int64_t>& first) {
   int64_t open = 0;                           // tokens in the shared unit being filled
@@ -907,19 +900,20 @@ template <typename T_>
 void conv_forward_impl(const Tensor& x, const Tensor& cache, const Tensor& w, const Tensor& b,
                        const std::vector<ConvSeg>& segs, Tensor& y) {
   const int64_t C = x.size(2), W = w.size(0);
-  const auto units = conv_units(segs, CONV_BLOCK);
+  std::vector<ConvPiece> pieces;
+  std::vector<int64_t> first;                 // unit u: pieces [first[u], first[u + 1])
+  conv_work(segs, CONV_BLOCK, pieces, first);
   const T_ *X = x.data_ptr<T_>(), *Wt = w.data_ptr<T_>(), *Bs = b.data_ptr<T_>();
   const T_* Ca = cache.numel() ? cache.data_ptr<T_>() : nullptr;
   T_* Y = y.data_ptr<T_>();
   const int64_t sT = x.stride(1);
   std::vector<T_> zero(C, T_(0));
-  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, static_cast<int64_t>(first.size()) - 1, 1, [&](int64_t u0, int64_t u1) {
     std::vector<const T_*> rows(W);
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t r = units[u].first, t0 = units[u].second;
+    for (int64_t pc = first[u0]; pc < first[u1]; ++pc) {
+      const int64_t r = pieces[pc].r;
       const ConvSeg& sg = segs[r];
-      const int64_t t1 = std::min(sg.len, t0 + CONV_BLOCK);
-      for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t t = pieces[pc].a0; t < pieces[pc].a1; ++t) {
         conv_rows(rows.data(), X + sg.x0, sT, Ca ? Ca + r * (W - 1) * C : nullptr, zero.data(),
                   t, W, C);
         T_* __restrict yr = Y + sg.y0 + t * C;
@@ -933,7 +927,6 @@ void conv_forward_impl(const Tensor& x, const Tensor& cache, const Tensor& w, co
 
 Tensor nstm_cpu_conv_forward(const Tensor& x, const Tensor& cache, const Tensor& w, const Tensor& b,
                              const Tensor& seg) {
-  TORCH_CHECK(x.dim() == 3, "nstm_cpu: conv takes a CPU x [B, T, C] with contiguous channels");
   const auto segs = conv_segments(x, seg);
   check_conv(x, cache, w, b, static_cast<int64_t>(segs.size()));
   auto y = at::empty({x.size(0), x.size(1), x.size(2)}, x.options());
@@ -1039,7 +1032,6 @@ void conv_backward_impl(const Tensor& g, const Tensor& x, const Tensor& cache, c
 // (empty when the cache is), dw [W, C], dbias [C]. The pre-activations are recomputed.
 std::vector<Tensor> nstm_cpu_conv_backward(const Tensor& g, const Tensor& x, const Tensor& cache,
                                            const Tensor& w, const Tensor& b, const Tensor& seg) {
-  TORCH_CHECK(x.dim() == 3, "nstm_cpu: conv takes a CPU x [B, T, C] with contiguous channels");
   const auto segs = conv_segments(x, seg);
   const int64_t R = static_cast<int64_t>(segs.size());
   check_conv(x, cache, w, b, R);

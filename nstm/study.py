@@ -271,7 +271,7 @@ def load_config(path: str) -> Study:
             lower = m.get("lower_is_better", m["metric"].endswith("loss") or m["key"].endswith("loss"))
             if not isinstance(lower, bool):
                 raise StudyError(f"{path}: {where}: lower_is_better must be true or false, got {lower!r}")
-            metrics.append(Metric(m["key"], m["metric"], m.get("setting", e.get("setting", "")), bool(lower)))
+            metrics.append(Metric(m["key"], m["metric"], m.get("setting", e.get("setting", "")), lower))
         if not metrics:
             raise StudyError(f"{path}: {where}: metrics must not be empty")
         bar = e.get("bar")
