@@ -6,7 +6,10 @@
 
 Shapes: H = 4, K = V = S = 32, top_k = 4, C = 64, s2s on, fp32. Rows:
 
-* ``nstm`` — the default ``"chunked"`` backend on CPU tensors (the C++ kernel, ``nstm_kernels.cpu``);
+* ``nstm`` — the default ``"chunked"`` backend on CPU tensors (the C++ kernel, ``nstm_kernels.cpu``,
+  its automatic schedule: the block-parallel one where B·H < 4 per thread);
+* ``nstm-units`` — the same kernel with one task per (sequence, head) (``schedule="units"``, the
+  only schedule before the block-parallel one);
 * ``nstm-torch`` — the PyTorch chunk form (``nstm_kernels.chunked.chunk_nstm``, what the backend
   runs without a compiler);
 * ``sdpa`` — ``F.scaled_dot_product_attention(is_causal=True)`` on ``[B, H, T, 32]``.
@@ -17,7 +20,9 @@ next to a competing process this script starts itself and ends by its pid: ``bus
 training). It also times a 2048 x 2048 fp32 matmul at the same thread count, the machine's practical
 ceiling, and reports the operator's GFLOP/s (FLOPs by the operator's definition,
 ``nstm_kernels.flops.nstm_flops``) against it. Medians of ``--reps`` runs after one warm-up; the
-device, the thread count and the commit are in every row. Writes
+device, the thread count and the commit are in every row, and ``cores``: the process's CPU time
+over the wall time of the row's runs (next to a neighbour: the share of the machine it got, so
+a slowdown splits into a lost share and a lost speed per CPU second). Writes
 ``bench/results/cpu-<commit>-<date>.{json,md,png}`` (or into ``--out``; ``-2``, ``-3``, ... is
 added to the name when such files exist, so nothing is overwritten) and says where. A progress
 bar on stderr follows the rows when stdout is a terminal (``--no-progress`` turns it off).
@@ -77,8 +82,14 @@ def runner(impl, B, T, mode):
             if grad:
                 o.square().sum().backward()
         return run
-    fn = chunk_nstm if impl == "nstm-torch" else (
-        lambda *a: nstm_attention(*a, backend="chunked"))
+    if impl == "nstm-torch":
+        fn = chunk_nstm
+    elif impl == "nstm-units":
+        def fn(*a):
+            return cpu.cpu_nstm(*a, schedule="units")
+    else:
+        def fn(*a):
+            return nstm_attention(*a, backend="chunked")
 
     def run():
         o, st = fn(*ts, TOP_K, s2s, C, None, True)
@@ -139,8 +150,10 @@ def main(argv=None):
 
     cases = QUICK_CASES if args.quick else CASES
     contention = [] if args.no_contention else (QUICK_CONTENTION if args.quick else CONTENTION)
-    impls = ["nstm", "nstm-torch", "sdpa"]
     kernel = cpu.unavailable_reason()
+    impls = ["nstm", "nstm-units", "nstm-torch", "sdpa"]
+    if kernel is not None:                      # no C++ kernel: "units" would run the same form
+        impls.remove("nstm-units")
     device, commit = cpu_name(), git_commit()
     print(f"# device: {device}, torch {torch.__version__}, commit {commit}")
     print(f"# H={H} S=K=V={D} top_k={TOP_K} C={C}, s2s on, fp32; nstm = chunked backend "
@@ -156,19 +169,22 @@ def main(argv=None):
             reps = args.reps or default_reps(args.quick, T, impl, neighbour)
             torch.set_num_threads(threads)
             with Neighbour(neighbour):
-                ms, lo, hi = timeit(runner(impl, B, T, mode), reps)
+                fn = runner(impl, B, T, mode)
+                w0, c0 = time.perf_counter(), time.process_time()
+                ms, lo, hi = timeit(fn, reps)
+                cores = (time.process_time() - c0) / (time.perf_counter() - w0)
             flops = (nstm_flops(B, T, H, D, D, D, TOP_K, C, backward=mode == "fwdbwd")
                      if impl != "sdpa" else None)
             row = dict(device=device, threads=threads, commit=commit, T=T, B=B, mode=mode,
                        neighbour=neighbour, impl=impl, ms=round(ms, 2), p20=round(lo, 2),
-                       p80=round(hi, 2), reps=reps,
+                       p80=round(hi, 2), reps=reps, cores=round(cores, 2),
                        gflops=None if flops is None else round(flops / (ms * 1e-3) / 1e9, 2),
                        matmul_gflops=round(ceiling, 1))
             base[impl] = ms
             rows.append(row)
             bar.update(1)
             bar.write(f"T={T:>6} B={B} {mode:>6} threads={threads} {neighbour:>6} {impl:>10}: "
-                      f"{ms:9.1f} ms [{lo:.1f}, {hi:.1f}]"
+                      f"{ms:9.1f} ms [{lo:.1f}, {hi:.1f}] on {cores:.2f} cores"
                       + (f"  {row['gflops']:.2f} GFLOP/s of {ceiling:.0f}" if flops else ""),
                       file=sys.stdout)
         for r in rows[-len(impls):]:
@@ -218,25 +234,30 @@ def markdown(rows, device, commit):
     out = [f"# NSTM operator on the CPU against SDPA (commit {commit})", "",
            f"Device: {device}. H = {H}, K = V = S = {D}, top_k = {TOP_K}, C = {C}, s2s on, fp32. "
            "Medians in ms; `vs SDPA` = NSTM time / SDPA time in the same conditions; `slowdown` = "
-           "time next to the neighbour / time alone (2 threads); GFLOP/s by the operator's "
-           "definition against a 2048² fp32 matmul in the same conditions.", "",
-           "| T | B | mode | threads | neighbour | nstm (C++) | nstm (PyTorch chunk form) | SDPA | "
-           "nstm vs SDPA | nstm slowdown | SDPA slowdown | nstm GFLOP/s (matmul) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "time next to the neighbour / time alone (2 threads); cores = CPU time / wall time of "
+           "the row (nstm, SDPA); GFLOP/s by the operator's definition against a 2048² fp32 matmul in "
+           "the same conditions. nstm (C++) is the automatic schedule (block-parallel where B·H < 4 "
+           "per thread), per unit is the one-task-per-(sequence, head) schedule.", "",
+           "| T | B | mode | threads | neighbour | nstm (C++) | nstm (C++, per unit) | "
+           "nstm (PyTorch chunk form) | SDPA | nstm vs SDPA | nstm slowdown | per-unit slowdown | "
+           "SDPA slowdown | cores (nstm, SDPA) | nstm GFLOP/s (matmul) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     keyed = {}
     for r in rows:
         keyed.setdefault((r["T"], r["B"], r["mode"], r["threads"], r["neighbour"]), {})[r["impl"]] = r
     for (T, B, mode, th, nb), g in keyed.items():
-        n, t, s = g["nstm"], g["nstm-torch"], g["sdpa"]
-        sl = (lambda r: "" if r["slowdown"] is None or nb == "alone" else f"{r['slowdown']:.2f}x")
-        out.append(f"| {T:,} | {B} | {mode} | {th} | {nb} | {n['ms']:.1f} | {t['ms']:.1f} | "
-                   f"{s['ms']:.1f} | {n['vs_sdpa']:.2f} | {sl(n)} | {sl(s)} | "
-                   f"{n['gflops']:.2f} ({n['matmul_gflops']:.0f}) |")
+        n, t, s, u = g["nstm"], g["nstm-torch"], g["sdpa"], g.get("nstm-units")
+        sl = (lambda r: "" if r is None or r["slowdown"] is None or nb == "alone" else f"{r['slowdown']:.2f}x")
+        ums = "" if u is None else f"{u['ms']:.1f}"
+        out.append(f"| {T:,} | {B} | {mode} | {th} | {nb} | {n['ms']:.1f} | {ums} | {t['ms']:.1f} | "
+                   f"{s['ms']:.1f} | {n['vs_sdpa']:.2f} | {sl(n)} | {sl(u)} | {sl(s)} | "
+                   f"{n['cores']:.2f}, {s['cores']:.2f} | {n['gflops']:.2f} ({n['matmul_gflops']:.0f}) |")
     return "\n".join(out) + "\n"
 
 
 IMPL_STYLE = {   # one colour and marker per implementation, the same in every panel
-    "nstm": dict(color="tab:blue", marker="o", ls="-", label="nstm (C++ kernel)"),
+    "nstm": dict(color="tab:blue", marker="o", ls="-", label="nstm (C++ kernel, automatic schedule)"),
+    "nstm-units": dict(color="tab:purple", marker="x", ls=":", label="nstm (C++ kernel, per unit)"),
     "nstm-torch": dict(color="tab:orange", marker="s", ls="--", label="nstm (PyTorch chunk form)"),
     "sdpa": dict(color="tab:green", marker="^", ls="-", label="SDPA (causal)"),
 }

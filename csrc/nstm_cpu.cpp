@@ -34,8 +34,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -48,8 +51,12 @@ using at::Tensor;
 // length (fully unrolled, accumulators in registers), the others a generic loop.
 #define NSTM_FIXED_LENGTHS(X) X(16) X(32) X(64) X(128)
 
+// the row kernels below are called per slot and token from large task bodies, where GCC stops
+// inlining them on its own (a call and a switch per 32-element dot cost ~15 % of a backward)
+#define NSTM_INLINE inline __attribute__((always_inline))
+
 template <typename T, int N>
-inline T dot_n(const T* __restrict a, const T* __restrict b) {
+NSTM_INLINE T dot_n(const T* __restrict a, const T* __restrict b) {
   T s = 0;
 #pragma omp simd reduction(+ : s)
   for (int i = 0; i < N; ++i) s += a[i] * b[i];
@@ -57,7 +64,7 @@ inline T dot_n(const T* __restrict a, const T* __restrict b) {
 }
 
 template <typename T>
-inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+NSTM_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
   switch (n) {
 #define NSTM_CASE(N) case N: return dot_n<T, N>(a, b);
     NSTM_FIXED_LENGTHS(NSTM_CASE)
@@ -72,7 +79,7 @@ inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
 
 // sum a (b - c), fixed lengths for the common n
 template <typename T, int N>
-inline T dot_diff_n(const T* __restrict a, const T* __restrict b, const T* __restrict c) {
+NSTM_INLINE T dot_diff_n(const T* __restrict a, const T* __restrict b, const T* __restrict c) {
   T s = 0;
 #pragma omp simd reduction(+ : s)
   for (int i = 0; i < N; ++i) s += a[i] * (b[i] - c[i]);
@@ -80,7 +87,7 @@ inline T dot_diff_n(const T* __restrict a, const T* __restrict b, const T* __res
 }
 
 template <typename T>
-inline T dot_diff(const T* __restrict a, const T* __restrict b, const T* __restrict c, int64_t n) {
+NSTM_INLINE T dot_diff(const T* __restrict a, const T* __restrict b, const T* __restrict c, int64_t n) {
   switch (n) {
 #define NSTM_CASE(N) case N: return dot_diff_n<T, N>(a, b, c);
     NSTM_FIXED_LENGTHS(NSTM_CASE)
@@ -96,11 +103,11 @@ inline T dot_diff(const T* __restrict a, const T* __restrict b, const T* __restr
 // y += alpha x; y = (1 - w) y + w x; y *= r: fixed-length loops for the common lengths
 #define NSTM_ROW_OP(NAME, ARGS, BODY)                                   \
   template <typename T, int N>                                          \
-  inline void NAME##_n ARGS {                                           \
+  NSTM_INLINE void NAME##_n ARGS {                                      \
     _Pragma("omp simd") for (int i = 0; i < N; ++i) BODY;               \
   }                                                                     \
   template <typename T>                                                 \
-  inline void NAME ARGS {                                               \
+  NSTM_INLINE void NAME ARGS {                                          \
     switch (n) {                                                        \
       case 16: return NAME##_n<T, 16>(ROW_ARGS);                        \
       case 32: return NAME##_n<T, 32>(ROW_ARGS);                        \
@@ -320,9 +327,22 @@ void for_units(int64_t n, const F& fn, bool serial = false) {
   });
 }
 
+// A segment's blocks are aligned to absolute positions: a block starts at the segment's first token
+// and wherever (pos + t) % block == 0, so block b covers tokens [max(0, b block - off),
+// min(len, (b + 1) block - off)) with off = pos % block. With C a multiple of the block every
+// period end is then the last token of a block, which the block-parallel schedule relies on.
 struct Seg {
-  int64_t start, len, pos, blk;   // blk: index of its first checkpoint
+  int64_t start, len, pos, blk, off;   // blk: index of its first checkpoint; off: pos % block
 };
+
+inline int64_t seg_blocks(const Seg& s, int64_t block) {
+  return (block <= 0 || s.len == 0) ? 0 : (s.off + s.len + block - 1) / block;
+}
+
+inline void block_range(const Seg& s, int64_t b, int64_t block, int64_t* t0, int64_t* t1) {
+  *t0 = std::max<int64_t>(0, b * block - s.off);
+  *t1 = std::min(s.len, (b + 1) * block - s.off);
+}
 
 std::vector<Seg> read_segments(const Tensor& seg, int64_t block, int64_t* nblocks) {
   TORCH_CHECK(seg.dim() == 2 && seg.size(1) == 3 && seg.scalar_type() == at::kLong,
@@ -332,8 +352,9 @@ std::vector<Seg> read_segments(const Tensor& seg, int64_t block, int64_t* nblock
   std::vector<Seg> out(a.size(0));
   int64_t b = 0;
   for (int64_t i = 0; i < a.size(0); ++i) {
-    out[i] = Seg{p[3 * i], p[3 * i + 1], p[3 * i + 2], b};
-    if (block > 0) b += (p[3 * i + 1] + block - 1) / block;
+    TORCH_CHECK(p[3 * i + 2] >= 0, "nstm_cpu: segment ", i, " has a negative position ", p[3 * i + 2]);
+    out[i] = Seg{p[3 * i], p[3 * i + 1], p[3 * i + 2], b, block > 0 ? p[3 * i + 2] % block : 0};
+    b += seg_blocks(out[i], block);
   }
   *nblocks = b;
   return out;
@@ -413,15 +434,15 @@ inline void route(const T* lg, T gate, const Dims& d, Route<T>& r) {
   for (int64_t j = 0; j < k; ++j) r.w[j] = r.alpha[j] * r.beta;
 }
 
-// one token: route, write the top_k rows, read (p: the read probabilities, length S) into o [V]
+// spec step 2: the gated write of the top_k routed rows (oldK / oldV: their contents before, if
+// not null)
 template <typename T>
-inline void token_forward(T* Ks, T* Vs, const T* q, const T* k, const T* v, const T* lg, T gate,
-                          T* o, T* p, const Dims& d, Route<T>& r, T* oldK, T* oldV) {
-  const int64_t S = d.S, K = d.K, V = d.V;
-  route(lg, gate, d, r);
+inline void write_rows(T* Ks, T* Vs, const T* k, const T* v, const int64_t* idx, const T* w,
+                       const Dims& d, T* oldK, T* oldV) {
+  const int64_t K = d.K, V = d.V;
   for (int64_t j = 0; j < d.top_k; ++j) {
-    const int64_t i = r.idx[j];
-    const T wj = r.w[j];
+    const int64_t i = idx[j];
+    const T wj = w[j];
     T* kr = Ks + i * K;
     T* vr = Vs + i * V;
     if (oldK) {
@@ -436,10 +457,25 @@ inline void token_forward(T* Ks, T* Vs, const T* q, const T* k, const T* v, cons
       lerp_(wj, v, vr, V);
     }
   }
+}
+
+// spec step 3: the read, p = softmax(scale q.K_i) (length S), o = sum_i p_i V_i
+template <typename T>
+inline void read_slots(const T* Ks, const T* Vs, const T* q, T* o, T* p, const Dims& d) {
+  const int64_t S = d.S, K = d.K, V = d.V;
   const T sc = T(d.scale);
   for (int64_t i = 0; i < S; ++i) p[i] = sc * dot(q, Ks + i * K, K);
   softmax_(p, S);
   mm(p, Vs, o, 1, S, V);
+}
+
+// one token: route, write the top_k rows, read (p: the read probabilities, length S) into o [V]
+template <typename T>
+inline void token_forward(T* Ks, T* Vs, const T* q, const T* k, const T* v, const T* lg, T gate,
+                          T* o, T* p, const Dims& d, Route<T>& r, T* oldK, T* oldV) {
+  route(lg, gate, d, r);
+  write_rows(Ks, Vs, k, v, r.idx.data(), r.w.data(), d, oldK, oldV);
+  read_slots(Ks, Vs, q, o, p, d);
 }
 
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lg,
@@ -469,6 +505,467 @@ struct Inputs {
         wk(s2s ? wk_.data_ptr<T>() : nullptr), mix(s2s ? mix_.data_ptr<T>() : nullptr) {}
 };
 
+// ---------------------------------------------------------------------------------------------
+// The block-parallel schedule ("fine"). A (segment, head) is sequential, so with the schedule
+// above a call has only N H units: at T = 8K, B = 1, H = 4 that is 4 units for 2 threads, and a
+// thread that the OS deschedules while it holds one (another program on the machine) leaves the
+// other thread idle at the end of the region. The fine schedule splits each unit into its blocks
+// and keeps only a thin sequential chain per unit:
+//   forward:  chain  A(b): route, write the routed rows, s2s at the period end -> checkpoint b + 1
+//             blocks B(b): from checkpoint b, the writes again (routing kept from A) and the reads
+//   backward: blocks B1(b): the block's backward with a zero adjoint entering at its end: dq, the
+//                     local parts of dk, dv and of d(write weight), the adjoint left at its start
+//                     and the product of (1 - w) of each slot over the block
+//             chain  B2(b): the s2s backward at the block's end, then adjoint(start) = local +
+//                     decay * adjoint(end) (the writes scale a slot's adjoint by 1 - w, linearly)
+//             blocks B3(b): the parts of dk, dv, d(write weight) that the adjoint entering at the
+//                     block's end contributes, then the routing's gradients
+// This needs every period end at a block's last token (the s2s is then never inside a block):
+// blocks are aligned to absolute positions and C must be a multiple of the block. Everything
+// is linear in the adjoint, so the sums are those of the per-unit schedule up to rounding (the
+// forward's are the same bits).
+
+// The tasks of one call: per unit u, nb[u] blocks and up to three lanes of tasks over them, a
+// parallel lane P1 (optional), a chain CH and a parallel lane P2, each in lane order i = 0, 1, ...
+// CH[i] runs after P1[i] and after CH[i - 1]; P2[i] runs after CH[i]. A thread first tries the
+// task that follows its last one in its unit (P1[i] -> CH[i] -> P2[i] -> P1[i + 1] ...: the
+// block's data are still in its cache, and a thread alone walks a unit in the per-unit order);
+// else a chain step (of the unit whose chain is furthest behind: the critical path), a P1 task
+// (of the unit whose P1 lane is least ahead of its chain), a P2 task. A thread with nothing ready
+// sleeps until a task completes.
+class BlockSched {
+ public:
+  enum Lane { P1 = 0, CH = 1, P2 = 2 };
+
+  BlockSched(const std::vector<int64_t>& nb, bool has_p1)
+      : nb_(nb), p1_next_(nb.size(), 0), ch_done_(nb.size(), 0), p2_next_(nb.size(), 0),
+        ch_busy_(nb.size(), 0), p1_off_(nb.size() + 1, 0), has_p1_(has_p1) {
+    for (size_t u = 0; u < nb.size(); ++u) {
+      p1_off_[u + 1] = p1_off_[u] + (has_p1 ? nb[u] : 0);
+      left_ += nb[u] * (has_p1 ? 3 : 2);
+    }
+    p1_done_.assign(p1_off_.back(), 0);
+  }
+
+  int64_t tasks() const { return left_; }
+
+  // the next task (false once every task has been handed out); lane, unit and i hold the caller's
+  // last task (lane < 0: none) and receive the next one
+  bool next(int* lane, int64_t* unit, int64_t* i) {
+    std::unique_lock<std::mutex> lk(m_);
+    for (;;) {
+      if (left_ == 0) return false;
+      if ((*lane >= 0 && follow(lane, unit, i)) || pick(lane, unit, i)) {
+        --left_;
+        return true;
+      }
+      ++waiting_;
+      cv_.wait(lk);
+      --waiting_;
+    }
+  }
+
+  void done(int lane, int64_t u, int64_t i) {
+    if (lane == P2) return;                       // nothing waits for a P2 task
+    std::lock_guard<std::mutex> lk(m_);
+    if (lane == P1) {
+      p1_done_[p1_off_[u] + i] = 1;
+    } else {
+      ++ch_done_[u];
+      ch_busy_[u] = 0;
+    }
+    if (waiting_ > 0) cv_.notify_all();
+  }
+
+ private:
+  bool ch_ready(int64_t u) const {
+    const int64_t c = ch_done_[u];
+    return !ch_busy_[u] && c < nb_[u] && (!has_p1_ || p1_done_[p1_off_[u] + c]);
+  }
+
+  // take (lane, u, i) if it is that lane's next task and ready
+  bool take(int lane, int64_t u, int64_t i) {
+    if (i >= nb_[u]) return false;
+    if (lane == P1) {
+      if (p1_next_[u] != i) return false;
+      ++p1_next_[u];
+    } else if (lane == CH) {
+      if (ch_done_[u] != i || !ch_ready(u)) return false;
+      ch_busy_[u] = 1;
+    } else {
+      if (p2_next_[u] != i || i >= ch_done_[u]) return false;
+      ++p2_next_[u];
+    }
+    return true;
+  }
+
+  bool follow(int* lane, int64_t* unit, int64_t* i) {
+    int nl = *lane + 1;
+    int64_t ni = *i;
+    if (nl > P2) nl = has_p1_ ? P1 : CH, ++ni;
+    if (!take(nl, *unit, ni)) return false;
+    *lane = nl, *i = ni;
+    return true;
+  }
+
+  bool pick(int* lane, int64_t* unit, int64_t* i) {
+    const int64_t U = static_cast<int64_t>(nb_.size());
+    int64_t best = -1;
+    for (int64_t u = 0; u < U; ++u)
+      if (ch_ready(u) && (best < 0 || ch_done_[u] < ch_done_[best])) best = u;
+    if (best >= 0) {
+      ch_busy_[best] = 1;
+      *lane = CH, *unit = best, *i = ch_done_[best];
+      return true;
+    }
+    if (has_p1_) {
+      for (int64_t u = 0; u < U; ++u) {
+        if (p1_next_[u] >= nb_[u]) continue;
+        if (best < 0 || p1_next_[u] - ch_done_[u] < p1_next_[best] - ch_done_[best]) best = u;
+      }
+      if (best >= 0) {
+        *lane = P1, *unit = best, *i = p1_next_[best]++;
+        return true;
+      }
+    }
+    for (int64_t u = 0; u < U; ++u) {
+      if (p2_next_[u] < ch_done_[u]) {
+        *lane = P2, *unit = u, *i = p2_next_[u]++;
+        return true;
+      }
+    }
+    return false;
+  }
+
+  std::vector<int64_t> nb_, p1_next_, ch_done_, p2_next_;
+  std::vector<char> ch_busy_, p1_done_;
+  std::vector<int64_t> p1_off_;
+  bool has_p1_;
+  int64_t left_ = 0;
+  int waiting_ = 0;
+  std::mutex m_;
+  std::condition_variable cv_;
+};
+
+// runs fn() on min(tasks, intra-op threads) threads (fn pulls its tasks from a BlockSched)
+template <typename F>
+void on_threads(int64_t tasks, const F& fn) {
+  const int64_t workers = std::min<int64_t>(tasks, at::get_num_threads());
+  if (workers <= 1) {
+    fn();
+    return;
+  }
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { fn(); });
+}
+
+// whether the block-parallel schedule applies: checkpoints, and no period end inside a block
+inline bool fine_applies(const Dims& d) {
+  return d.block > 0 && (!d.s2s || d.C % d.block == 0);
+}
+
+// the `schedule` argument of the ops: 0 = automatic, 1 = one unit per (segment, head), 2 = blocks
+// (where fine_applies; else per unit)
+enum Schedule : int64_t { SCHEDULE_AUTO = 0, SCHEDULE_UNITS = 1, SCHEDULE_BLOCKS = 2 };
+constexpr int64_t FINE_BLOCK = 64;      // the forward's block when the caller keeps no checkpoints
+// automatic: blocks while there are fewer than this many units per thread (measured:
+// bench/NOTES.md, issue 12, the block-parallel schedule)
+constexpr int64_t FINE_UNITS_PER_THREAD = 4;
+
+inline void check_schedule(int64_t schedule) {
+  TORCH_CHECK(schedule >= SCHEDULE_AUTO && schedule <= SCHEDULE_BLOCKS,
+              "nstm_cpu: schedule must be 0 (automatic), 1 (per unit) or 2 (blocks), got ", schedule);
+}
+
+inline bool use_fine(int64_t schedule, const Dims& d, int64_t units) {
+  if (schedule == SCHEDULE_UNITS || !fine_applies(d)) return false;
+  return schedule == SCHEDULE_BLOCKS || units < FINE_UNITS_PER_THREAD * at::get_num_threads();
+}
+
+// a thread's s2s scratch for each head, made on first use
+template <typename T>
+struct HeadScratch {
+  std::vector<std::unique_ptr<S2SScratch<T>>> s;
+  const Dims& d;
+  const T *wq, *wk;
+  bool backward;
+  HeadScratch(const Dims& d_, const T* wq_, const T* wk_, bool bw)
+      : s(d_.H), d(d_), wq(wq_), wk(wk_), backward(bw) {}
+  S2SScratch<T>& at(int64_t h) {
+    if (!s[h]) s[h].reset(new S2SScratch<T>(d.S, d.V, wq + h * d.V * d.V, wk + h * d.V * d.V, backward));
+    return *s[h];
+  }
+};
+
+template <typename T>
+void fine_forward(const Inputs<T>& in, const T* K0, const T* V0, T* O, T* KF, T* VF, T* CK,
+                  const std::vector<Seg>& segs, const Dims& d, int64_t tokens) {
+  const int64_t H = d.H, S = d.S, K = d.K, V = d.V, tk = d.top_k, blk = d.block;
+  const int64_t U = static_cast<int64_t>(segs.size()) * H, SK = S * K, SKV = S * (K + V);
+  std::vector<int64_t> nb(U);
+  for (int64_t u = 0; u < U; ++u) {
+    nb[u] = seg_blocks(segs[u / H], blk);
+    if (nb[u] == 0) {                                 // no tokens: the state passes through
+      std::copy(K0 + u * SK, K0 + (u + 1) * SK, KF + u * SK);
+      std::copy(V0 + u * S * V, V0 + (u + 1) * S * V, VF + u * S * V);
+    }
+  }
+  std::vector<int64_t> ridx(tokens * H * tk);       // the routing, from the chain to the reads
+  std::vector<T> rw(tokens * H * tk);
+  BlockSched sched(nb, false);
+  on_threads(sched.tasks(), [&] {
+    std::vector<T> Ks(SK), Vs(S * V), p(S);
+    Route<T> r(tk, S);
+    HeadScratch<T> scr(d, in.wq, in.wk, false);
+    int lane = -1;
+    int64_t u = 0, b = 0;
+    while (sched.next(&lane, &u, &b)) {
+      const int64_t h = u % H;
+      const Seg& sg = segs[u / H];
+      int64_t t0, t1;
+      block_range(sg, b, blk, &t0, &t1);
+      T* c = CK + ((sg.blk + b) * H + h) * SKV;
+      if (lane == BlockSched::CH && b == 0) {
+        std::copy(K0 + u * SK, K0 + (u + 1) * SK, c);
+        std::copy(V0 + u * S * V, V0 + (u + 1) * S * V, c + SK);
+      }
+      std::copy(c, c + SK, Ks.begin());
+      std::copy(c + SK, c + SKV, Vs.begin());
+      if (lane == BlockSched::CH) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t tok = (sg.start + t) * H + h;
+          route(in.lg + tok * S, in.gate[tok], d, r);
+          std::copy(r.idx.begin(), r.idx.end(), ridx.begin() + tok * tk);
+          std::copy(r.w.begin(), r.w.end(), rw.begin() + tok * tk);
+          write_rows(Ks.data(), Vs.data(), in.k + tok * K, in.v + tok * V, r.idx.data(),
+                     r.w.data(), d, static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+          if (period_end(d, sg.pos, t))               // only at t1 - 1 (fine_applies)
+            s2s_forward(Vs.data(), in.wq + h * V * V, in.wk + h * V * V, in.mix[h], d, scr.at(h));
+        }
+        const bool last = b + 1 == nb[u];
+        T* nk = last ? KF + u * SK : c + H * SKV;     // the next block's checkpoint, or the final state
+        T* nv = last ? VF + u * S * V : c + H * SKV + SK;
+        std::copy(Ks.begin(), Ks.end(), nk);
+        std::copy(Vs.begin(), Vs.end(), nv);
+      } else {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t tok = (sg.start + t) * H + h;
+          write_rows(Ks.data(), Vs.data(), in.k + tok * K, in.v + tok * V, ridx.data() + tok * tk,
+                     rw.data() + tok * tk, d, static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+          read_slots(Ks.data(), Vs.data(), in.q + tok * K, O + tok * V, p.data(), d);
+        }
+      }
+      sched.done(lane, u, b);
+    }
+  });
+}
+
+// the routing's backward: w = alpha beta, alpha = softmax(selected logits), beta = sigmoid(gate)
+// (d alpha first, then softmax's y (g - sum g y), as torch: exactly 0 for top_k = 1); dlg: the
+// token's row of [S] (only the routed entries are written), dg: its gate gradient
+template <typename T>
+inline void route_backward(const T* dw, const int64_t* idx, const T* alpha, T beta, int64_t tk,
+                           T* da, T* dlg, T* dg) {
+  T dbeta = 0, ainner = 0;
+  for (int64_t jj = 0; jj < tk; ++jj) {
+    dbeta += dw[jj] * alpha[jj];
+    da[jj] = dw[jj] * beta;
+  }
+  for (int64_t jj = 0; jj < tk; ++jj) ainner += da[jj] * alpha[jj];
+  for (int64_t jj = 0; jj < tk; ++jj) dlg[idx[jj]] = alpha[jj] * (da[jj] - ainner);
+  *dg = dbeta * beta * (T(1) - beta);
+}
+
+// the read's backward for one token: o = sum_i p_i V_i, p = softmax(scale q.K_i); adds to the
+// slot adjoints gK, gV and to dq
+template <typename T>
+inline void read_backward(const T* Ks, const T* Vs, const T* p, const T* qt, const T* dot_, T* gK,
+                          T* gV, T* dq, T* dp, T* ds, const Dims& d) {
+  const int64_t S = d.S, K = d.K, V = d.V;
+  const T sc = T(d.scale);
+  T inner = 0;
+  for (int64_t i = 0; i < S; ++i) {
+    dp[i] = dot(dot_, Vs + i * V, V);
+    inner += p[i] * dp[i];
+  }
+  for (int64_t i = 0; i < S; ++i) {
+    ds[i] = sc * p[i] * (dp[i] - inner);
+    axpy(ds[i], qt, gK + i * K, K);
+    axpy(p[i], dot_, gV + i * V, V);
+  }
+  mm_acc(ds, Ks, dq, 1, S, K);
+}
+
+// the write's backward for one token (X_i = (1 - w) X_i,old + w x for its routed rows i): dw
+// [top_k] from the slot adjoints gK, gV, the share of dk, dv added to dkt, dvt, the adjoints
+// scaled by 1 - w (and the decays D[i] too, if not null), the rows restored to their old contents
+template <typename T>
+inline void write_backward(T* Ks, T* Vs, const T* kt, const T* vt, const Route<T>& r,
+                           const T* oldK, const T* oldV, T* gK, T* gV, T* dkt, T* dvt, T* dw, T* D,
+                           const Dims& d) {
+  const int64_t K = d.K, V = d.V;
+  for (int64_t jj = 0; jj < d.top_k; ++jj) {
+    const int64_t i = r.idx[jj];
+    const T wj = r.w[jj];
+    const T* ko = oldK + jj * K;
+    const T* vo = oldV + jj * V;
+    T* gk = gK + i * K;
+    T* gv = gV + i * V;
+    dw[jj] = dot_diff(gk, kt, ko, K) + dot_diff(gv, vt, vo, V);
+    axpy(wj, gk, dkt, K);
+    axpy(wj, gv, dvt, V);
+    scale_(T(1) - wj, gk, K);
+    scale_(T(1) - wj, gv, V);
+    if (D) D[i] *= T(1) - wj;
+    std::copy(ko, ko + K, Ks + i * K);
+    std::copy(vo, vo + V, Vs + i * V);
+  }
+}
+
+template <typename T>
+void fine_backward(const Inputs<T>& in, const T* CK, const T* DO, const T* DKF, const T* DVF,
+                   T* DQ, T* DK, T* DV, T* DLG, T* DG, T* DK0, T* DV0, T* DWQ, T* DWK, T* DMIX,
+                   const std::vector<Seg>& segs, const Dims& d, int64_t tokens, int64_t nblocks) {
+  const int64_t H = d.H, S = d.S, K = d.K, V = d.V, tk = d.top_k, blk = d.block;
+  const int64_t U = static_cast<int64_t>(segs.size()) * H, SK = S * K, SV = S * V, SKV = SK + SV;
+  std::vector<int64_t> nb(U);
+  std::vector<T> G(U * SKV);                         // each unit's adjoint where its chain is
+  for (int64_t u = 0; u < U; ++u) {
+    nb[u] = seg_blocks(segs[u / H], blk);
+    std::copy(DKF + u * SK, DKF + (u + 1) * SK, G.begin() + u * SKV);
+    std::copy(DVF + u * SV, DVF + (u + 1) * SV, G.begin() + u * SKV + SK);
+    if (nb[u] == 0) {
+      std::copy(DKF + u * SK, DKF + (u + 1) * SK, DK0 + u * SK);
+      std::copy(DVF + u * SV, DVF + (u + 1) * SV, DV0 + u * SV);
+    }
+  }
+  // per block: the local adjoint at its start (B1), replaced by the adjoint entering at its end
+  // (B2, for B3); the decay of each slot over the block; the values before its period-end s2s
+  std::vector<T> Gb(nblocks * H * SKV), Db(nblocks * H * S), Pre(d.s2s ? nblocks * H * SV : 0);
+  // per token: the routing (from B1 to B3) and the local d(write weight)
+  std::vector<int64_t> ridx(tokens * H * tk);
+  std::vector<T> rw(tokens * H * tk), ralpha(tokens * H * tk), rbeta(tokens * H), dwl(tokens * H * tk);
+  BlockSched sched(nb, true);
+  on_threads(sched.tasks(), [&] {
+    std::vector<T> Ks(SK), Vs(SV), o(V), P(blk * S), oldK(blk * tk * K), oldV(blk * tk * V);
+    std::vector<T> gK(SK), gV(SV), tmp(SKV), Dl(S), dp(S), ds(S), dw(tk), da(tk);
+    std::vector<T> aK(S), aV(S), ex(blk * tk);
+    std::vector<Route<T>> R(blk, Route<T>(tk, S));
+    HeadScratch<T> scr(d, in.wq, in.wk, true);
+    int lane = -1;
+    int64_t u = 0, i = 0;
+    while (sched.next(&lane, &u, &i)) {
+      const int64_t h = u % H;
+      const Seg& sg = segs[u / H];
+      const int64_t b = nb[u] - 1 - i;               // the lanes walk the blocks backwards
+      int64_t t0, t1;
+      block_range(sg, b, blk, &t0, &t1);
+      const int64_t gblk = (sg.blk + b) * H + h;
+      const T* c = CK + gblk * SKV;
+      T* gb = Gb.data() + gblk * SKV;
+      const bool ends_period = period_end(d, sg.pos, t1 - 1);
+      if (lane == BlockSched::P1) {
+        std::copy(c, c + SK, Ks.begin());
+        std::copy(c + SK, c + SKV, Vs.begin());
+        for (int64_t t = t0; t < t1; ++t) {          // re-run the block (no s2s inside it)
+          const int64_t tok = (sg.start + t) * H + h, j = t - t0;
+          std::fill(DQ + tok * K, DQ + (tok + 1) * K, T(0));
+          std::fill(DK + tok * K, DK + (tok + 1) * K, T(0));
+          std::fill(DV + tok * V, DV + (tok + 1) * V, T(0));
+          std::fill(DLG + tok * S, DLG + (tok + 1) * S, T(0));
+          token_forward(Ks.data(), Vs.data(), in.q + tok * K, in.k + tok * K, in.v + tok * V,
+                        in.lg + tok * S, in.gate[tok], o.data(), P.data() + j * S, d, R[j],
+                        oldK.data() + j * tk * K, oldV.data() + j * tk * V);
+          std::copy(R[j].idx.begin(), R[j].idx.end(), ridx.begin() + tok * tk);
+          std::copy(R[j].w.begin(), R[j].w.end(), rw.begin() + tok * tk);
+          std::copy(R[j].alpha.begin(), R[j].alpha.end(), ralpha.begin() + tok * tk);
+          rbeta[tok] = R[j].beta;
+        }
+        if (ends_period) std::copy(Vs.begin(), Vs.end(), Pre.begin() + gblk * SV);
+        std::fill(gK.begin(), gK.end(), T(0));
+        std::fill(gV.begin(), gV.end(), T(0));
+        std::fill(Dl.begin(), Dl.end(), T(1));
+        for (int64_t t = t1 - 1; t >= t0; --t) {
+          const int64_t tok = (sg.start + t) * H + h, j = t - t0;
+          read_backward(Ks.data(), Vs.data(), P.data() + j * S, in.q + tok * K, DO + tok * V,
+                        gK.data(), gV.data(), DQ + tok * K, dp.data(), ds.data(), d);
+          write_backward(Ks.data(), Vs.data(), in.k + tok * K, in.v + tok * V, R[j],
+                         oldK.data() + j * tk * K, oldV.data() + j * tk * V, gK.data(), gV.data(),
+                         DK + tok * K, DV + tok * V, dwl.data() + tok * tk, Dl.data(), d);
+        }
+        std::copy(gK.begin(), gK.end(), gb);
+        std::copy(gV.begin(), gV.end(), gb + SK);
+        std::copy(Dl.begin(), Dl.end(), Db.begin() + gblk * S);
+      } else if (lane == BlockSched::CH) {
+        T* g = G.data() + u * SKV;                   // the adjoint of the state after block b
+        if (ends_period)
+          s2s_backward(Pre.data() + gblk * SV, g + SK, in.wq + h * V * V, in.wk + h * V * V,
+                       in.mix[h], DWQ + u * V * V, DWK + u * V * V, DMIX + u, d, scr.at(h));
+        const T* D = Db.data() + gblk * S;
+        for (int64_t s = 0; s < S; ++s) {
+          for (int64_t e = 0; e < K; ++e) tmp[s * K + e] = gb[s * K + e] + D[s] * g[s * K + e];
+          for (int64_t e = 0; e < V; ++e)
+            tmp[SK + s * V + e] = gb[SK + s * V + e] + D[s] * g[SK + s * V + e];
+        }
+        std::copy(g, g + SKV, gb);                    // B3 reads what entered at the block's end
+        std::copy(tmp.begin(), tmp.end(), g);
+        if (b == 0) {
+          std::copy(g, g + SK, DK0 + u * SK);
+          std::copy(g + SK, g + SKV, DV0 + u * SV);
+        }
+      } else {
+        // The adjoint entering at the block's end, Gin, reaches token t's routed slot i scaled by
+        // the product of (1 - w) of the later writes to i in the block, r_i. Its share of
+        // d(write weight) is r_i (Gin_K[i].(k_t - K_i) + Gin_V[i].(v_t - V_i)) with K_i, V_i the
+        // row before the write, and of dk, dv: w r_i Gin[i]. Only the projections
+        // a_i = Gin_K[i].K_i (and the V one) are needed, and the writes move them like the rows:
+        // a_i <- (1 - w) a_i + w Gin_K[i].k_t. A forward pass keeps them, a reverse pass the r_i.
+        bool zero = true;
+        for (int64_t e = 0; e < SKV && zero; ++e) zero = gb[e] == T(0);
+        for (int64_t s = 0; s < S; ++s) {
+          aK[s] = dot(gb + s * K, c + s * K, K);
+          aV[s] = dot(gb + SK + s * V, c + SK + s * V, V);
+        }
+        for (int64_t t = t0; t < t1 && !zero; ++t) {
+          const int64_t tok = (sg.start + t) * H + h, j = t - t0;
+          const int64_t* idx = ridx.data() + tok * tk;
+          for (int64_t jj = 0; jj < tk; ++jj) {
+            const int64_t s = idx[jj];
+            const T wj = rw[tok * tk + jj];
+            const T gk = dot(gb + s * K, in.k + tok * K, K);
+            const T gv = dot(gb + SK + s * V, in.v + tok * V, V);
+            ex[j * tk + jj] = (gk - aK[s]) + (gv - aV[s]);
+            if (wj >= T(1)) {                         // as the write: the row replaced exactly
+              aK[s] = gk;
+              aV[s] = gv;
+            } else {
+              aK[s] = (T(1) - wj) * aK[s] + wj * gk;
+              aV[s] = (T(1) - wj) * aV[s] + wj * gv;
+            }
+          }
+        }
+        std::fill(Dl.begin(), Dl.end(), T(1));      // r_i
+        for (int64_t t = t1 - 1; t >= t0; --t) {
+          const int64_t tok = (sg.start + t) * H + h, j = t - t0;
+          const int64_t* idx = ridx.data() + tok * tk;
+          for (int64_t jj = 0; jj < tk; ++jj) {
+            dw[jj] = dwl[tok * tk + jj];
+            if (zero) continue;
+            const int64_t s = idx[jj];
+            const T wj = rw[tok * tk + jj];
+            dw[jj] += Dl[s] * ex[j * tk + jj];
+            axpy(wj * Dl[s], gb + s * K, DK + tok * K, K);
+            axpy(wj * Dl[s], gb + SK + s * V, DV + tok * V, V);
+            Dl[s] *= T(1) - wj;
+          }
+          route_backward(dw.data(), idx, ralpha.data() + tok * tk, rbeta[tok], tk, da.data(),
+                         DLG + tok * S, DG + tok);
+        }
+      }
+      sched.done(lane, u, i);
+    }
+  });
+}
+
 // maps > 0: also the routing (indices, weights [T, H, top_k]), the reads p [T, H, S] and the
 // s2s maps [maps, N, H, S, S] (event e of each unit at [e, n, h]; every segment must have the
 // same number of period ends, `maps` of them, as the rows of one batch do)
@@ -476,11 +973,17 @@ std::vector<Tensor> nstm_cpu_forward(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lg, const Tensor& gate,
     const Tensor& k0, const Tensor& v0, const Tensor& seg, const Tensor& wq, const Tensor& wk,
     const Tensor& mix, int64_t top_k, int64_t C, bool has_s2s, double scale, int64_t block,
-    bool want_maps, int64_t n_events) {
+    bool want_maps, int64_t n_events, int64_t schedule) {
   check_inputs(q, k, v, lg, gate, k0, v0, wq, wk, mix, top_k);
+  check_schedule(schedule);
   const int64_t H = q.size(1), K = q.size(2), V = v.size(2), S = lg.size(2);
+  // the block-parallel forward needs checkpoints even when the caller keeps none (block = 0)
+  const int64_t fblock = block > 0 ? block : FINE_BLOCK;
+  const bool fine = !want_maps && use_fine(schedule, Dims{H, S, K, V, top_k, C, fblock, has_s2s, scale},
+                                           seg.size(0) * H);
+  const int64_t cblock = fine ? fblock : block;      // the checkpoints' block
   int64_t nblocks = 0;
-  const auto segs = read_segments(seg, block, &nblocks);
+  const auto segs = read_segments(seg, cblock, &nblocks);
   const int64_t N = static_cast<int64_t>(segs.size());
   TORCH_CHECK(k0.dim() == 4 && k0.size(0) == N && k0.size(1) == H && k0.size(2) == S && k0.size(3) == K,
               "nstm_cpu: the initial keys must be [N, H, S, K]");
@@ -492,11 +995,11 @@ std::vector<Tensor> nstm_cpu_forward(
   for (const auto& s : segs)
     TORCH_CHECK(s.start >= 0 && s.len >= 0 && s.start + s.len <= q.size(0),
                 "nstm_cpu: a segment lies outside the time axis");
-  const Dims d{H, S, K, V, top_k, C, block, has_s2s, scale};
+  const Dims d{H, S, K, V, top_k, C, cblock, has_s2s, scale};
   auto o = at::empty({q.size(0), H, V}, q.options());        // every token written, gaps below
   auto kf = at::empty_like(k0);
   auto vf = at::empty_like(v0);
-  auto ck = at::empty({block > 0 ? nblocks : 0, H, S, K + V}, q.options());
+  auto ck = at::empty({cblock > 0 ? nblocks : 0, H, S, K + V}, q.options());
   const int64_t TT = want_maps ? q.size(0) : 0;
   auto m_idx = at::zeros({TT, H, top_k}, q.options().dtype(at::kLong));
   auto m_w = at::zeros({TT, H, top_k}, q.options());
@@ -508,6 +1011,10 @@ std::vector<Tensor> nstm_cpu_forward(
     const T *K0 = k0.data_ptr<T>(), *V0 = v0.data_ptr<T>();
     T *O = o.data_ptr<T>(), *KF = kf.data_ptr<T>(), *VF = vf.data_ptr<T>(), *CK = ck.data_ptr<T>();
     zero_gaps(O, H * V, gap_tokens(q.size(0), segs));
+    if (fine) {
+      fine_forward(in, K0, V0, O, KF, VF, CK, segs, d, q.size(0));
+      return;
+    }
     for_units(N * H, [&](int64_t u) {
       const int64_t n = u / H, h = u % H;
       const Seg& sg = segs[n];
@@ -520,8 +1027,8 @@ std::vector<Tensor> nstm_cpu_forward(
       S2SScratch<T> scr(has_s2s ? S : 0, V, wqh, wkh, false);
       int64_t ev = 0;
       for (int64_t t = 0; t < sg.len; ++t) {
-        if (block > 0 && t % block == 0) {
-          T* c = CK + ((sg.blk + t / block) * H + h) * S * (K + V);
+        if (block > 0 && (t == 0 || (sg.pos + t) % block == 0)) {
+          T* c = CK + ((sg.blk + (t + sg.off) / block) * H + h) * S * (K + V);
           std::copy(Ks.begin(), Ks.end(), c);
           std::copy(Vs.begin(), Vs.end(), c + S * K);
         }
@@ -546,6 +1053,7 @@ std::vector<Tensor> nstm_cpu_forward(
       std::copy(Vs.begin(), Vs.end(), VF + u * S * V);
     });
   });
+  if (block == 0) ck = at::empty({0, H, S, K + V}, q.options());   // not kept
   return {o, kf, vf, ck, m_idx, m_w, m_p, m_a};
 }
 
@@ -555,8 +1063,9 @@ std::vector<Tensor> nstm_cpu_backward(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lg, const Tensor& gate,
     const Tensor& seg, const Tensor& wq, const Tensor& wk, const Tensor& mix, const Tensor& ck,
     const Tensor& d_o, const Tensor& dkf, const Tensor& dvf, int64_t top_k, int64_t C,
-    bool has_s2s, double scale, int64_t block) {
+    bool has_s2s, double scale, int64_t block, int64_t schedule) {
   check_inputs(q, k, v, lg, gate, dkf, dvf, wq, wk, mix, top_k);
+  check_schedule(schedule);
   TORCH_CHECK(block > 0, "nstm_cpu: the backward needs the forward's checkpoints (block > 0)");
   TORCH_CHECK(d_o.sizes() == v.sizes() && d_o.is_contiguous() && d_o.scalar_type() == q.scalar_type(),
               "nstm_cpu: the output gradient must be a contiguous [T, H, V] tensor of q's dtype");
@@ -589,6 +1098,11 @@ std::vector<Tensor> nstm_cpu_backward(
     zero_gaps(DV, H * V, gaps);
     zero_gaps(DLG, H * S, gaps);
     zero_gaps(DG, H, gaps);
+    if (use_fine(schedule, d, N * H)) {
+      fine_backward(in, CK, DO, DKF, DVF, DQ, DK, DV, DLG, DG, DK0, DV0, DWQ, DWK, DMIX, segs, d,
+                    q.size(0), nblocks);
+      return;
+    }
     for_units(N * H, [&](int64_t u) {
       const int64_t n = u / H, h = u % H;
       const Seg& sg = segs[n];
@@ -614,10 +1128,10 @@ std::vector<Tensor> nstm_cpu_backward(
       S2SScratch<T> scr(has_s2s ? S : 0, V, wqh, wkh, true);
       T* dwqh = DWQ + u * V * V;
       T* dwkh = DWK + u * V * V;
-      const T sc = T(scale);
-      const int64_t nb = (sg.len + block - 1) / block;
+      const int64_t nb = seg_blocks(sg, block);
       for (int64_t b = nb - 1; b >= 0; --b) {
-        const int64_t t0 = b * block, t1 = std::min(sg.len, t0 + block);
+        int64_t t0, t1;
+        block_range(sg, b, block, &t0, &t1);
         const T* c = CK + ((sg.blk + b) * H + h) * S * (K + V);
         std::copy(c, c + S * K, Ks.begin());
         std::copy(c + S * K, c + S * (K + V), Vs.begin());
@@ -642,53 +1156,15 @@ std::vector<Tensor> nstm_cpu_backward(
             std::copy(vp, vp + S * V, Vs.begin());
             s2s_backward(Vs.data(), gV.data(), wqh, wkh, in.mix[h], dwqh, dwkh, DMIX + u, d, scr);
           }
-          // the read: o = sum_i p_i V_i, p = softmax(scale q.K_i)
-          const T* p = P.data() + j * S;
-          const T* qt = in.q + tok * K;
-          const T* dot_ = DO + tok * V;
-          T inner = 0;
-          for (int64_t i = 0; i < S; ++i) {
-            dp[i] = dot(dot_, Vs.data() + i * V, V);
-            inner += p[i] * dp[i];
-          }
-          for (int64_t i = 0; i < S; ++i) {
-            ds[i] = sc * p[i] * (dp[i] - inner);
-            axpy(ds[i], qt, gK.data() + i * K, K);
-            axpy(p[i], dot_, gV.data() + i * V, V);
-          }
-          mm_acc(ds.data(), Ks.data(), DQ + tok * K, 1, S, K);
-          // the write of the routed rows: X_i = (1 - w) X_i,old + w x
-          const T* kt = in.k + tok * K;
-          const T* vt = in.v + tok * V;
-          T* dkt = DK + tok * K;
-          T* dvt = DV + tok * V;
+          read_backward(Ks.data(), Vs.data(), P.data() + j * S, in.q + tok * K, DO + tok * V,
+                        gK.data(), gV.data(), DQ + tok * K, dp.data(), ds.data(), d);
           const Route<T>& r = R[j];
-          for (int64_t jj = 0; jj < top_k; ++jj) {
-            const int64_t i = r.idx[jj];
-            const T wj = r.w[jj];
-            const T* ko = oldK.data() + (j * top_k + jj) * K;
-            const T* vo = oldV.data() + (j * top_k + jj) * V;
-            T* gk = gK.data() + i * K;
-            T* gv = gV.data() + i * V;
-            dw[jj] = dot_diff(gk, kt, ko, K) + dot_diff(gv, vt, vo, V);
-            axpy(wj, gk, dkt, K);
-            axpy(wj, gv, dvt, V);
-            scale_(T(1) - wj, gk, K);
-            scale_(T(1) - wj, gv, V);
-            std::copy(ko, ko + K, Ks.begin() + i * K);
-            std::copy(vo, vo + V, Vs.begin() + i * V);
-          }
-          // the routing: w = alpha beta, alpha = softmax(selected logits), beta = sigmoid(gate)
-          // (d alpha first, then softmax's y (g - sum g y), as torch: exactly 0 for top_k = 1)
-          T dbeta = 0, ainner = 0;
-          for (int64_t jj = 0; jj < top_k; ++jj) {
-            dbeta += dw[jj] * r.alpha[jj];
-            da[jj] = dw[jj] * r.beta;
-          }
-          for (int64_t jj = 0; jj < top_k; ++jj) ainner += da[jj] * r.alpha[jj];
-          for (int64_t jj = 0; jj < top_k; ++jj)
-            DLG[tok * S + r.idx[jj]] = r.alpha[jj] * (da[jj] - ainner);
-          DG[tok] = dbeta * r.beta * (T(1) - r.beta);
+          write_backward(Ks.data(), Vs.data(), in.k + tok * K, in.v + tok * V, r,
+                         oldK.data() + j * top_k * K, oldV.data() + j * top_k * V, gK.data(),
+                         gV.data(), DK + tok * K, DV + tok * V, dw.data(),
+                         static_cast<T*>(nullptr), d);
+          route_backward(dw.data(), r.idx.data(), r.alpha.data(), r.beta, top_k, da.data(),
+                         DLG + tok * S, DG + tok);
         }
       }
       std::copy(gK.begin(), gK.end(), DK0 + u * S * K);
@@ -1052,10 +1528,10 @@ std::vector<Tensor> nstm_cpu_conv_backward(const Tensor& g, const Tensor& x, con
 TORCH_LIBRARY(nstm_cpu, m) {
   m.def("forward(Tensor q, Tensor k, Tensor v, Tensor logits, Tensor gate, Tensor k0, Tensor v0, "
         "Tensor seg, Tensor wq, Tensor wk, Tensor mix, int top_k, int C, bool has_s2s, "
-        "float scale, int block, bool maps=False, int n_events=0) -> Tensor[]");
+        "float scale, int block, bool maps=False, int n_events=0, int schedule=0) -> Tensor[]");
   m.def("backward(Tensor q, Tensor k, Tensor v, Tensor logits, Tensor gate, Tensor seg, "
         "Tensor wq, Tensor wk, Tensor mix, Tensor ck, Tensor d_o, Tensor dkf, Tensor dvf, "
-        "int top_k, int C, bool has_s2s, float scale, int block) -> Tensor[]");
+        "int top_k, int C, bool has_s2s, float scale, int block, int schedule=0) -> Tensor[]");
   m.def("route(Tensor logits, Tensor gate, int top_k) -> (Tensor, Tensor)");
   m.def("conv_forward(Tensor x, Tensor cache, Tensor w, Tensor b, Tensor seg) -> Tensor");
   m.def("conv_backward(Tensor g, Tensor x, Tensor cache, Tensor w, Tensor b, Tensor seg) -> Tensor[]");

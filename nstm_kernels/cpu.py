@@ -22,6 +22,8 @@ Environment:
     NSTM_CPU_BUILD_DIR     build directory (default ``~/.cache/nstm_kernels/cpu-<torch>-<machine>``)
     NSTM_CPU_REBUILD=1     wipe the build directory and compile again (first use in a process)
     NSTM_CPU_VERBOSE=1     show the compiler's output while building
+    NSTM_CPU_SCHEDULE      auto (default), units or blocks: how a call is split over the threads
+                           (``schedule=`` of ``cpu_nstm``; see ``SCHEDULES``)
 """
 from __future__ import annotations
 
@@ -46,6 +48,15 @@ SOURCE = "nstm_cpu.cpp"
 EXT_NAME = "nstm_cpu_ops"
 # tokens between the forward's checkpoints (the backward re-runs one block at a time)
 BLOCK = 64
+#: the kernel's ``schedule`` argument. "units": one task per (sequence, head), each walked by one
+#: thread. "blocks": each (sequence, head) split into its 64-token blocks with a thin sequential
+#: chain (routing, writes and s2s forward; the s2s backward and the adjoint hand-off backward)
+#: and the reads and their gradients as parallel block tasks, so that a few long sequences keep
+#: every thread busy and a descheduled thread holds up one block, not a quarter of the call; it
+#: needs the s2s period to be a multiple of 64 (else the call runs per unit). "auto": blocks while
+#: there are fewer than 4 units per thread. Every schedule computes the same function (the forward
+#: the same bits; gradients within rounding).
+SCHEDULES = {"auto": 0, "units": 1, "blocks": 2}
 
 _lock = threading.Lock()
 _loaded = False
@@ -167,21 +178,21 @@ def usable(q: torch.Tensor, top_k: int, return_maps: bool) -> bool:
 class _CPUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, logits, gate, k0, v0, wq, wk, mix, seg, top_k, C, has_s2s, scale,
-                n_maps):
+                n_maps, schedule):
         keep = any(ctx.needs_input_grad[:10])    # checkpoints only when a backward can follow
         out = torch.ops.nstm_cpu.forward(q, k, v, logits, gate, k0, v0, seg, wq, wk, mix, top_k, C,
                                          has_s2s, scale, BLOCK if keep else 0, n_maps >= 0,
-                                         max(n_maps, 0))
+                                         max(n_maps, 0), schedule)
         ck = out[3]
         ctx.save_for_backward(q, k, v, logits, gate, wq, wk, mix, seg, ck)
-        ctx.args = (top_k, C, has_s2s, scale)
+        ctx.args = (top_k, C, has_s2s, scale, schedule)
         ctx.mark_non_differentiable(*out[3:])
         return tuple(out)
 
     @staticmethod
     def backward(ctx, do, dkf, dvf, *_maps):
         q, k, v, logits, gate, wq, wk, mix, seg, ck = ctx.saved_tensors
-        top_k, C, has_s2s, scale = ctx.args
+        top_k, C, has_s2s, scale, schedule = ctx.args
         N, H, S = seg.shape[0], q.shape[1], logits.shape[2]
         K, V = q.shape[2], v.shape[2]
         z = q.new_zeros
@@ -190,20 +201,22 @@ class _CPUFunction(torch.autograd.Function):
         dvf = z(N, H, S, V) if dvf is None else dvf.contiguous()
         dq, dk, dv, dlg, dg, dk0, dv0, dwq, dwk, dmix = torch.ops.nstm_cpu.backward(
             q, k, v, logits, gate, seg, wq, wk, mix, ck, do, dkf, dvf, top_k, C, has_s2s, scale,
-            BLOCK)
+            BLOCK, schedule)
         if has_s2s:
             dwq, dwk, dmix = dwq.sum(0), dwk.sum(0), dmix.sum(0)
         else:
             dwq = dwk = dmix = None
-        return dq, dk, dv, dlg, dg, dk0, dv0, dwq, dwk, dmix, None, None, None, None, None, None
+        return (dq, dk, dv, dlg, dg, dk0, dv0, dwq, dwk, dmix) + (None,) * 7
 
 
-def _run(q, k, v, route_logits, write_gate, top_k, s2s, C, k0, v0, segs, scale, n_maps=-1):
+def _run(q, k, v, route_logits, write_gate, top_k, s2s, C, k0, v0, segs, scale, n_maps=-1,
+         schedule=None):
     """The kernel over the flattened time axis ``[1, T, H, *]`` and its segments
     ``[(start, length, pos), ...]``, each starting from its row of ``k0 [N, H, S, K]`` / ``v0``.
     Returns ``o [1, T, H, V]`` (compute dtype), the final slot memories ``[N, H, S, *]`` and the
     maps (``n_maps >= 0``: indices, weights, reads ``[T, H, *]``, s2s ``[n_maps, N, H, S, S]``;
-    every segment must have ``n_maps`` period ends) or None."""
+    every segment must have ``n_maps`` period ends) or None. ``schedule``: a key of
+    ``SCHEDULES`` (None: ``NSTM_CPU_SCHEDULE``, else "auto")."""
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"nstm_kernels: the C++ CPU kernel cannot run: {reason}")
@@ -218,8 +231,9 @@ def _run(q, k, v, route_logits, write_gate, top_k, s2s, C, k0, v0, segs, scale, 
     else:
         wq = wk = mix = q.new_zeros(0, dtype=dt)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    sched = SCHEDULES[settings.cpu_schedule(schedule)]
     out = _CPUFunction.apply(*c, gate, k0.to(dt).contiguous(), v0.to(dt).contiguous(), wq, wk, mix,
-                             seg, int(top_k), int(C), s2s is not None, scale, int(n_maps))
+                             seg, int(top_k), int(C), s2s is not None, scale, int(n_maps), sched)
     o, kf, vf = out[:3]
     return o.unsqueeze(0), kf, vf, (out[4:] if n_maps >= 0 else None)
 
@@ -227,10 +241,11 @@ def _run(q, k, v, route_logits, write_gate, top_k, s2s, C, k0, v0, segs, scale, 
 def cpu_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2SParams] = None,
              comm_every: int = 64, initial_state: Optional[NSTMState] = None,
              output_final_state: bool = False, scale: Optional[float] = None,
-             return_maps: bool = False, cu_seqlens=None):
+             return_maps: bool = False, cu_seqlens=None, schedule: Optional[str] = None):
     """The operator through the C++ kernel; the signature and results of ``chunk_nstm`` (the maps
     are not differentiable here; packed batches and per-row positions have none, as there).
-    Raises ``RuntimeError`` when the kernel cannot be had (``usable`` says beforehand)."""
+    ``schedule``: how the call is split over threads (``SCHEDULES``; None: ``NSTM_CPU_SCHEDULE``,
+    else "auto"). Raises ``RuntimeError`` when the kernel cannot be had (``usable`` says beforehand)."""
     B, T, H, K = q.shape
     V, S = v.shape[-1], route_logits.shape[-1]
     dt = compute_dtype(q.dtype)
@@ -249,7 +264,7 @@ def cpu_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2SPar
         else:
             k0, v0 = initial_state.k, initial_state.v
         o, kf, vf, _ = _run(*xs, top_k, s2s, comm_every, k0, v0,
-                            list(zip(seg.starts, seg.lengths, seg.pos)), scale)
+                            list(zip(seg.starts, seg.lengths, seg.pos)), scale, schedule=schedule)
         o = o.reshape(B, T, H, V).to(q.dtype)
         final = None
         if output_final_state:
@@ -268,7 +283,7 @@ def cpu_nstm(q, k, v, route_logits, write_gate, top_k: int, s2s: Optional[S2SPar
         ends = list(range(pos + (comm_every - 1 - pos % comm_every), pos + T, comm_every))
     o, kf, vf, maps = _run(*xs, top_k, s2s, comm_every, k0, v0,
                            [(b * T, T, pos) for b in range(B)], scale,
-                           len(ends) if return_maps else -1)
+                           len(ends) if return_maps else -1, schedule)
     o = o.reshape(B, T, H, V).to(q.dtype)
     final = NSTMState(kf, vf, pos + T) if output_final_state else None
     if not return_maps:

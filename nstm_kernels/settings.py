@@ -19,6 +19,7 @@ environment variable only overrides an argument left at None, and is read when t
 | ``NSTM_CPU_BUILD_DIR`` | where the C++ CPU kernel is built | ``~/.cache/nstm_kernels/...`` |
 | ``NSTM_CPU_REBUILD=1`` | rebuild the C++ CPU kernel from scratch | |
 | ``NSTM_CPU_VERBOSE=1`` | show the compiler's output | |
+| ``NSTM_CPU_SCHEDULE`` | how the C++ CPU kernel splits a call (``nstm_kernels.cpu``) | auto, units, blocks |
 | ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` | ``nstm-train`` under ``torchrun`` (torch.distributed's own variables) | |
 | ``NSTM_PROGRESS`` | progress bars (``nstm.progress``) | unset: at a terminal, 1: always, 0: never |
 """
@@ -31,6 +32,7 @@ BACKENDS = ("reference", "chunked", "triton", "cuda")
 TRITON_FORWARDS = ("chunk", "recurrent")
 TRITON_BACKWARDS = ("chunk", "recurrent")
 DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+CPU_SCHEDULES = ("auto", "units", "blocks")
 
 
 def _env(name: str) -> Optional[str]:
@@ -97,6 +99,14 @@ def cpu_kernel_enabled() -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"NSTM_CPU_KERNEL must be 0 or 1, got {value!r}")
     return value == "1"
+
+
+def cpu_schedule(kind: Optional[str] = None) -> str:
+    """How the C++ CPU kernel splits a call over its threads: ``kind``, else ``NSTM_CPU_SCHEDULE``,
+    else "auto". "units": one task per (sequence, head); "blocks": the block-parallel schedule
+    (where the s2s period is a multiple of the 64-token block, else per unit); "auto": blocks
+    while there are fewer than 4 (sequence, head) units per thread."""
+    return choose("the CPU kernel schedule", kind, "NSTM_CPU_SCHEDULE", CPU_SCHEDULES, "auto")
 
 
 def cpu_build_dir() -> Optional[str]:

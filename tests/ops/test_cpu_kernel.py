@@ -62,6 +62,104 @@ def test_matches_the_reference_in_float64(B, T, H, K, V, S, top_k, C, pos, s2s, 
     assert_grads_close(g, rg)
 
 
+# the block-parallel schedule (``schedule="blocks"``): the s2s period a multiple of the 64-token
+# block, or no s2s; several blocks, starts mid-block (blocks are aligned to absolute positions),
+# period ends on every block edge (C = 64) and every other one (C = 128), a single partial block,
+# top_k = S and top_k = 1, the unrolled lengths
+BLOCK_CASES = [
+    (1, 300, 2, 8, 8, 8, 2, 64, 0, True, True),
+    (2, 200, 2, 4, 6, 5, 2, 64, 37, True, True),
+    (1, 330, 1, 8, 8, 6, 6, 128, 100, True, False),
+    (2, 150, 2, 4, 4, 4, 3, 64, 5, False, True),
+    (1, 40, 2, 4, 4, 4, 1, 64, 30, True, True),
+    (1, 260, 2, 16, 32, 16, 4, 64, 63, True, True),
+]
+
+
+@pytest.mark.parametrize("B,T,H,K,V,S,top_k,C,pos,s2s,state", BLOCK_CASES)
+def test_the_block_schedule_matches_the_reference_and_the_unit_schedule(B, T, H, K, V, S, top_k, C,
+                                                                        pos, s2s, state):
+    inp = make_inputs(B, T, H, K, V, S, s2s=s2s, pos=pos, state=state, seed=T + S)
+    o, st, g = run_with_grads(_cpu, inp, top_k, C, schedule="blocks")
+    uo, ust, ug = run_with_grads(_cpu, inp, top_k, C, schedule="units")
+    ro, rst, rg = run_with_grads(naive_recurrent_nstm, inp, top_k, C)
+    assert_close(o, ro, name="o")
+    assert_close(st.k, rst.k, name="final k")
+    assert_close(st.v, rst.v, name="final v")
+    assert_grads_close(g, rg)
+    # the forward does the same arithmetic in another order of tasks: the same bits
+    assert torch.equal(o, uo) and torch.equal(st.k, ust.k) and torch.equal(st.v, ust.v)
+    # the backward sums the adjoint in another order: equal to rounding
+    assert_grads_close(g, ug, tol=1e-13)
+
+
+def test_the_block_schedule_with_packed_documents_and_per_row_positions():
+    inp = make_inputs(1, 400, 2, 4, 4, 6, seed=8)
+    cu = torch.tensor([0, 130, 131, 200, 400])              # a 1-token document among longer ones
+    st = NSTMState(torch.randn(4, 2, 6, 4, dtype=torch.float64),
+                   torch.randn(4, 2, 6, 4, dtype=torch.float64), torch.tensor([5, 0, 63, 64]))
+    inp = inp._replace(initial_state=st)
+    o, fst, g = run_with_grads(_cpu, inp, 2, 64, cu_seqlens=cu, schedule="blocks")
+    ro, rfst, rg = run_with_grads(naive_recurrent_nstm, inp, 2, 64, cu_seqlens=cu)
+    assert_close(o, ro, name="o")
+    assert_close(fst.k, rfst.k, name="final k")
+    assert_close(fst.v, rfst.v, name="final v")
+    assert_grads_close(g, rg)
+    rows = make_inputs(3, 150, 2, 4, 4, 6, seed=9)
+    rows = rows._replace(initial_state=rows.initial_state._replace(pos=torch.tensor([0, 70, 127])))
+    o, fst, g = run_with_grads(_cpu, rows, 2, 64, schedule="blocks")
+    ro, rfst, rg = run_with_grads(naive_recurrent_nstm, rows, 2, 64)
+    assert_close(o, ro, name="o")
+    assert fst.pos.tolist() == rfst.pos.tolist()
+    assert_grads_close(g, rg)
+
+
+def test_the_block_schedule_gives_the_same_bits_on_any_thread_count():
+    """Every sum of the block schedule has a fixed order (a block's own sums in its task, the
+    hand-off of the adjoint and the s2s weight gradients in each unit's chain), whichever thread
+    runs which task and when."""
+    inp = make_inputs(1, 700, 2, 8, 8, 8, dtype=torch.float32, seed=12)
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(run_with_grads(_cpu, inp, 2, 64, schedule="blocks"))
+    finally:
+        torch.set_num_threads(before)
+    a = runs[0]
+    for b in runs[1:]:
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1].k, b[1].k) and torch.equal(a[1].v, b[1].v)
+        assert all(torch.equal(a[2][n], b[2][n]) for n in a[2])
+
+
+def test_the_block_schedule_gradcheck():
+    inp = make_inputs(1, 70, 1, 2, 2, 3, pos=10, seed=4)
+    leaves = [t.detach().clone().requires_grad_(True) for t in
+              (inp.q, inp.k, inp.v, inp.route_logits, inp.write_gate, *inp.s2s,
+               inp.initial_state.k, inp.initial_state.v)]
+
+    def fn(q, k, v, lg, g, wq, wk, gate, k0, v0):
+        o, st = _cpu(q, k, v, lg, g, 2, S2SParams(wq, wk, gate), 64, NSTMState(k0, v0, 10), True,
+                     schedule="blocks")
+        return o, st.k, st.v
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_a_schedule_is_checked(monkeypatch):
+    inp = make_inputs(1, 8, 1, 4, 4, 4, seed=1)
+    with pytest.raises(ValueError, match="schedule"):
+        _cpu(*inp[:5], 2, inp.s2s, 64, inp.initial_state, True, schedule="threads")
+    monkeypatch.setenv("NSTM_CPU_SCHEDULE", "fast")
+    with pytest.raises(ValueError, match="NSTM_CPU_SCHEDULE"):
+        _cpu(*inp[:5], 2, inp.s2s, 64, inp.initial_state, True)
+    monkeypatch.setenv("NSTM_CPU_SCHEDULE", "blocks")       # the variable is read at call time
+    o, _ = _cpu(*inp[:5], 2, inp.s2s, 64, inp.initial_state, True)
+    ro, _ = naive_recurrent_nstm(*inp[:5], 2, inp.s2s, 64, inp.initial_state, True)
+    assert_close(o, ro)
+
+
 def test_gradcheck():
     inp = make_inputs(1, 9, 2, 3, 3, 4, pos=2, seed=3)
     leaves = [t.detach().clone().requires_grad_(True) for t in

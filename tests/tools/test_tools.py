@@ -186,7 +186,8 @@ def test_cpu_operator_bench_writes_rows_for_every_path(tmp_path):
     import cpu as cpu_bench
     rows = cpu_bench.main(["--quick", "--no-contention", "--threads", "1", "--reps", "1",
                            "--no-plot", "--no-progress", "--out", str(tmp_path)])
-    assert {r["impl"] for r in rows} == {"nstm", "nstm-torch", "sdpa"}
+    assert {r["impl"] for r in rows} == {"nstm", "nstm-units", "nstm-torch", "sdpa"}
+    assert all(0 < r["cores"] < 64 for r in rows)
     assert all(r["threads"] == 1 and r["neighbour"] == "alone" and r["ms"] > 0 for r in rows)
     assert all(r["gflops"] > 0 for r in rows if r["impl"] != "sdpa")
     files = sorted(os.listdir(tmp_path))
