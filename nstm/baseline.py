@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from nstm_kernels.utils import check_cu_seqlens
 
-from .generation import GenerateMixin, check_tokens
+from .generation import GenerateMixin, check_tokens, select_positions
 from .models import NSTMLM, NSTMClassifier
 from .modules import MLP, RMSNorm, check_classifier_inputs, pool_hidden
 
@@ -259,12 +259,15 @@ class TransformerLM(GenerateMixin, _TransformerStack):
             self.head.weight = self.embed.weight
         self._init_residual_out()
 
-    def forward(self, idx: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``idx [B, T]`` -> ``logits [B, T, vocab]`` (causal).
 
         ``cu_seqlens`` (int64 ``[N + 1]``, ``[0, l1, l1 + l2, ..., T]``): ``idx [1, T]`` holds N
         documents end to end; each is attended to on its own (rotary positions from 0 in each),
-        as if run alone, at the cost of a padded batch of the documents (not of a [T, T] mask)."""
+        as if run alone, at the cost of a padded batch of the documents (not of a [T, T] mask).
+        ``logits_at`` (bool ``[B, T]``): only those positions through the head, ``[n, vocab]``
+        (as ``NSTMLM.forward``)."""
         check_tokens(idx, 2, self.vocab_size)
         longest = idx.shape[1]
         if cu_seqlens is not None:
@@ -272,7 +275,7 @@ class TransformerLM(GenerateMixin, _TransformerStack):
             longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         if self.max_len is not None and longest > self.max_len:
             raise ValueError(f"sequence length {longest} exceeds max_len {self.max_len}")
-        return self.head(self._run(self.embed(idx), cu_seqlens=cu_seqlens))
+        return self.head(select_positions(self._run(self.embed(idx), cu_seqlens=cu_seqlens), logits_at))
 
     # -- decoding ----------------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:

@@ -29,6 +29,18 @@ def check_tokens(idx, ndim: int, vocab_size: int) -> None:
                          f"[{int(idx.min())}, {int(idx.max())}]")
 
 
+def select_positions(h: torch.Tensor, at: Optional[torch.Tensor]) -> torch.Tensor:
+    """``h [B, T, D]`` at the positions of the bool mask ``at [B, T]`` as ``[n, D]`` (row-major
+    order), or ``h`` itself when ``at`` is None: what a language model's ``logits_at`` sends
+    through its output head."""
+    if at is None:
+        return h
+    if not isinstance(at, torch.Tensor) or at.dtype != torch.bool or at.shape != h.shape[:2]:
+        raise ValueError(f"logits_at must be a bool tensor of shape [B, T] = {list(h.shape[:2])}, got "
+                         f"{getattr(at, 'dtype', type(at).__name__)} {list(getattr(at, 'shape', []))}")
+    return h[at.to(h.device)]
+
+
 def check_generate_args(max_new_tokens, temperature, sample_top_k, top_p) -> None:
     """The sampling arguments of ``generate``."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .config import NSTMConfig
-from .generation import GenerateMixin, check_tokens
+from .generation import GenerateMixin, check_tokens, select_positions
 from .layer import LayerOutput, NSTMLayer, NSTMLayerState
 from .modules import MLP, RMSNorm, check_classifier_inputs, pool_hidden
 
@@ -170,17 +170,20 @@ class NSTMLM(GenerateMixin, _NSTMStack):
 
     def forward(self, idx: torch.Tensor, state: Optional[List[NSTMLayerState]] = None,
                 return_state: bool = False, return_maps: bool = False,
-                cu_seqlens: Optional[torch.Tensor] = None):
+                cu_seqlens: Optional[torch.Tensor] = None, logits_at: Optional[torch.Tensor] = None):
         """``idx [B, T]`` -> ``logits [B, T, vocab]``; with ``return_state`` / ``return_maps``
         ``LMOutput(logits, per-layer states or None, per-layer maps or None)``.
 
         ``cu_seqlens`` (int64 ``[N + 1]``): ``idx [1, T]`` holds N documents end to end, each run
-        as if alone (``NSTMLayer.forward``); the states returned then have batch N."""
+        as if alone (``NSTMLayer.forward``); the states returned then have batch N.
+        ``logits_at`` (bool ``[B, T]``): only these positions go through the output head, and the
+        logits come as ``[n, vocab]`` in the mask's row-major order (``logits[mask]`` of the full
+        call, without the full ``[B, T, vocab]`` tensor: tasks that score a few positions)."""
         check_tokens(idx, 2, self.vocab_size)
         if idx.shape[1] < 1:
             raise ValueError(f"idx must hold at least one token (T >= 1), got shape {list(idx.shape)}")
         h, states, maps = self._run_blocks(self.embed(idx), state, return_state, return_maps, cu_seqlens)
-        logits = self.head(h)
+        logits = self.head(select_positions(h, logits_at))
         if return_state or return_maps:
             return LMOutput(logits, states, maps)
         return logits

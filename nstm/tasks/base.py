@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100               # target of the positions that are not scored
+# a language-model batch whose scored positions are at most this share of its tokens sends only
+# those through the output head (``Task.scored``): the same loss without the [B, T, vocab] logits
+SPARSE_SCORED = 0.5
 EVAL_SEED = 1234            # evaluation batches come from generators seeded from this
 
 
@@ -90,29 +93,47 @@ class Task:
         return self.eval_sets(batch_size, num_batches)
 
     # -- loss and metrics --------------------------------------------------------------------------
-    def logits(self, model, batch: Batch) -> torch.Tensor:
+    def scored(self, batch: Batch) -> Optional[torch.Tensor]:
+        """The bool mask ``[B, T]`` of the scored positions of a language-model batch when they are
+        at most ``SPARSE_SCORED`` of its tokens (copy, MQAR, passkey: only those go through the
+        output head), else None (every position gets logits)."""
+        if self.kind != "lm" or batch.cu_seqlens is not None:
+            return None
+        mask = batch.targets != IGNORE
+        return mask if mask.sum() <= SPARSE_SCORED * mask.numel() else None
+
+    def logits(self, model, batch: Batch, at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The model's logits on ``batch``: ``[B, T, vocab]`` (lm), ``[B, classes]`` (cls); with ``at``
+        (a bool ``[B, T]``, lm only) those positions' logits ``[n, vocab]``."""
         if batch.cu_seqlens is not None:
             return model(batch.inputs, cu_seqlens=batch.cu_seqlens)
         if self.kind == "lm":
-            return model(batch.inputs)
+            return model(batch.inputs) if at is None else model(batch.inputs, logits_at=at)
         if batch.lengths is not None:
             return model(batch.inputs, lengths=batch.lengths)
         return model(batch.inputs)
 
     def loss(self, model, batch: Batch):
-        """``(mean cross-entropy, logits)`` of ``model`` on ``batch``."""
-        logits = self.logits(model, batch)
+        """``(mean cross-entropy, logits)`` of ``model`` on ``batch``; for a language model that
+        scores few positions (``scored``) the logits are those positions' ``[n, vocab]``."""
+        at = self.scored(batch)
+        logits = self.logits(model, batch, at)
         if self.kind == "lm":
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
+            targets = batch.targets.flatten() if at is None else batch.targets[at]
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE)
         else:
             loss = F.cross_entropy(logits.float(), batch.targets)
         return loss, logits
 
     def accuracy(self, logits: torch.Tensor, batch: Batch) -> float:
+        """Accuracy over the scored positions (lm: ``logits`` ``[B, T, vocab]``, or the scored
+        positions' ``[n, vocab]`` that ``loss`` returns) or the examples (cls)."""
         pred = logits.argmax(-1)
         if self.kind == "lm":
             mask = batch.targets != IGNORE
             n = int(mask.sum())
+            if pred.dim() == 1:                       # already the scored positions
+                return float((pred == batch.targets[mask]).sum()) / n if n else float("nan")
             return float((pred[mask] == batch.targets[mask]).sum()) / n if n else float("nan")
         return float((pred == batch.targets).float().mean())
 
@@ -136,16 +157,22 @@ class Task:
                 for batch in progress(batches, desc=f"eval {name}", unit="batch", leave=False,
                                       total=num_batches if num_batches > 0 else None, enabled=show_progress):
                     batch = batch.to(device)
+                    at = self.scored(batch)
                     with autocast():
-                        logits = self.logits(model, batch)
+                        logits = self.logits(model, batch, at)
                     logits = logits.float()
                     pred = logits.argmax(-1)
                     if self.kind == "lm":
                         mask = batch.targets != IGNORE
-                        loss_sum += float(F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(),
+                        targets = batch.targets.flatten() if at is None else batch.targets[at]
+                        loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets,
                                                           ignore_index=IGNORE, reduction="sum"))
                         count += int(mask.sum())
-                        right = (pred == batch.targets) & mask
+                        if at is None:
+                            right = (pred == batch.targets) & mask
+                        else:                         # the scored positions' predictions, back in place
+                            right = torch.zeros_like(mask)
+                            right[at] = pred == targets
                         correct += int(right.sum())
                         scored = mask.any(1)
                         seqs += int(scored.sum())

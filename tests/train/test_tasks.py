@@ -297,3 +297,49 @@ def test_listops_batch_padding_lengths_labels():
         listops_batch(0)
     with pytest.raises(ValueError, match="pad_to"):
         pad_listops([("[MAX 1 2 3 ]", 3)], pad_to=3)
+
+
+@pytest.mark.parametrize("model_name", ["nstm", "transformer"])
+def test_sparse_scored_tasks_take_only_the_scored_logits(model_name):
+    """MQAR scores 4 of 32 positions here: the loss sends only those through the output head
+    (``logits_at``), with the same loss, accuracy and evaluation as the full [B, T, vocab] logits."""
+    import torch.nn.functional as F
+
+    from nstm.baseline import TransformerLM
+    from nstm.models import NSTMLM
+    from nstm.tasks.registry import build_task
+
+    torch.manual_seed(0)
+    task = build_task("mqar", num_pairs=4, vocab_size=64, seq_len=32)
+    model = (NSTMLM(64, d_model=32, n_layers=1, num_heads=2, num_states=8, top_k=2) if model_name == "nstm"
+             else TransformerLM(64, d_model=32, n_layers=1, num_heads=2))
+    batch = task.train_batch(8, gen(3))
+    at = task.scored(batch)
+    assert at is not None and int(at.sum()) == 8 * 4
+    full = model(batch.inputs)
+    some = model(batch.inputs, logits_at=at)
+    assert some.shape == (32, 64)
+    torch.testing.assert_close(some, full[at], rtol=1e-5, atol=1e-6)
+    loss, logits = task.loss(model, batch)
+    dense = F.cross_entropy(full.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
+    torch.testing.assert_close(loss, dense, rtol=1e-5, atol=1e-6)
+    assert task.accuracy(logits, batch) == task.accuracy(full, batch)
+    ev = task.evaluate(model, 8, 2)
+    sets = task.eval_batches(8, 2)["test"]
+    loss_sum = right = n = exact = 0
+    with torch.no_grad():
+        for b in sets:
+            lg = model(b.inputs)
+            mask = b.targets != IGNORE
+            loss_sum += float(F.cross_entropy(lg.flatten(0, 1), b.targets.flatten(), ignore_index=IGNORE,
+                                              reduction="sum"))
+            ok = (lg.argmax(-1) == b.targets) & mask
+            right, n = right + int(ok.sum()), n + int(mask.sum())
+            exact += int((ok == mask).all(1).sum())
+    assert ev["test/accuracy"] == right / n and ev["test/exact"] == exact / 16
+    assert abs(ev["test/loss"] - loss_sum / n) < 1e-5
+    # a dense task (characters: every position scored) keeps the full logits
+    dense_batch = batch._replace(targets=batch.inputs.roll(-1, 1))
+    assert task.scored(dense_batch) is None
+    with pytest.raises(ValueError, match="logits_at must be a bool tensor"):
+        model(batch.inputs, logits_at=at.long())
