@@ -7,7 +7,7 @@
 Shapes: H = 4, K = V = S = 32, top_k = 4, C = 64, s2s on, fp32. Rows:
 
 * ``nstm`` — the default ``"chunked"`` backend on CPU tensors (the C++ kernel, ``nstm_kernels.cpu``,
-  its automatic schedule: the block-parallel one where B·H < 4 per thread);
+  its automatic schedule: the block-parallel one for calls of at most 16 (sequence, head) pairs);
 * ``nstm-units`` — the same kernel with one task per (sequence, head) (``schedule="units"``, the
   only schedule before the block-parallel one);
 * ``nstm-torch`` — the PyTorch chunk form (``nstm_kernels.chunked.chunk_nstm``, what the backend
@@ -236,8 +236,8 @@ def markdown(rows, device, commit):
            "Medians in ms; `vs SDPA` = NSTM time / SDPA time in the same conditions; `slowdown` = "
            "time next to the neighbour / time alone (2 threads); cores = CPU time / wall time of "
            "the row (nstm, SDPA); GFLOP/s by the operator's definition against a 2048² fp32 matmul in "
-           "the same conditions. nstm (C++) is the automatic schedule (block-parallel where B·H < 4 "
-           "per thread), per unit is the one-task-per-(sequence, head) schedule.", "",
+           "the same conditions. nstm (C++) is the automatic schedule (block-parallel for B·H <= 16 "
+           "with gradients), per unit is the one-task-per-(sequence, head) schedule.", "",
            "| T | B | mode | threads | neighbour | nstm (C++) | nstm (C++, per unit) | "
            "nstm (PyTorch chunk form) | SDPA | nstm vs SDPA | nstm slowdown | per-unit slowdown | "
            "SDPA slowdown | cores (nstm, SDPA) | nstm GFLOP/s (matmul) |",

@@ -549,12 +549,12 @@ class BlockSched {
 
   int64_t tasks() const { return left_; }
 
-  // the next task (false once every task has been handed out); lane, unit and i hold the caller's
-  // last task (lane < 0: none) and receive the next one
+  // the next task (false once every task has been handed out, or after abort()); lane, unit and i
+  // hold the caller's last task (lane < 0: none) and receive the next one
   bool next(int* lane, int64_t* unit, int64_t* i) {
     std::unique_lock<std::mutex> lk(m_);
     for (;;) {
-      if (left_ == 0) return false;
+      if (left_ == 0 || aborted_) return false;
       if ((*lane >= 0 && follow(lane, unit, i)) || pick(lane, unit, i)) {
         --left_;
         return true;
@@ -563,6 +563,14 @@ class BlockSched {
       cv_.wait(lk);
       --waiting_;
     }
+  }
+
+  // a task failed (it throws on): every thread stops taking tasks instead of waiting for a chain
+  // step that will never come
+  void abort() {
+    std::lock_guard<std::mutex> lk(m_);
+    aborted_ = true;
+    cv_.notify_all();
   }
 
   void done(int lane, int64_t u, int64_t i) {
@@ -602,7 +610,10 @@ class BlockSched {
   bool follow(int* lane, int64_t* unit, int64_t* i) {
     int nl = *lane + 1;
     int64_t ni = *i;
-    if (nl > P2) nl = has_p1_ ? P1 : CH, ++ni;
+    if (nl > P2) {
+      nl = has_p1_ ? P1 : CH;
+      ++ni;
+    }
     if (!take(nl, *unit, ni)) return false;
     *lane = nl, *i = ni;
     return true;
@@ -641,21 +652,31 @@ class BlockSched {
   std::vector<char> ch_busy_, p1_done_;
   std::vector<int64_t> p1_off_;
   bool has_p1_;
+  bool aborted_ = false;
   int64_t left_ = 0;
   int waiting_ = 0;
   std::mutex m_;
   std::condition_variable cv_;
 };
 
-// runs fn() on min(tasks, intra-op threads) threads (fn pulls its tasks from a BlockSched)
+// runs fn() on min(tasks, intra-op threads) threads; fn pulls its tasks from `sched`, and a
+// thread whose task throws stops the others (then parallel_for rethrows the exception)
 template <typename F>
-void on_threads(int64_t tasks, const F& fn) {
-  const int64_t workers = std::min<int64_t>(tasks, at::get_num_threads());
+void on_threads(BlockSched& sched, const F& fn) {
+  const int64_t workers = std::min<int64_t>(sched.tasks(), at::get_num_threads());
+  const auto guarded = [&] {
+    try {
+      fn();
+    } catch (...) {
+      sched.abort();
+      throw;
+    }
+  };
   if (workers <= 1) {
-    fn();
+    guarded();
     return;
   }
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { fn(); });
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { guarded(); });
 }
 
 // whether the block-parallel schedule applies: checkpoints, and no period end inside a block
@@ -664,12 +685,14 @@ inline bool fine_applies(const Dims& d) {
 }
 
 // the `schedule` argument of the ops: 0 = automatic, 1 = one unit per (segment, head), 2 = blocks
-// (where fine_applies; else per unit)
+// (where fine_applies, i.e. with checkpoints (a call that keeps gradients) and C a multiple of
+// the block; else per unit)
 enum Schedule : int64_t { SCHEDULE_AUTO = 0, SCHEDULE_UNITS = 1, SCHEDULE_BLOCKS = 2 };
-constexpr int64_t FINE_BLOCK = 64;      // the forward's block when the caller keeps no checkpoints
-// automatic: blocks while there are fewer than this many units per thread (measured:
-// bench/NOTES.md, issue 12, the block-parallel schedule)
-constexpr int64_t FINE_UNITS_PER_THREAD = 4;
+// automatic: blocks for calls of at most this many units. A rule on the shape alone, not on the
+// thread count, so that a call gives the same bits on any number of threads (the two schedules'
+// backwards sum in different orders). Blocks pay off where units are few per thread (bench/NOTES.md,
+// issue 12); with many units the scheduler's lock would be contended and per unit balances anyway.
+constexpr int64_t FINE_MAX_UNITS = 16;
 
 inline void check_schedule(int64_t schedule) {
   TORCH_CHECK(schedule >= SCHEDULE_AUTO && schedule <= SCHEDULE_BLOCKS,
@@ -678,7 +701,21 @@ inline void check_schedule(int64_t schedule) {
 
 inline bool use_fine(int64_t schedule, const Dims& d, int64_t units) {
   if (schedule == SCHEDULE_UNITS || !fine_applies(d)) return false;
-  return schedule == SCHEDULE_BLOCKS || units < FINE_UNITS_PER_THREAD * at::get_num_threads();
+  return schedule == SCHEDULE_BLOCKS || units <= FINE_MAX_UNITS;
+}
+
+// the checks the forward and the backward share: the s2s weights, the segments inside [0, T)
+void check_call(const std::vector<Seg>& segs, int64_t tokens, int64_t H, int64_t V, bool has_s2s,
+                int64_t C, const Tensor& wq, const Tensor& wk, const Tensor& mix) {
+  TORCH_CHECK(!has_s2s || (C > 0 && wq.dim() == 3 && wq.size(0) == H && wq.size(1) == V &&
+                           wq.size(2) == V && wk.sizes() == wq.sizes() && mix.numel() == H),
+              "nstm_cpu: with the s2s, C must be > 0 (got ", C, "), the s2s weights [H, V, V] = [", H,
+              ", ", V, ", ", V, "] (got ", wq.sizes(), " and ", wk.sizes(), ") and the mix [H] (got ",
+              mix.numel(), " elements)");
+  for (size_t i = 0; i < segs.size(); ++i)
+    TORCH_CHECK(segs[i].start >= 0 && segs[i].len >= 0 && segs[i].start + segs[i].len <= tokens,
+                "nstm_cpu: segment ", i, " (start ", segs[i].start, ", length ", segs[i].len,
+                ") lies outside the time axis [0, ", tokens, ")");
 }
 
 // a thread's s2s scratch for each head, made on first use
@@ -712,7 +749,7 @@ void fine_forward(const Inputs<T>& in, const T* K0, const T* V0, T* O, T* KF, T*
   std::vector<int64_t> ridx(tokens * H * tk);       // the routing, from the chain to the reads
   std::vector<T> rw(tokens * H * tk);
   BlockSched sched(nb, false);
-  on_threads(sched.tasks(), [&] {
+  on_threads(sched, [&] {
     std::vector<T> Ks(SK), Vs(S * V), p(S);
     Route<T> r(tk, S);
     HeadScratch<T> scr(d, in.wq, in.wk, false);
@@ -845,7 +882,7 @@ void fine_backward(const Inputs<T>& in, const T* CK, const T* DO, const T* DKF, 
   std::vector<int64_t> ridx(tokens * H * tk);
   std::vector<T> rw(tokens * H * tk), ralpha(tokens * H * tk), rbeta(tokens * H), dwl(tokens * H * tk);
   BlockSched sched(nb, true);
-  on_threads(sched.tasks(), [&] {
+  on_threads(sched, [&] {
     std::vector<T> Ks(SK), Vs(SV), o(V), P(blk * S), oldK(blk * tk * K), oldV(blk * tk * V);
     std::vector<T> gK(SK), gV(SV), tmp(SKV), Dl(S), dp(S), ds(S), dw(tk), da(tk);
     std::vector<T> aK(S), aV(S), ex(blk * tk);
@@ -977,29 +1014,22 @@ std::vector<Tensor> nstm_cpu_forward(
   check_inputs(q, k, v, lg, gate, k0, v0, wq, wk, mix, top_k);
   check_schedule(schedule);
   const int64_t H = q.size(1), K = q.size(2), V = v.size(2), S = lg.size(2);
-  // the block-parallel forward needs checkpoints even when the caller keeps none (block = 0)
-  const int64_t fblock = block > 0 ? block : FINE_BLOCK;
-  const bool fine = !want_maps && use_fine(schedule, Dims{H, S, K, V, top_k, C, fblock, has_s2s, scale},
-                                           seg.size(0) * H);
-  const int64_t cblock = fine ? fblock : block;      // the checkpoints' block
   int64_t nblocks = 0;
-  const auto segs = read_segments(seg, cblock, &nblocks);
+  const auto segs = read_segments(seg, block, &nblocks);
   const int64_t N = static_cast<int64_t>(segs.size());
+  check_call(segs, q.size(0), H, V, has_s2s, C, wq, wk, mix);
   TORCH_CHECK(k0.dim() == 4 && k0.size(0) == N && k0.size(1) == H && k0.size(2) == S && k0.size(3) == K,
               "nstm_cpu: the initial keys must be [N, H, S, K]");
   TORCH_CHECK(v0.dim() == 4 && v0.size(0) == N && v0.size(1) == H && v0.size(2) == S && v0.size(3) == V,
               "nstm_cpu: the initial values must be [N, H, S, V]");
-  TORCH_CHECK(!has_s2s || (C > 0 && wq.dim() == 3 && wq.size(0) == H && wq.size(1) == V &&
-                           wq.size(2) == V && wk.sizes() == wq.sizes() && mix.numel() == H),
-              "nstm_cpu: s2s weights must be [H, V, V] and the mix [H]");
-  for (const auto& s : segs)
-    TORCH_CHECK(s.start >= 0 && s.len >= 0 && s.start + s.len <= q.size(0),
-                "nstm_cpu: a segment lies outside the time axis");
-  const Dims d{H, S, K, V, top_k, C, cblock, has_s2s, scale};
+  const Dims d{H, S, K, V, top_k, C, block, has_s2s, scale};
+  // blocks only with checkpoints (a call that keeps gradients; a no-grad call would need them
+  // for the reads alone, O(T) memory) and without maps
+  const bool fine = !want_maps && use_fine(schedule, d, N * H);
   auto o = at::empty({q.size(0), H, V}, q.options());        // every token written, gaps below
   auto kf = at::empty_like(k0);
   auto vf = at::empty_like(v0);
-  auto ck = at::empty({cblock > 0 ? nblocks : 0, H, S, K + V}, q.options());
+  auto ck = at::empty({block > 0 ? nblocks : 0, H, S, K + V}, q.options());
   const int64_t TT = want_maps ? q.size(0) : 0;
   auto m_idx = at::zeros({TT, H, top_k}, q.options().dtype(at::kLong));
   auto m_w = at::zeros({TT, H, top_k}, q.options());
@@ -1053,7 +1083,6 @@ std::vector<Tensor> nstm_cpu_forward(
       std::copy(Vs.begin(), Vs.end(), VF + u * S * V);
     });
   });
-  if (block == 0) ck = at::empty({0, H, S, K + V}, q.options());   // not kept
   return {o, kf, vf, ck, m_idx, m_w, m_p, m_a};
 }
 
@@ -1073,9 +1102,12 @@ std::vector<Tensor> nstm_cpu_backward(
   int64_t nblocks = 0;
   const auto segs = read_segments(seg, block, &nblocks);
   const int64_t N = static_cast<int64_t>(segs.size());
+  check_call(segs, q.size(0), H, V, has_s2s, C, wq, wk, mix);
   TORCH_CHECK(ck.is_contiguous() && ck.dim() == 4 && ck.size(0) == nblocks && ck.size(1) == H &&
                   ck.size(2) == S && ck.size(3) == K + V && dkf.size(0) == N,
-              "nstm_cpu: the checkpoints do not match the segments");
+              "nstm_cpu: the checkpoints do not match the segments: expected a contiguous [", nblocks,
+              ", ", H, ", ", S, ", ", K + V, "] (blocks of ", block, " tokens) and ", N,
+              " final-state gradients, got ", ck.sizes(), " and ", dkf.size(0));
   const Dims d{H, S, K, V, top_k, C, block, has_s2s, scale};
   // tokens outside every segment get zero gradients
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);

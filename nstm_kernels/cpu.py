@@ -52,10 +52,12 @@ BLOCK = 64
 #: thread. "blocks": each (sequence, head) split into its 64-token blocks with a thin sequential
 #: chain (routing, writes and s2s forward; the s2s backward and the adjoint hand-off backward)
 #: and the reads and their gradients as parallel block tasks, so that a few long sequences keep
-#: every thread busy and a descheduled thread holds up one block, not a quarter of the call; it
-#: needs the s2s period to be a multiple of 64 (else the call runs per unit). "auto": blocks while
-#: there are fewer than 4 units per thread. Every schedule computes the same function (the forward
-#: the same bits; gradients within rounding).
+#: every thread busy and a descheduled thread holds up one block, not a quarter of the call. It
+#: applies to calls that keep gradients (it works from the backward's checkpoints), without
+#: ``return_maps``, with the s2s period a multiple of 64 or no s2s; other calls run per unit.
+#: "auto": blocks for calls of at most 16 (sequence, head) pairs (a rule on the shape only, so a
+#: call gives the same bits on any thread count). Every schedule computes the same function: the
+#: forward the same bits, the gradients the same sums in another order (within rounding).
 SCHEDULES = {"auto": 0, "units": 1, "blocks": 2}
 
 _lock = threading.Lock()

@@ -104,8 +104,9 @@ def cpu_kernel_enabled() -> bool:
 def cpu_schedule(kind: Optional[str] = None) -> str:
     """How the C++ CPU kernel splits a call over its threads: ``kind``, else ``NSTM_CPU_SCHEDULE``,
     else "auto". "units": one task per (sequence, head); "blocks": the block-parallel schedule
-    (where the s2s period is a multiple of the 64-token block, else per unit); "auto": blocks
-    while there are fewer than 4 (sequence, head) units per thread."""
+    (calls that keep gradients, with the s2s period a multiple of the 64-token block; others run
+    per unit); "auto": blocks for calls of at most 16 (sequence, head) pairs
+    (``nstm_kernels.cpu.SCHEDULES``)."""
     return choose("the CPU kernel schedule", kind, "NSTM_CPU_SCHEDULE", CPU_SCHEDULES, "auto")
 
 

@@ -133,6 +133,24 @@ def test_the_block_schedule_gives_the_same_bits_on_any_thread_count():
         assert all(torch.equal(a[2][n], b[2][n]) for n in a[2])
 
 
+def test_the_automatic_schedule_gives_the_same_bits_on_any_thread_count():
+    """"auto" picks the schedule from the call's shape alone (blocks for at most 16 (sequence,
+    head) pairs), never from the thread count: the two schedules' backwards sum in different
+    orders, so a thread-count rule would change the gradient bits with the thread count."""
+    inp = make_inputs(2, 300, 2, 8, 8, 8, dtype=torch.float32, seed=13)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = run_with_grads(_cpu, inp, 2, 64, schedule="auto")
+        torch.set_num_threads(2)
+        b = run_with_grads(_cpu, inp, 2, 64, schedule="auto")
+    finally:
+        torch.set_num_threads(before)
+    blocks = run_with_grads(_cpu, inp, 2, 64, schedule="blocks")
+    for x in (a, b):
+        assert all(torch.equal(x[2][n], blocks[2][n]) for n in x[2])       # 4 units: blocks
+
+
 def test_the_block_schedule_gradcheck():
     inp = make_inputs(1, 70, 1, 2, 2, 3, pos=10, seed=4)
     leaves = [t.detach().clone().requires_grad_(True) for t in
@@ -331,6 +349,23 @@ def test_the_raw_op_rejects_bad_inputs():
         torch.ops.nstm_cpu.forward(*ok[:11], 4, *ok[12:])
     with pytest.raises(RuntimeError, match="initial keys"):
         torch.ops.nstm_cpu.forward(*ok[:5], torch.zeros(2, 2, 3, 4), *ok[6:])
+    with pytest.raises(RuntimeError, match="negative position"):
+        torch.ops.nstm_cpu.forward(*ok[:7], torch.tensor([[0, 5, -1]]), *ok[8:])
+    with pytest.raises(RuntimeError, match="schedule must be"):
+        torch.ops.nstm_cpu.forward(*ok, False, 0, 3)
+    # the backward makes the forward's checks too (with its own inputs)
+    w = torch.randn(2, 4, 4)
+    mix = torch.rand(2)
+    fwd = torch.ops.nstm_cpu.forward(q, q, q, lg, gate, k0, k0, seg, w, w, mix, 2, 8, True, 0.5, 64)
+    ck, do = fwd[3], torch.randn(5, 2, 4)
+    bwd = (q, q, q, lg, gate, seg, w, w, mix, ck, do, k0, k0, 2, 8, True, 0.5, 64)
+    torch.ops.nstm_cpu.backward(*bwd)
+    with pytest.raises(RuntimeError, match="C must be > 0"):
+        torch.ops.nstm_cpu.backward(*bwd[:14], 0, *bwd[15:])
+    with pytest.raises(RuntimeError, match=r"segment 0 \(start 2, length 5\) lies outside"):
+        torch.ops.nstm_cpu.backward(*bwd[:5], torch.tensor([[2, 5, 0]]), *bwd[6:])
+    with pytest.raises(RuntimeError, match=r"checkpoints do not match the segments: expected a contiguous \[1, 2"):
+        torch.ops.nstm_cpu.backward(*bwd[:9], torch.cat([ck, ck]), *bwd[10:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
