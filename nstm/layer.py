@@ -149,6 +149,38 @@ class NSTMLayer(nn.Module):
     def num_states(self) -> int:
         return self.states.num_states
 
+    @torch.no_grad()
+    def init_gates(self, write_gate_bias: Optional[float] = None, importance: Optional[float] = None,
+                   s2s_gate: Optional[float] = None) -> NSTMLayer:
+        """Set the gates' starting values, for training from scratch (``None`` keeps one as it is).
+
+        * ``write_gate_bias``: the bias of the write-strength logits; at a zero input a token writes
+          ``beta = sigmoid(bias)`` of the way (0 at construction: beta = 0.5).
+        * ``importance``: every slot's importance logit iota (3 at construction); ``revive()``
+          restores revived slots to this value too. The router adds ``log sigmoid(iota)``, so a
+          value shared by all slots changes only how fast importance learns, not the routing.
+        * ``s2s_gate``: the logit of the s2s mix g = sigmoid(gate) (-4 at construction: g = 0.018);
+          an error on a layer without the s2s.
+
+        These are starting values, not settings: a checkpoint carries the trained values and the
+        config does not record them. Returns the layer."""
+        for name, val in (("write_gate_bias", write_gate_bias), ("importance", importance),
+                          ("s2s_gate", s2s_gate)):
+            if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float))
+                                    or not math.isfinite(val)):
+                raise ValueError(f"{name} must be a finite number or None, got {val!r}")
+        if s2s_gate is not None and self.s2s is None:
+            raise ValueError("s2s_gate given for a layer without the s2s (use_s2s=False)")
+        if write_gate_bias is not None:
+            r = self.router
+            r.bias[r.num_heads * r.num_states:] = float(write_gate_bias)
+        if importance is not None:
+            self.states.iota.fill_(float(importance))
+            self.states.init_importance = float(importance)
+        if s2s_gate is not None:
+            self.s2s.gate.fill_(float(s2s_gate))
+        return self
+
     def _project(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None):
         """The input projections: q, k, v, z (one matmul) and route logits and write gates (one);
         with a write pointer, the bias of the tokens' absolute ``positions`` (``x.shape[:-1]``).

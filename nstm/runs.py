@@ -34,7 +34,8 @@ RESUME_MAY_CHANGE = ("steps", "time_budget", "eval_every", "eval_batches", "eval
                      "stop_after", "run_name", "overwrite", "fsdp")
 
 # settings added after the first checkpoints were written, with the value those runs had
-_ADDED = {"pack": False, "grad_accum": 1, "world_size": 1}
+_ADDED = {"pack": False, "grad_accum": 1, "world_size": 1,
+          "write_gate_bias": None, "importance_init": None, "s2s_gate_init": None}
 
 # run-config keys of checkpoints written before the flags took the NSTMConfig field names
 _RENAMED = {"heads": "num_heads", "layers": "n_layers"}

@@ -57,6 +57,8 @@ from .tasks.registry import TASKS, Task, build_task
 # --model: the NSTM settings each name fixes (None: the Transformer baseline). gsa also sets
 # top_k = num_states (dense routing): Gated Slot Attention is this operator with every slot written.
 MODELS = {"nstm": {}, "transformer": None, "nstm-no-s2s": {"use_s2s": False}, "gsa": {"use_s2s": False}}
+#: the flags (argparse names) that set NSTM gates' starting values (``NSTMLayer.init_gates``)
+GATE_INIT_FLAGS = ("write_gate_bias", "importance_init", "s2s_gate_init")
 
 
 # ---- arguments ---------------------------------------------------------------------------------
@@ -116,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NSTM position-aware write: period P of the learned route bias (0: content-only routing)")
     g.add_argument("--no-s2s", dest="use_s2s", action="store_false",
                    help="NSTM without state-to-state attention")
+    g.add_argument("--write-gate-bias", type=float, default=None, metavar="B",
+                   help="NSTM: starting bias of the write-strength logits (the layer's: 0, beta = 0.5)")
+    g.add_argument("--importance-init", type=float, default=None, metavar="I",
+                   help="NSTM: starting slot-importance logit (the layer's: 3)")
+    g.add_argument("--s2s-gate-init", type=float, default=None, metavar="G",
+                   help="NSTM: starting logit of the s2s mix gate (the layer's: -4, g = 0.018)")
     g.add_argument("--backend", default=None, choices=list(BACKENDS),
                    help="NSTM operator backend (default: the automatic choice for the device)")
     g.add_argument("--mlp-ratio", type=float, default=4.0)
@@ -198,6 +206,18 @@ def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         ap.error(f"--top-k ({a.top_k}) must be <= --num-states ({a.num_states})")
     if not (a.lr > 0 and math.isfinite(a.lr)):
         ap.error(f"--lr must be a positive number, got {a.lr}")
+    for name in GATE_INIT_FLAGS:
+        value = getattr(a, name)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(value):
+            ap.error(f"{flag} must be a finite number, got {value}")
+        if a.model == "transformer":
+            ap.error(f"{flag} sets an NSTM gate; --model transformer has none")
+    if a.s2s_gate_init is not None and (not a.use_s2s or a.model in ("nstm-no-s2s", "gsa")):
+        ap.error(f"--s2s-gate-init needs the s2s; --model {a.model}"
+                 f"{'' if a.use_s2s else ' --no-s2s'} has none")
     if a.min_lr is not None and not 0 <= a.min_lr <= a.lr:
         ap.error(f"--min-lr must be in [0, --lr], got {a.min_lr}")
     if a.weight_decay < 0:
@@ -310,9 +330,24 @@ def model_spec(a, task: Task) -> ModelSpec:
     return ModelSpec("TransformerLM" if task.kind == "lm" else "TransformerClassifier", cfg, kwargs)
 
 
+def init_gates(a, model: nn.Module) -> nn.Module:
+    """Set the starting gate values of ``--write-gate-bias`` / ``--importance-init`` /
+    ``--s2s-gate-init`` in every NSTM layer of ``model`` (``NSTMLayer.init_gates``)."""
+    values = dict(write_gate_bias=a.write_gate_bias, importance=a.importance_init, s2s_gate=a.s2s_gate_init)
+    if all(v is None for v in values.values()):
+        return model
+    from .layer import NSTMLayer
+
+    for m in model.modules():
+        if isinstance(m, NSTMLayer):
+            m.init_gates(**values)
+    return model
+
+
 def build_model(a, task: Task) -> nn.Module:
-    """The model the flags describe, for ``task`` (``model_spec(a, task).build()``)."""
-    return model_spec(a, task).build()
+    """The model the flags describe, for ``task`` (``model_spec(a, task).build()``, with the
+    flags' starting gate values)."""
+    return init_gates(a, model_spec(a, task).build())
 
 
 # ---- optimiser and schedule ------------------------------------------------------------------------
@@ -407,6 +442,9 @@ def default_run_name(a) -> str:
             parts.append("nos2s")
         if a.write_pointer:
             parts.append(f"wp{a.write_pointer}")
+        for name, short in zip(GATE_INIT_FLAGS, ("wg", "imp", "s2sg")):
+            if getattr(a, name) is not None:
+                parts.append(f"{short}{getattr(a, name):g}")
     parts += [f"lr{a.lr:g}", f"b{a.batch_size}"]
     if a.grad_accum > 1:
         parts.append(f"ga{a.grad_accum}")
@@ -462,7 +500,7 @@ def setup(ap: argparse.ArgumentParser, a: argparse.Namespace, wall0: float,
         ap.error(f"--task {a.task}: {e}")
     try:
         spec = model_spec(a, task)
-        raw = spec.build().to(device)
+        raw = init_gates(a, spec.build()).to(device)
     except ValueError as e:
         ap.error(f"model: {e}")
     streams = [dist.rank * a.grad_accum + i for i in range(a.grad_accum)]

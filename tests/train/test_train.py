@@ -518,3 +518,76 @@ def test_resume_a_checkpoint_with_the_old_flag_names(tmp_path, capsys):
     assert e.value.code == 2 and "use_s2s: checkpoint False vs now True" in capsys.readouterr().err
     final = run(tmp_path, *args, "--resume", "auto", steps=2)
     assert final["step"] == 2 and results(tmp_path, "copy", "r")["resumed_at_step"] == 1
+
+
+# ---- the gates' starting values (--write-gate-bias, --importance-init, --s2s-gate-init) ----------
+def _gates(model):
+    from nstm.layer import NSTMLayer
+    layers = [m for m in model.modules() if isinstance(m, NSTMLayer)]
+    assert layers
+    out = []
+    for m in layers:
+        H, S = m.router.num_heads, m.router.num_states
+        out.append((m.router.bias[H * S:].detach().clone(), m.states.iota.detach().clone(),
+                    None if m.s2s is None else m.s2s.gate.detach().clone(), m.states.init_importance))
+    return out
+
+
+def test_gate_init_flags_set_every_nstm_layer(tmp_path):
+    from nstm.train import build_model, default_run_name, parse_args
+    task = build_task("copy", seq_len=3, vocab_size=8)
+    base = ["--task", "copy", "--seq-len", "3", "--vocab", "8", "--d-model", "16", "--num-heads", "2",
+            "--n-layers", "2", "--num-states", "4", "--top-k", "2"]
+    _, plain = parse_args(base)
+    torch.manual_seed(0)
+    for gate, iota, s2s, init_iota in _gates(build_model(plain, task)):   # the layer's own starts
+        assert torch.equal(gate, torch.zeros(2)) and torch.equal(iota, torch.full((2, 4), 3.0))
+        assert torch.equal(s2s, torch.full((2,), -4.0)) and init_iota == 3.0
+    _, a = parse_args(base + ["--write-gate-bias", "-2", "--importance-init", "0.5", "--s2s-gate-init", "-6"])
+    for gate, iota, s2s, init_iota in _gates(build_model(a, task)):
+        assert torch.equal(gate, torch.full((2,), -2.0)) and torch.equal(iota, torch.full((2, 4), 0.5))
+        assert torch.equal(s2s, torch.full((2,), -6.0)) and init_iota == 0.5
+    name = default_run_name(a)
+    assert all(part in name for part in ("wg-2", "imp0.5", "s2sg-6")), name
+    assert not any(part in default_run_name(plain) for part in ("wg", "imp", "s2sg"))
+    # the training CLI starts from them (checked after one step at a learning rate too small to move them)
+    run(tmp_path, "--task", "copy", "--seq-len", "3", "--vocab", "8", "--run-name", "g", "--write-gate-bias", "-2",
+        "--s2s-gate-init", "-6", "--lr", "1e-9", steps=1)
+    saved = load_checkpoint(tmp_path / "copy" / "g" / "ckpt.pt")["model"]
+    gates = [v for k, v in saved.items() if k.endswith("router.bias")]
+    assert gates and all(torch.allclose(v[-2:], torch.full((2,), -2.0), atol=1e-6) for v in gates)
+    s2s = [v for k, v in saved.items() if k.endswith("s2s.gate")]
+    assert s2s and all(torch.allclose(v, torch.full_like(v, -6.0), atol=1e-6) for v in s2s)
+    assert results(tmp_path, "copy", "g")["config"]["write_gate_bias"] == -2.0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "transformer", "--write-gate-bias", "1"], "--write-gate-bias sets an NSTM gate"),
+    (["--model", "nstm-no-s2s", "--s2s-gate-init", "-6"], "--s2s-gate-init needs the s2s"),
+    (["--model", "gsa", "--s2s-gate-init", "-6"], "--s2s-gate-init needs the s2s"),
+    (["--no-s2s", "--s2s-gate-init", "-6"], "--s2s-gate-init needs the s2s"),
+    (["--importance-init", "nan"], "--importance-init must be a finite number"),
+    (["--write-gate-bias", "inf"], "--write-gate-bias must be a finite number"),
+])
+def test_gate_init_flags_refuse_what_has_no_such_gate(capsys, extra, message):
+    from nstm.train import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--task", "copy", *extra])
+    assert message in capsys.readouterr().err
+
+
+def test_layer_init_gates_checks_its_values():
+    from nstm import NSTMLayer
+    layer = NSTMLayer(16, 2, num_states=4, top_k=2)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for bad in (dict(importance=float("nan")), dict(write_gate_bias="1"), dict(s2s_gate=True)):
+        with pytest.raises(ValueError, match="finite number or None"):
+            layer.init_gates(**bad)
+    with pytest.raises(ValueError, match="without the s2s"):
+        NSTMLayer(16, 2, num_states=4, top_k=2, use_s2s=False).init_gates(s2s_gate=-6)
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())   # untouched
+    assert layer.init_gates() is layer
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    layer.init_gates(importance=-1.0)
+    revived = layer.states.revive()          # importance sigmoid(-1) < 0.5: every slot counts as dead
+    assert revived == 8 and torch.equal(layer.states.iota, torch.full((2, 4), -1.0))
