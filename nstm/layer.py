@@ -172,11 +172,9 @@ class NSTMLayer(nn.Module):
         if s2s_gate is not None and self.s2s is None:
             raise ValueError("s2s_gate given for a layer without the s2s (use_s2s=False)")
         if write_gate_bias is not None:
-            r = self.router
-            r.bias[r.num_heads * r.num_states:] = float(write_gate_bias)
+            self.router.set_gate_bias(write_gate_bias)
         if importance is not None:
-            self.states.iota.fill_(float(importance))
-            self.states.init_importance = float(importance)
+            self.states.set_importance(importance)
         if s2s_gate is not None:
             self.s2s.gate.fill_(float(s2s_gate))
         return self

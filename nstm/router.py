@@ -32,8 +32,7 @@ class TokenToStateRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_heads * (num_states + 1), d_model))
         self.bias = nn.Parameter(torch.zeros(num_heads * (num_states + 1)))
         nn.init.normal_(self.weight, std=1.0 / math.sqrt(d_model))
-        with torch.no_grad():
-            self.bias[num_heads * num_states:] = gate_bias
+        self.set_gate_bias(gate_bias)
         self.pointer = None
         if pointer_period > 0:
             phase = torch.arange(pointer_period)[:, None] / pointer_period - torch.arange(num_states) / num_states
@@ -53,6 +52,11 @@ class TokenToStateRouter(nn.Module):
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
+
+    @torch.no_grad()
+    def set_gate_bias(self, value: float) -> None:
+        """Set the bias of the H write-gate rows (after the H * S route-logit rows) to ``value``."""
+        self.bias[self.num_heads * self.num_states:] = float(value)
 
     def split(self, out: torch.Tensor, log_importance: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Projection output ``[..., H * (S + 1)]`` -> ``(route_logits [..., H, S], write_gate [..., H])``.

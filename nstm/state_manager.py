@@ -122,6 +122,12 @@ class StateManager(nn.Module):
         self.num_states = kept.shape[1]
 
     @torch.no_grad()
+    def set_importance(self, value: float) -> None:
+        """Every slot's importance logit iota to ``value``, which ``revive()`` then restores too."""
+        self.init_importance = float(value)
+        self.iota.fill_(self.init_importance)
+
+    @torch.no_grad()
     def revive(self, min_usage: Optional[float] = None, generator: Optional[torch.Generator] = None) -> int:
         """Re-initialise dead slots: usage share below ``min_usage`` (default: a tenth of the uniform
         share 1/S) or importance below 0.5. Their initial memory, importance and router rows are

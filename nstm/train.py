@@ -215,7 +215,7 @@ def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             ap.error(f"{flag} must be a finite number, got {value}")
         if a.model == "transformer":
             ap.error(f"{flag} sets an NSTM gate; --model transformer has none")
-    if a.s2s_gate_init is not None and (not a.use_s2s or a.model in ("nstm-no-s2s", "gsa")):
+    if a.s2s_gate_init is not None and not (a.use_s2s and (MODELS[a.model] or {}).get("use_s2s", True)):
         ap.error(f"--s2s-gate-init needs the s2s; --model {a.model}"
                  f"{'' if a.use_s2s else ' --no-s2s'} has none")
     if a.min_lr is not None and not 0 <= a.min_lr <= a.lr:
@@ -333,10 +333,9 @@ def model_spec(a, task: Task) -> ModelSpec:
 def init_gates(a, model: nn.Module) -> nn.Module:
     """Set the starting gate values of ``--write-gate-bias`` / ``--importance-init`` /
     ``--s2s-gate-init`` in every NSTM layer of ``model`` (``NSTMLayer.init_gates``)."""
-    values = dict(write_gate_bias=a.write_gate_bias, importance=a.importance_init, s2s_gate=a.s2s_gate_init)
-    if all(v is None for v in values.values()):
-        return model
     from .layer import NSTMLayer
+
+    values = dict(write_gate_bias=a.write_gate_bias, importance=a.importance_init, s2s_gate=a.s2s_gate_init)
 
     for m in model.modules():
         if isinstance(m, NSTMLayer):
