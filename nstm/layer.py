@@ -159,7 +159,7 @@ class NSTMLayer(nn.Module):
         * ``importance``: every slot's importance logit iota (3 at construction); ``revive()``
           restores revived slots to this value too. The router adds ``log sigmoid(iota)``, so a
           value shared by all slots changes only how fast importance learns, not the routing.
-        * ``s2s_gate``: the logit of the s2s mix g = sigmoid(gate) (-4 at construction: g = 0.018);
+        * ``s2s_gate``: the logit of the s2s mix g = sigmoid(gate) (-8 at construction: g = 0.00034);
           an error on a layer without the s2s.
 
         These are starting values, not settings: a checkpoint carries the trained values and the

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--importance-init", type=float, default=None, metavar="I",
                    help="NSTM: starting slot-importance logit (the layer's: 3)")
     g.add_argument("--s2s-gate-init", type=float, default=None, metavar="G",
-                   help="NSTM: starting logit of the s2s mix gate (the layer's: -4, g = 0.018)")
+                   help="NSTM: starting logit of the s2s mix gate (the layer's: -8, g = 0.00034)")
     g.add_argument("--backend", default=None, choices=list(BACKENDS),
                    help="NSTM operator backend (default: the automatic choice for the device)")
     g.add_argument("--mlp-ratio", type=float, default=4.0)

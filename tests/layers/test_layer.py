@@ -25,7 +25,7 @@ def test_layer_is_a_drop_in_mixer():
     assert x.grad is not None and torch.isfinite(x.grad).all()
     names = dict(layer.named_children())
     assert set(["router", "states", "s2s"]) <= set(names)
-    # every parameter learns (the s2s projections only a little: they start behind sigmoid(-4))
+    # every parameter learns (the s2s projections only a little: they start behind sigmoid(-8))
     for n, p in layer.named_parameters():
         if not n.startswith("s2s.w_"):
             assert p.grad is not None and p.grad.abs().sum() > 0, n

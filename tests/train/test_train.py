@@ -542,7 +542,7 @@ def test_gate_init_flags_set_every_nstm_layer(tmp_path):
     torch.manual_seed(0)
     for gate, iota, s2s, init_iota in _gates(build_model(plain, task)):   # the layer's own starts
         assert torch.equal(gate, torch.zeros(2)) and torch.equal(iota, torch.full((2, 4), 3.0))
-        assert torch.equal(s2s, torch.full((2,), -4.0)) and init_iota == 3.0
+        assert torch.equal(s2s, torch.full((2,), -8.0)) and init_iota == 3.0
     _, a = parse_args(base + ["--write-gate-bias", "-2", "--importance-init", "0.5", "--s2s-gate-init", "-6"])
     for gate, iota, s2s, init_iota in _gates(build_model(a, task)):
         assert torch.equal(gate, torch.full((2,), -2.0)) and torch.equal(iota, torch.full((2, 4), 0.5))
